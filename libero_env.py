@@ -1,0 +1,664 @@
+"""libero_env.py — the one place that knows LIBERO.
+
+Everything the phase scripts need from the simulator lives here, once:
+
+* the task registry (130 tasks; global ids 0-129 in the order spatial, object, goal, libero_10, libero_90),
+  with the instruction read from each BDDL file's ``:language`` (never parsed from the file name);
+* the evaluation protocol as data (``SUITE_MAX_STEPS``, ``NUM_WAIT_STEPS``, ``WAIT_ACTION``) and as code
+  (:meth:`LiberoEnv.reset`, :func:`run_episodes`);
+* :class:`LiberoEnv`, a single environment with soft resets and rendering only when asked for;
+* :class:`VectorLiberoEnv`, environments in subprocess workers with deterministic init-state assignment and
+  worker failures surfaced as :class:`EnvWorkerError` (with the child's traceback);
+* the single observation conversion (:func:`upright`, :func:`resize_images`, :func:`proprio`, :func:`policy_obs`).
+
+The simulator (libero, robosuite, mujoco) is imported lazily, only where an environment is built, so networks
+and training steps import this module on machines without LIBERO.
+
+    python libero_env.py --list-tasks
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import multiprocessing as mp
+import os
+import re
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------------------------
+# Protocol constants (OpenVLA / openpi LIBERO evaluation protocol)
+# ----------------------------------------------------------------------------------------------------------------
+SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+SUITE_SIZES = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
+# Steps allowed after the wait steps. LeRobot's wrapper uses 280 for spatial; we follow OpenVLA/openpi (220).
+SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
+NUM_WAIT_STEPS = 10  # objects settle after set_init_state; these steps do not count toward the limit
+WAIT_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)  # hold still, gripper open
+NUM_INIT_STATES = 50  # fixed init states per task; episode e uses init state e
+CONTROL_HZ = 20
+ACTION_DIM = 7
+PROPRIO_DIM = 8  # eef pos (3), eef axis-angle (3), gripper qpos (2)
+CAMERAS = {"agentview_rgb": "agentview", "eye_in_hand_rgb": "robot0_eye_in_hand"}  # HDF5 key -> MuJoCo camera
+
+
+class TaskError(ValueError):
+    """A task selection the user can fix (unknown suite, task id out of range)."""
+
+
+class EnvWorkerError(RuntimeError):
+    """An environment worker process raised, died or stopped answering."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task registry
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Task:
+    global_id: int  # 0-129 across the five suites
+    suite: str
+    local_id: int  # index within the suite (LIBERO's task order 0)
+    name: str  # BDDL file stem; also the HDF5 file stem of LIBERO's demos
+    instruction: str  # the BDDL ``:language`` text
+    bddl_file: str
+    max_steps: int  # protocol step limit after the wait steps
+
+
+def bddl_language(path: str) -> str:
+    """The task instruction: the ``(:language ...)`` clause of a BDDL file."""
+    with open(path) as f:
+        text = f.read()
+    match = re.search(r"\(:language\s+([^)]*)\)", text)
+    if match is None:
+        raise ValueError(f"{path} has no (:language ...) clause; is it a LIBERO BDDL file?")
+    return " ".join(match.group(1).split())
+
+
+@lru_cache(maxsize=1)
+def task_registry() -> tuple[Task, ...]:
+    """All 130 tasks in global-id order."""
+    from libero.libero import benchmark
+
+    tasks = []
+    for suite_name in SUITES:
+        with contextlib.redirect_stdout(io.StringIO()):  # LIBERO-PRO prints its task order on construction
+            suite = benchmark.get_benchmark_dict()[suite_name]()
+        assert suite.n_tasks == SUITE_SIZES[suite_name], f"{suite_name}: expected {SUITE_SIZES[suite_name]} tasks"
+        for local_id in range(suite.n_tasks):
+            bddl = os.path.normpath(suite.get_task_bddl_file_path(local_id))
+            tasks.append(
+                Task(
+                    global_id=len(tasks),
+                    suite=suite_name,
+                    local_id=local_id,
+                    name=suite.get_task(local_id).name,
+                    instruction=bddl_language(bddl),
+                    bddl_file=bddl,
+                    max_steps=SUITE_MAX_STEPS[suite_name],
+                )
+            )
+    return tuple(tasks)
+
+
+def check_task_args(suite: str, task_id: Optional[int]) -> None:
+    """Validate --suite/--task-id without importing LIBERO (so scripts fail before any work starts)."""
+    if suite != "all" and suite not in SUITES:
+        raise TaskError(f"Unknown suite '{suite}'; choose one of: all, {', '.join(SUITES)}.")
+    if task_id is None:
+        return
+    n = sum(SUITE_SIZES.values()) if suite == "all" else SUITE_SIZES[suite]
+    if not 0 <= task_id < n:
+        raise TaskError(
+            f"Task id {task_id} is out of range for suite '{suite}' (valid: 0-{n - 1}); "
+            "run `python libero_env.py --list-tasks` to see the ids."
+        )
+
+
+def resolve_task(suite: str, task_id: int) -> Task:
+    """--suite all: task_id is the global id 0-129; a named suite: task_id indexes within it."""
+    check_task_args(suite, task_id)
+    if suite == "all":
+        return task_registry()[task_id]
+    return next(t for t in task_registry() if t.suite == suite and t.local_id == task_id)
+
+
+def suite_tasks(suite: str) -> list[Task]:
+    check_task_args(suite, None)
+    return [t for t in task_registry() if suite == "all" or t.suite == suite]
+
+
+def load_init_states(task: Task) -> np.ndarray:
+    """The task's fixed initial simulator states, (50, D) float64."""
+    from libero.libero import benchmark
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        states = benchmark.get_benchmark_dict()[task.suite]().get_task_init_states(task.local_id)
+    assert len(states) == NUM_INIT_STATES, f"{task.name}: expected {NUM_INIT_STATES} init states, got {len(states)}"
+    return np.asarray(states, dtype=np.float64)
+
+
+def task_dir_name(task: Task) -> str:
+    """Run-directory component of DESIGN.md: ``task<NN>`` with the two-digit index within the suite."""
+    return f"task{task.local_id:02d}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Observation conversion: the one place images are turned upright and proprioception is assembled
+# ----------------------------------------------------------------------------------------------------------------
+def upright(images: np.ndarray) -> np.ndarray:
+    """Turn raw renders upright: a 180° rotation (flip rows AND columns) of (..., H, W, C) images.
+
+    LIBERO renders in the OpenGL convention (upside down) and stores images that way; training, rollout and
+    evaluation all call this function, so a flip-vs-rotation mismatch cannot creep in.
+    """
+    return np.ascontiguousarray(images[..., ::-1, ::-1, :])
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize (..., H, W, 3) uint8 images to (..., size, size, 3) with antialiased bilinear interpolation."""
+    if images.shape[-3] == size and images.shape[-2] == size:
+        return images
+    import torch
+    import torch.nn.functional as F
+
+    lead = images.shape[:-3]
+    x = torch.from_numpy(np.ascontiguousarray(images)).reshape(-1, *images.shape[-3:]).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return x.reshape(*lead, size, size, 3).numpy()
+
+
+def quat2axisangle(quat_xyzw: np.ndarray) -> np.ndarray:
+    """(..., 4) quaternion (x, y, z, w) -> (..., 3) axis-angle, as robosuite's ``quat2axisangle``."""
+    q = np.asarray(quat_xyzw, dtype=np.float64)
+    w = np.clip(q[..., 3], -1.0, 1.0)
+    den = np.sqrt(1.0 - w * w)
+    angle = 2.0 * np.arccos(w)
+    safe = den > 1e-8
+    scale = np.where(safe, angle / np.where(safe, den, 1.0), 0.0)
+    return q[..., :3] * scale[..., None]
+
+
+def proprio(obs: dict) -> np.ndarray:
+    """8-d proprioception (OpenVLA/openpi/LeRobot convention): eef pos, eef axis-angle, gripper qpos."""
+    return np.concatenate([obs["ee_pos"], obs["ee_ori"], obs["gripper_states"]], axis=-1).astype(np.float32)
+
+
+def policy_obs(obs: dict, image_size: Optional[int]) -> dict:
+    """The single conversion from stored/rendered observations to policy inputs.
+
+    ``obs`` holds arrays in the HDF5 naming (raw images ``agentview_rgb``/``eye_in_hand_rgb`` when rendered,
+    ``ee_pos``, ``ee_ori``, ``gripper_states``, ``object_state``), batched or not. Returns upright images resized
+    to ``image_size`` (uint8, channels last), 8-d ``proprio`` and float32 ``object_state``.
+    """
+    out = {"proprio": proprio(obs)}
+    if "object_state" in obs:
+        out["object_state"] = np.asarray(obs["object_state"], dtype=np.float32)
+    for key in CAMERAS:
+        if key in obs and image_size is not None:
+            out[key] = resize_images(upright(np.asarray(obs[key])), image_size)
+    return out
+
+
+def stack_obs(obs_list: Sequence[dict]) -> dict:
+    """List of per-env observation dicts -> dict of batched arrays (keys present in every element)."""
+    keys = set(obs_list[0]).intersection(*obs_list[1:])
+    out = {}
+    for k in keys:
+        if isinstance(obs_list[0][k], dict):
+            out[k] = [o[k] for o in obs_list]  # per-env dicts (privileged poses) stay a list
+        else:
+            out[k] = np.stack([o[k] for o in obs_list])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering setup
+# ----------------------------------------------------------------------------------------------------------------
+def configure_rendering(environ=os.environ) -> None:
+    """Headless MuJoCo rendering: EGL by default, the user's choice respected, EGL device follows the GPU.
+
+    * ``MUJOCO_GL`` is set to ``egl`` only when the user has not set it (EGL runs on CPU through Mesa too).
+    * On GPU nodes, ``MUJOCO_EGL_DEVICE_ID`` follows the first entry of ``CUDA_VISIBLE_DEVICES`` (EGL enumerates
+      physical devices, and robosuite insists the two agree), unless the user set it.
+    """
+    environ.setdefault("MUJOCO_GL", "egl")
+    if environ["MUJOCO_GL"] == "egl":
+        environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    visible = environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    if "MUJOCO_EGL_DEVICE_ID" not in environ and visible.isdigit():
+        environ["MUJOCO_EGL_DEVICE_ID"] = visible
+
+
+def _silence_egl_teardown() -> None:
+    """robosuite's EGL context destructors raise harmless errors at interpreter exit; keep them off stderr so
+    they cannot hide real errors."""
+    try:
+        from robosuite.renderers.context import egl_context
+        from robosuite.utils import binding_utils
+    except Exception:  # noqa: BLE001 - not rendering with EGL
+        return
+
+    def quiet(fn):
+        def wrapper(self, *args, **kwargs):
+            with contextlib.suppress(Exception):
+                fn(self, *args, **kwargs)
+
+        return wrapper
+
+    egl_context.EGLGLContext.__del__ = quiet(egl_context.EGLGLContext.__del__)
+    egl_context.EGLGLContext.free = quiet(egl_context.EGLGLContext.free)
+    binding_utils.MjRenderContext.__del__ = quiet(binding_utils.MjRenderContext.__del__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Single environment
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ChunkResult:
+    """Outcome of executing (up to) a chunk of actions in one environment."""
+
+    obs: dict  # observation after the last executed action
+    reward: float  # sum of the sparse rewards over the executed actions
+    done: bool  # task success (the env's ``done``)
+    truncated: bool  # step limit reached without success
+    steps: int  # actions executed (fewer than the chunk when the episode ended inside it)
+    t: int  # steps since the wait steps, i.e. the episode length so far
+    records: Optional[list] = None  # per-step {"obs": pre-action obs, "action", "reward", "done"} when recording
+
+
+class LiberoEnv:
+    """One LIBERO task with soft resets, protocol resets and rendering on demand.
+
+    Observations use the HDF5 naming of demo_hdf5.py: ``ee_pos, ee_ori, ee_states, gripper_states, joint_states,
+    robot_states, object_state, sim_state`` every step, and the *raw* camera images ``agentview_rgb,
+    eye_in_hand_rgb`` (upside down, as LIBERO stores them) only when rendered. ``privileged=True`` adds
+    ``poses``: ground-truth poses of every object and site (for the scripted expert only).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        obs_mode: str = "rgb",
+        image_size: int = 128,
+        hard_reset: bool = False,
+        privileged: bool = False,
+        num_wait_steps: int = NUM_WAIT_STEPS,
+    ):
+        if obs_mode not in ("rgb", "state"):
+            raise ValueError(f"obs_mode must be 'rgb' or 'state', got '{obs_mode}'.")
+        configure_rendering()
+        from libero.libero.envs import OffScreenRenderEnv
+
+        if obs_mode == "rgb":
+            _silence_egl_teardown()
+        self.task, self.obs_mode, self.image_size = task, obs_mode, image_size
+        self.privileged, self.num_wait_steps = privileged, num_wait_steps
+        self.init_states = load_init_states(task)
+        # Cameras are rendered by us (``render``) rather than as robosuite observables, so a chunked policy pays
+        # for one render per chunk. ``hard_reset=False`` keeps the model loaded across resets (~70x faster).
+        self._wrapper = OffScreenRenderEnv(
+            bddl_file_name=task.bddl_file,
+            camera_heights=image_size,
+            camera_widths=image_size,
+            use_camera_obs=False,
+            has_offscreen_renderer=obs_mode == "rgb",
+            hard_reset=hard_reset,
+            ignore_done=True,  # the step limit is ours (protocol), not robosuite's horizon
+            horizon=100_000,
+        )
+        self.env = self._wrapper.env  # the robosuite/LIBERO environment
+        self.t = 0
+        self._obs: Optional[dict] = None
+
+    # -- observations --------------------------------------------------------------------------------------------
+    def render(self) -> dict:
+        """Raw (upside-down) camera images at ``image_size``."""
+        if self.obs_mode != "rgb":
+            raise RuntimeError("This environment was built with obs_mode='state' and has no renderer.")
+        # robosuite binds a GL context only when it is created, and freeing *any* env calls eglReleaseThread():
+        # with several envs in one process, rendering without re-binding our own context silently returns
+        # another scene or garbage. Binding an already-current context is cheap.
+        self.env.sim._render_context_offscreen.gl_ctx.make_current()
+        s = self.image_size
+        return {k: self.env.sim.render(camera_name=cam, width=s, height=s) for k, cam in CAMERAS.items()}
+
+    def _convert(self, raw: dict, render: bool) -> dict:
+        ee_ori = quat2axisangle(raw["robot0_eef_quat"])
+        obs = {
+            "ee_pos": raw["robot0_eef_pos"].copy(),
+            "ee_ori": ee_ori,
+            "ee_states": np.concatenate([raw["robot0_eef_pos"], ee_ori]),
+            "gripper_states": raw["robot0_gripper_qpos"].copy(),
+            "joint_states": raw["robot0_joint_pos"].copy(),
+            # LIBERO's robot_states layout: gripper qpos (2), eef pos (3), eef quat (4, xyzw)
+            "robot_states": np.concatenate([raw["robot0_gripper_qpos"], raw["robot0_eef_pos"], raw["robot0_eef_quat"]]),
+            "object_state": raw["object-state"].copy(),
+            "sim_state": self.env.sim.get_state().flatten(),
+        }
+        if render:
+            obs.update(self.render())
+        if self.privileged:
+            obs["poses"] = self.poses()
+        return obs
+
+    def poses(self) -> dict:
+        """Ground-truth world poses ``name -> (pos(3), quat wxyz(4))`` of every object, fixture and site."""
+        data, out = self.env.sim.data, {}
+        for name in list(self.env.objects_dict) + list(self.env.fixtures_dict):
+            body = self.env.obj_body_id[name]
+            out[name] = np.concatenate([data.body_xpos[body], data.body_xquat[body]])
+        import mujoco
+
+        for name in self.env.object_sites_dict:
+            quat = np.zeros(4)
+            mujoco.mju_mat2Quat(quat, np.asarray(data.get_site_xmat(name), dtype=np.float64).reshape(9))
+            out[name] = np.concatenate([data.get_site_xpos(name), quat])
+        return out
+
+    # -- protocol ------------------------------------------------------------------------------------------------
+    def reset(self, init_state: int, seed: int, render: bool = True) -> dict:
+        """Protocol reset: seed, soft reset, ``set_init_state(init_states[init_state])``, then the wait steps.
+
+        The init state is chosen by the caller (episode e -> init state e), never by which worker is free.
+        """
+        if not 0 <= init_state < len(self.init_states):
+            raise IndexError(f"init state {init_state} out of range 0-{len(self.init_states) - 1}")
+        self._wrapper.seed(seed)
+        self._wrapper.reset()
+        self._clear_carried_state()
+        raw = self._wrapper.set_init_state(self.init_states[init_state])
+        for _ in range(self.num_wait_steps):
+            raw, _, _, _ = self._wrapper.step(WAIT_ACTION)
+        self.t = 0
+        self._obs = self._convert(raw, render and self.obs_mode == "rgb")
+        return self._obs
+
+    def _clear_carried_state(self) -> None:
+        """A soft reset keeps two pieces of state a hard reset rebuilds: the Panda gripper's ramped command
+        (robosuite never zeroes ``gripper.current_action``) and MuJoCo's solver warm start and actuator inputs.
+        Clearing them makes the same init state give the same episode whatever ran before, soft or hard."""
+        for robot in self.env.robots:
+            robot.gripper.current_action = np.zeros(robot.gripper.dof)
+        data = self.env.sim.data._data
+        for name in ("qacc_warmstart", "ctrl", "act", "qfrc_applied", "xfrc_applied"):
+            getattr(data, name)[:] = 0.0
+
+    def step_chunk(self, actions: np.ndarray, render: bool = True, record: bool = False) -> ChunkResult:
+        """Execute up to ``len(actions)`` actions open loop; stop early on success or at the step limit.
+
+        Renders only after the last executed action (``render``), or before every action when ``record`` (a
+        dataset needs the pre-action image of every step).
+        """
+        actions = np.asarray(actions, dtype=np.float64).reshape(-1, ACTION_DIM)
+        render = render and self.obs_mode == "rgb"
+        records = [] if record else None
+        total, done, steps, raw = 0.0, False, 0, None
+        for i, action in enumerate(actions):
+            if self.t >= self.task.max_steps:
+                break
+            raw, reward, done, _ = self._wrapper.step(action)
+            self.t += 1
+            steps += 1
+            total += float(reward)
+            last = done or self.t >= self.task.max_steps or i == len(actions) - 1
+            next_obs = self._convert(raw, render and (record or last))
+            if record:
+                records.append({"obs": self._obs, "action": action.copy(), "reward": float(reward), "done": done})
+            self._obs = next_obs
+            if done:
+                break
+        truncated = not done and self.t >= self.task.max_steps
+        return ChunkResult(self._obs, total, bool(done), truncated, steps, self.t, records)
+
+    def close(self) -> None:
+        self._wrapper.close()
+
+
+def make_env(task: Task, **kwargs) -> LiberoEnv:
+    """Build one environment for ``task`` (see :class:`LiberoEnv` for the options)."""
+    return LiberoEnv(task, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vector environment over subprocess workers
+# ----------------------------------------------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """Linux: the kernel SIGKILLs this process when its parent dies, so a killed run leaves no orphans."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _worker(conn, task: Task, env_kwargs: dict) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # so is SLURM's pre-emption signal
+    env = None
+    try:
+        env = LiberoEnv(task, **env_kwargs)
+        conn.send(("ok", None))
+        while True:
+            cmd, args = conn.recv()
+            if cmd == "close":
+                break
+            try:
+                conn.send(("ok", getattr(env, cmd)(*args)))
+            except Exception:  # noqa: BLE001 - every error goes to the parent with its traceback
+                conn.send(("error", traceback.format_exc()))
+    except (EOFError, KeyboardInterrupt, BrokenPipeError):
+        pass
+    except Exception:  # noqa: BLE001 - construction failed
+        with contextlib.suppress(Exception):
+            conn.send(("error", traceback.format_exc()))
+    finally:
+        if env is not None:
+            with contextlib.suppress(Exception):
+                env.close()
+        conn.close()
+
+
+class VectorLiberoEnv:
+    """``num_envs`` copies of one task, each in its own process (one MuJoCo/EGL context per worker).
+
+    Every call names the environments it addresses (``env_ids``) and, for resets, the init state each one
+    starts from, so which episode runs on which init state never depends on which worker finished first.
+    A worker that raises, dies or does not answer within ``timeout_s`` raises :class:`EnvWorkerError` in the
+    parent; all workers are then shut down.
+    """
+
+    def __init__(self, task: Task, num_envs: int, timeout_s: float = 600.0, **env_kwargs):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
+        self.task, self.num_envs, self.timeout_s = task, num_envs, timeout_s
+        self.obs_mode = env_kwargs.get("obs_mode", "rgb")
+        configure_rendering()  # inherited by the workers' environment
+        ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no inherited EGL/OpenMP state
+        self._conns, self._procs, self._closed = [], [], False
+        for i in range(num_envs):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, task, env_kwargs), daemon=True, name=f"libero-env-{i}")
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        for i in range(num_envs):  # construction errors surface here
+            self._recv(i, "construct")
+
+    # -- plumbing ------------------------------------------------------------------------------------------------
+    def _recv(self, i: int, cmd: str):
+        conn, proc, deadline = self._conns[i], self._procs[i], time.monotonic() + self.timeout_s
+        while True:
+            try:
+                if conn.poll(0.05):
+                    status, payload = conn.recv()
+                    break
+            except (EOFError, OSError):
+                status, payload = "died", None
+                break
+            if not proc.is_alive():
+                status, payload = "died", None
+                break
+            if time.monotonic() > deadline:
+                self.close()
+                raise EnvWorkerError(
+                    f"env worker {i} (pid {proc.pid}) did not answer '{cmd}' within {self.timeout_s:.0f} s."
+                )
+        if status == "ok":
+            return payload
+        self.close()
+        if status == "died":
+            proc.join(1.0)
+            raise EnvWorkerError(f"env worker {i} (pid {proc.pid}) died (exit code {proc.exitcode}) during '{cmd}'.")
+        raise EnvWorkerError(f"env worker {i} raised during '{cmd}':\n{payload}")
+
+    def _call(self, env_ids: Sequence[int], cmd: str, args_per_env: Sequence[tuple]) -> list:
+        if self._closed:
+            raise EnvWorkerError("the vector env is closed.")
+        for i, args in zip(env_ids, args_per_env):
+            try:
+                self._conns[i].send((cmd, args))
+            except (BrokenPipeError, OSError):
+                self._recv(i, cmd)  # reports the death
+        return [self._recv(i, cmd) for i in env_ids]
+
+    # -- API -----------------------------------------------------------------------------------------------------
+    def reset(self, env_ids: Sequence[int], init_states: Sequence[int], seeds: Sequence[int], render: bool = True):
+        """Protocol-reset ``env_ids[j]`` to init state ``init_states[j]`` with seed ``seeds[j]``; list of obs."""
+        return self._call(env_ids, "reset", [(int(s), int(sd), render) for s, sd in zip(init_states, seeds)])
+
+    def step_chunk(self, env_ids: Sequence[int], actions: np.ndarray, render: bool = True, record: bool = False):
+        """Send ``actions[j]`` (T, 7) to env ``env_ids[j]``; list of :class:`ChunkResult`."""
+        return self._call(env_ids, "step_chunk", [(np.asarray(a), render, record) for a in actions])
+
+    def call(self, name: str, *args, env_ids: Optional[Sequence[int]] = None) -> list:
+        """Call a method of :class:`LiberoEnv` in each (or the given) worker."""
+        ids = range(self.num_envs) if env_ids is None else env_ids
+        return self._call(list(ids), name, [args] * len(ids))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for conn in self._conns:
+            with contextlib.suppress(Exception):
+                conn.send(("close", None))
+        for proc in self._procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        for conn in self._conns:
+            conn.close()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The evaluation protocol as code
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class EpisodeResult:
+    episode: int
+    init_state: int
+    seed: int
+    success: bool
+    length: int  # steps after the wait steps
+    steps: list = field(default_factory=list)  # recorded per-step dicts (record=True)
+
+
+def episode_init_state(episode: int) -> int:
+    """Episode e uses init state e (cycling after the 50 fixed states)."""
+    return episode % NUM_INIT_STATES
+
+
+def run_episodes(
+    venv: VectorLiberoEnv,
+    policy: Callable,
+    episodes: Sequence[int],
+    seed: int = 0,
+    replan_steps: int = 8,
+    record: bool = False,
+    render: bool = True,
+    on_episode_end: Optional[Callable[[EpisodeResult], None]] = None,
+    reset_policy: Optional[Callable[[list[int]], None]] = None,
+) -> list[EpisodeResult]:
+    """Run protocol episodes over a vector env and return their results in episode order.
+
+    Episode ``e`` starts from init state ``e % 50`` with env seed ``seed + e`` whichever worker runs it. Each
+    query, ``policy(obs_batch, env_ids) -> (B, T, 7)`` returns an action chunk per active env, of which the first
+    ``replan_steps`` are executed open loop (fewer when the episode ends). Episodes that end on the same step are
+    all counted. ``reset_policy(env_ids)`` is called when envs start new episodes (stateful policies).
+    """
+    queue = deque(episodes)
+    active: dict[int, dict] = {}
+    results: dict[int, EpisodeResult] = {}
+
+    def start(env_ids: list[int]) -> None:
+        eps = [queue.popleft() for _ in env_ids]
+        obs = venv.reset(env_ids, [episode_init_state(e) for e in eps], [seed + e for e in eps], render=render)
+        for i, e, o in zip(env_ids, eps, obs):
+            active[i] = {"episode": e, "obs": o, "steps": []}
+        if reset_policy is not None:
+            reset_policy(env_ids)
+
+    start(list(range(min(venv.num_envs, len(queue)))))
+    while active:
+        env_ids = sorted(active)
+        chunks = np.asarray(policy(stack_obs([active[i]["obs"] for i in env_ids]), env_ids))
+        outs = venv.step_chunk(env_ids, chunks[:, :replan_steps], render=render, record=record)
+        finished = []
+        for i, out in zip(env_ids, outs):
+            state = active[i]
+            state["obs"] = out.obs
+            if record:
+                state["steps"].extend(out.records)
+            if out.done or out.truncated:
+                e = state["episode"]
+                results[e] = EpisodeResult(e, episode_init_state(e), seed + e, out.done, out.t, state["steps"])
+                if on_episode_end is not None:
+                    on_episode_end(results[e])
+                finished.append(i)
+        for i in finished:
+            del active[i]
+        if finished and queue:
+            start(finished[: len(queue)])
+    return [results[e] for e in episodes]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list-tasks", action="store_true", help="print the 130-task table and exit")
+    cli = parser.parse_args()
+    if not cli.list_tasks:
+        parser.print_help()
+        sys.exit(0)
+    print(f"{'id':>3}  {'suite':<15} {'local':>5}  {'steps':>5}  instruction")
+    for t in task_registry():
+        print(f"{t.global_id:>3}  {t.suite:<15} {t.local_id:>5}  {t.max_steps:>5}  {t.instruction}")

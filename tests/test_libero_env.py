@@ -1,0 +1,225 @@
+"""libero_env.py: task registry, protocol resets, rendering, vector env failures — on the real simulator."""
+
+import dataclasses
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from helpers import ROOT, run_script
+
+import libero_env as le
+
+# ---------------------------------------------------------------------------------------------------- registry
+
+
+def test_list_tasks_prints_130_rows_with_bddl_language():
+    out = run_script(["libero_env.py", "--list-tasks"], cwd=ROOT).stdout.strip().splitlines()
+    rows = out[1:]
+    assert len(rows) == 130
+    assert [int(r.split()[0]) for r in rows] == list(range(130))
+    suites = [r.split()[1] for r in rows]
+    assert suites[:10] == ["libero_spatial"] * 10 and suites[10:20] == ["libero_object"] * 10
+    assert suites[20:30] == ["libero_goal"] * 10 and suites[30:40] == ["libero_10"] * 10
+    assert suites[40:] == ["libero_90"] * 90
+    # The instruction comes from the BDDL :language clause, not from the file name.
+    task = le.resolve_task("all", 10)
+    assert task.suite == "libero_object" and task.local_id == 0
+    assert task.name == "pick_up_the_alphabet_soup_and_place_it_in_the_basket"
+    assert task.instruction == "Pick the alphabet soup and place it in the basket"
+    assert rows[10].endswith(task.instruction)
+
+
+def test_task_ids_and_step_limits():
+    assert le.resolve_task("libero_90", 89).global_id == 129
+    assert le.resolve_task("libero_10", 0) == le.resolve_task("all", 30)
+    assert {t.suite: t.max_steps for t in le.task_registry()} == le.SUITE_MAX_STEPS
+    for t in le.task_registry():
+        assert t.instruction == le.bddl_language(t.bddl_file) and os.path.isfile(t.bddl_file)
+
+
+@pytest.mark.parametrize(
+    "suite, task_id, message",
+    [
+        ("libero_100", 0, "Unknown suite 'libero_100'; choose one of: all, libero_spatial"),
+        ("all", 130, "Task id 130 is out of range for suite 'all' (valid: 0-129)"),
+        ("libero_object", 10, "Task id 10 is out of range for suite 'libero_object' (valid: 0-9)"),
+        ("libero_90", -1, "Task id -1 is out of range"),
+    ],
+)
+def test_bad_task_selection_is_one_clear_sentence(suite, task_id, message):
+    with pytest.raises(le.TaskError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        le.resolve_task(suite, task_id)
+
+
+def test_configure_rendering_respects_user_and_follows_visible_gpu():
+    env = {}
+    le.configure_rendering(env)
+    assert env["MUJOCO_GL"] == "egl" and env["PYOPENGL_PLATFORM"] == "egl" and "MUJOCO_EGL_DEVICE_ID" not in env
+    env = {"MUJOCO_GL": "osmesa"}
+    le.configure_rendering(env)
+    assert env == {"MUJOCO_GL": "osmesa"}
+    env = {"CUDA_VISIBLE_DEVICES": "3,5"}
+    le.configure_rendering(env)
+    assert env["MUJOCO_EGL_DEVICE_ID"] == "3"
+    env = {"CUDA_VISIBLE_DEVICES": "2", "MUJOCO_EGL_DEVICE_ID": "0"}
+    le.configure_rendering(env)
+    assert env["MUJOCO_EGL_DEVICE_ID"] == "0"
+
+
+def test_quat2axisangle_matches_robosuite():
+    from robosuite.utils import transform_utils as T
+
+    rng = np.random.default_rng(0)
+    for q in [*rng.normal(size=(20, 4)), np.array([0, 0, 0, 1.0]), np.array([1.0, 0, 0, 0])]:
+        q = q / np.linalg.norm(q)
+        np.testing.assert_allclose(le.quat2axisangle(q), T.quat2axisangle(q), atol=1e-7)
+
+
+def test_upright_is_a_180_degree_rotation_not_a_flip():
+    img = np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3)
+    np.testing.assert_array_equal(le.upright(img), np.rot90(img, 2, axes=(1, 2)))
+    assert not np.array_equal(le.upright(img), img[:, ::-1])
+
+
+def test_resize_images_shapes_and_identity():
+    img = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    assert le.resize_images(img, 64) is img
+    small = le.resize_images(img, 32)
+    assert small.shape == (2, 32, 32, 3) and small.dtype == np.uint8
+    flat = np.full((16, 16, 3), 77, np.uint8)
+    assert (le.resize_images(flat, 8) == 77).all()
+
+
+# ---------------------------------------------------------------------------------------------------- simulator
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("suite", le.SUITES)
+def test_each_suite_builds_and_resets_deterministically(suite):
+    """Same init state e -> same first observation, whatever episodes ran before (soft resets)."""
+    task = le.resolve_task(suite, 0)
+    env = le.make_env(task, obs_mode="rgb", image_size=32)
+    try:
+        first = env.reset(4, seed=4)
+        assert first["agentview_rgb"].shape == (32, 32, 3) and first["agentview_rgb"].dtype == np.uint8
+        assert first["ee_states"].shape == (6,) and first["joint_states"].shape == (7,)
+        env.step_chunk(np.random.default_rng(0).uniform(-1, 1, (25, 7)))
+        env.reset(9, seed=9)
+        env.step_chunk(np.tile([0, 0, 0, 0, 0, 0, 1.0], (15, 1)))  # leave the gripper closed
+        again = env.reset(4, seed=4)
+        for key in first:
+            np.testing.assert_array_equal(first[key], again[key], err_msg=key)
+        assert env.t == 0
+    finally:
+        env.close()
+
+
+@pytest.mark.sim
+def test_soft_and_hard_reset_agree_and_images_are_upright_rotations():
+    task = le.resolve_task("libero_spatial", 1)
+    soft = le.make_env(task, obs_mode="rgb", image_size=64)
+    hard = le.make_env(task, obs_mode="rgb", image_size=64, hard_reset=True)
+    try:
+        soft.reset(2, seed=0)
+        soft.step_chunk(np.random.default_rng(1).uniform(-1, 1, (20, 7)))
+        a, b = soft.reset(7, seed=7), hard.reset(7, seed=7)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        actions = np.random.default_rng(2).uniform(-1, 1, (12, 7))
+        ra, rb = soft.step_chunk(actions), hard.step_chunk(actions)
+        np.testing.assert_array_equal(ra.obs["sim_state"], rb.obs["sim_state"])
+        # The observation's images are the raw render; the policy input is its 180-degree rotation.
+        raw = soft.render()["agentview_rgb"]
+        np.testing.assert_array_equal(ra.obs["agentview_rgb"], raw)
+        np.testing.assert_array_equal(le.policy_obs(ra.obs, 64)["agentview_rgb"], np.rot90(raw, 2))
+        np.testing.assert_array_equal(le.policy_obs(ra.obs, 64)["proprio"], le.proprio(ra.obs))
+    finally:
+        soft.close()
+        hard.close()
+
+
+@pytest.mark.sim
+def test_rollout_hits_the_suite_step_limit_exactly_and_renders_only_when_asked():
+    task = le.resolve_task("libero_object", 3)
+    env = le.make_env(task, obs_mode="rgb", image_size=32)
+    try:
+        env.reset(0, seed=0)
+        executed, calls = 0, 0
+        while True:
+            out = env.step_chunk(np.zeros((8, 7)), render=False)
+            executed, calls = executed + out.steps, calls + 1
+            assert "agentview_rgb" not in out.obs
+            if out.done or out.truncated:
+                break
+        assert out.truncated and not out.done
+        assert out.t == executed == task.max_steps == 280
+        assert out.steps == 280 - 8 * (calls - 1)
+        assert env.step_chunk(np.zeros((8, 7))).steps == 0  # nothing runs past the limit
+        rendered = env.step_chunk(np.zeros((1, 7)), render=True)
+        assert rendered.steps == 0
+    finally:
+        env.close()
+
+
+@pytest.mark.sim
+def test_vector_env_steps_and_a_killed_worker_raises_a_named_error_without_orphans():
+    task = le.resolve_task("libero_object", 0)
+    venv = le.VectorLiberoEnv(task, 2, obs_mode="state", timeout_s=120)
+    pids = venv.pids
+    obs = venv.reset([0, 1], [5, 6], [5, 6])
+    assert len(obs) == 2 and not np.array_equal(obs[0]["object_state"], obs[1]["object_state"])
+    outs = venv.step_chunk([0, 1], np.zeros((2, 4, 7)))
+    assert [o.steps for o in outs] == [4, 4] and [o.t for o in outs] == [4, 4]
+    os.kill(pids[1], signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(le.EnvWorkerError, match=r"env worker 1 \(pid \d+\) died \(exit code -9\) during 'step_chunk'"):
+        venv.step_chunk([0, 1], np.zeros((2, 4, 7)))
+    assert time.monotonic() - start < 10
+    for pid in pids:  # the surviving worker was shut down too
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+@pytest.mark.sim
+def test_worker_exception_carries_the_child_traceback():
+    task = le.resolve_task("libero_goal", 0)
+    with le.VectorLiberoEnv(task, 1, obs_mode="state", timeout_s=120) as venv:
+        with pytest.raises(
+            le.EnvWorkerError, match=r"(?s)env worker 0 raised during 'reset'.*IndexError: init state 77"
+        ):
+            venv.reset([0], [77], [0])
+
+
+@pytest.mark.sim
+def test_run_episodes_assigns_init_state_e_to_episode_e_whatever_the_worker_count():
+    task = dataclasses.replace(le.resolve_task("libero_object", 1), max_steps=6)
+    reference = le.make_env(task, obs_mode="state")
+    expected = {e: reference.reset(e, seed=100 + e)["sim_state"] for e in range(5)}
+    reference.close()
+
+    def zero_policy(obs, env_ids):
+        return np.zeros((len(env_ids), 4, 7))
+
+    for num_envs in (1, 3):
+        with le.VectorLiberoEnv(task, num_envs, obs_mode="state") as venv:
+            results = le.run_episodes(venv, zero_policy, range(5), seed=100, replan_steps=4, record=True, render=False)
+        assert [r.episode for r in results] == [0, 1, 2, 3, 4]
+        for r in results:
+            assert r.init_state == r.episode and r.seed == 100 + r.episode
+            assert r.length == 6 and len(r.steps) == 6 and not r.success
+            np.testing.assert_array_equal(r.steps[0]["obs"]["sim_state"], expected[r.episode])
+
+
+@pytest.mark.sim
+def test_two_envs_in_one_process_render_their_own_scene_even_after_one_is_closed():
+    """robosuite binds GL contexts only at creation and its close() releases the thread's context."""
+    a = le.make_env(le.resolve_task("libero_object", 0), obs_mode="rgb", image_size=48)
+    before = a.reset(0, seed=0)["agentview_rgb"]
+    b = le.make_env(le.resolve_task("libero_spatial", 2), obs_mode="rgb", image_size=48)
+    other = b.reset(0, seed=0)["agentview_rgb"]
+    assert not np.array_equal(before, other)
+    np.testing.assert_array_equal(a.render()["agentview_rgb"], before)
+    b.close()
+    np.testing.assert_array_equal(a.render()["agentview_rgb"], before)
+    a.close()
