@@ -241,14 +241,25 @@ def configure_rendering(environ=os.environ) -> None:
         environ["MUJOCO_EGL_DEVICE_ID"] = visible
 
 
-def _silence_egl_teardown() -> None:
-    """robosuite's EGL context destructors raise harmless errors at interpreter exit; keep them off stderr so
-    they cannot hide real errors."""
-    try:
-        from robosuite.renderers.context import egl_context
-        from robosuite.utils import binding_utils
-    except Exception:  # noqa: BLE001 - not rendering with EGL
+def _patch_robosuite_rendering() -> None:
+    """Make several rendering envs in one process safe, and their teardown quiet.
+
+    robosuite frees a render context's MuJoCo GL objects (``mjr_freeContext``) in whatever GL context happens
+    to be current, so a hard reset or ``close()`` of one env deleted the framebuffers of another and its renders
+    came back as garbage. The patched destructor binds its own context first. EGL errors raised by destructors
+    at interpreter exit are harmless and are kept off stderr, where they would hide real errors.
+    """
+    from robosuite.utils import binding_utils
+
+    if getattr(binding_utils.MjRenderContext, "_libero_env_patched", False):
         return
+
+    def free_own_context(self):
+        with contextlib.suppress(Exception):
+            self.gl_ctx.make_current()
+            self.con.free()
+        with contextlib.suppress(Exception):
+            self.gl_ctx.free()
 
     def quiet(fn):
         def wrapper(self, *args, **kwargs):
@@ -257,9 +268,13 @@ def _silence_egl_teardown() -> None:
 
         return wrapper
 
-    egl_context.EGLGLContext.__del__ = quiet(egl_context.EGLGLContext.__del__)
-    egl_context.EGLGLContext.free = quiet(egl_context.EGLGLContext.free)
-    binding_utils.MjRenderContext.__del__ = quiet(binding_utils.MjRenderContext.__del__)
+    binding_utils.MjRenderContext.__del__ = free_own_context
+    binding_utils.MjRenderContext._libero_env_patched = True
+    if os.environ.get("MUJOCO_GL") == "egl":
+        from robosuite.renderers.context import egl_context
+
+        egl_context.EGLGLContext.__del__ = quiet(egl_context.EGLGLContext.__del__)
+        egl_context.EGLGLContext.free = quiet(egl_context.EGLGLContext.free)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,7 +317,7 @@ class LiberoEnv:
         from libero.libero.envs import OffScreenRenderEnv
 
         if obs_mode == "rgb":
-            _silence_egl_teardown()
+            _patch_robosuite_rendering()
         self.task, self.obs_mode, self.image_size = task, obs_mode, image_size
         self.privileged, self.num_wait_steps = privileged, num_wait_steps
         self.init_states = load_init_states(task)
@@ -328,8 +343,8 @@ class LiberoEnv:
         if self.obs_mode != "rgb":
             raise RuntimeError("This environment was built with obs_mode='state' and has no renderer.")
         # robosuite binds a GL context only when it is created, and freeing *any* env calls eglReleaseThread():
-        # with several envs in one process, rendering without re-binding our own context silently returns
-        # another scene or garbage. Binding an already-current context is cheap.
+        # with several envs in one process, rendering without re-binding our own context returns another scene
+        # or garbage (see also _patch_robosuite_rendering). Binding an already-current context is cheap.
         self.env.sim._render_context_offscreen.gl_ctx.make_current()
         s = self.image_size
         return {k: self.env.sim.render(camera_name=cam, width=s, height=s) for k, cam in CAMERAS.items()}
@@ -366,6 +381,33 @@ class LiberoEnv:
             mujoco.mju_mat2Quat(quat, np.asarray(data.get_site_xmat(name), dtype=np.float64).reshape(9))
             out[name] = np.concatenate([data.get_site_xpos(name), quat])
         return out
+
+    def geometry(self) -> dict:
+        """Collision-geometry bounding boxes ``name -> (lo(3), hi(3))`` of every object and fixture, in the
+        object's body frame (static; combine with ``poses`` for world coordinates)."""
+        model, data = self.env.sim.model._model, self.env.sim.data._data
+        out = {}
+        for name in list(self.env.objects_dict) + list(self.env.fixtures_dict):
+            root = self.env.obj_body_id[name]
+            bodies = {b for b in range(model.nbody) if self._descends_from(model, b, root)}
+            rot, pos = data.xmat[root].reshape(3, 3), data.xpos[root]
+            corners = []
+            for g in range(model.ngeom):
+                if model.geom_bodyid[g] in bodies and (model.geom_contype[g] or model.geom_conaffinity[g]):
+                    center, half = model.geom_aabb[g][:3], model.geom_aabb[g][3:]
+                    signs = np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T
+                    local = center + signs * half  # 8 corners in the geom frame
+                    world = data.geom_xpos[g] + local @ data.geom_xmat[g].reshape(3, 3).T
+                    corners.append((world - pos) @ rot)  # into the object's body frame
+            pts = np.concatenate(corners) if corners else np.zeros((1, 3))
+            out[name] = (pts.min(0), pts.max(0))
+        return out
+
+    @staticmethod
+    def _descends_from(model, body: int, root: int) -> bool:
+        while body not in (root, 0):
+            body = model.body_parentid[body]
+        return body == root
 
     # -- protocol ------------------------------------------------------------------------------------------------
     def reset(self, init_state: int, seed: int, render: bool = True) -> dict:
