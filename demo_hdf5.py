@@ -264,6 +264,15 @@ class DemoWriter:
             self._f["data"].attrs[key] = value
         self._f.flush()
 
+    def set_attrs(self, **attrs) -> None:
+        """Update file attributes of the ``.partial`` (progress counters a resumed run reads back)."""
+        for key, value in attrs.items():
+            self._f["data"].attrs[key] = value
+
+    @property
+    def file_attrs(self) -> dict:
+        return dict(self._f["data"].attrs)
+
     @property
     def num_demos(self) -> int:
         return sum(1 for k in self._f["data"] if _demo_index(k) >= 0)

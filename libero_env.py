@@ -29,8 +29,7 @@ import signal
 import sys
 import time
 import traceback
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional
@@ -640,34 +639,39 @@ def episode_init_state(episode: int) -> int:
 def run_episodes(
     venv: VectorLiberoEnv,
     policy: Callable,
-    episodes: Sequence[int],
+    episodes: Iterable[int],
     seed: int = 0,
     replan_steps: int = 8,
     record: bool = False,
     render: bool = True,
     on_episode_end: Optional[Callable[[EpisodeResult], None]] = None,
-    reset_policy: Optional[Callable[[list[int]], None]] = None,
+    reset_policy: Optional[Callable[[list[int], list[int]], None]] = None,
 ) -> list[EpisodeResult]:
-    """Run protocol episodes over a vector env and return their results in episode order.
+    """Run protocol episodes over a vector env; results sorted by episode.
 
-    Episode ``e`` starts from init state ``e % 50`` with env seed ``seed + e`` whichever worker runs it. Each
-    query, ``policy(obs_batch, env_ids) -> (B, T, 7)`` returns an action chunk per active env, of which the first
-    ``replan_steps`` are executed open loop (fewer when the episode ends). Episodes that end on the same step are
-    all counted. ``reset_policy(env_ids)`` is called when envs start new episodes (stateful policies).
+    Episode ``e`` starts from init state ``e % 50`` with env seed ``seed + e`` whichever worker runs it.
+    ``episodes`` is consumed lazily, one episode each time a worker is free, so a generator may stop early (a
+    collection that has enough successes). Each query, ``policy(obs_batch, env_ids) -> (B, T, 7)`` returns an
+    action chunk per active env, of which the first ``replan_steps`` run open loop (fewer when the episode ends).
+    Episodes that end on the same step are all counted. ``reset_policy(env_ids, episodes)`` is called when envs
+    start new episodes (stateful policies).
     """
-    queue = deque(episodes)
+    upcoming = iter(episodes)
     active: dict[int, dict] = {}
-    results: dict[int, EpisodeResult] = {}
+    results: list[EpisodeResult] = []
 
     def start(env_ids: list[int]) -> None:
-        eps = [queue.popleft() for _ in env_ids]
-        obs = venv.reset(env_ids, [episode_init_state(e) for e in eps], [seed + e for e in eps], render=render)
-        for i, e, o in zip(env_ids, eps, obs):
+        pairs = [(i, e) for i, e in zip(env_ids, upcoming)]  # zip stops when the iterator does
+        if not pairs:
+            return
+        ids, eps = [i for i, _ in pairs], [e for _, e in pairs]
+        obs = venv.reset(ids, [episode_init_state(e) for e in eps], [seed + e for e in eps], render=render)
+        for i, e, o in zip(ids, eps, obs):
             active[i] = {"episode": e, "obs": o, "steps": []}
         if reset_policy is not None:
-            reset_policy(env_ids)
+            reset_policy(ids, eps)
 
-    start(list(range(min(venv.num_envs, len(queue)))))
+    start(list(range(venv.num_envs)))
     while active:
         env_ids = sorted(active)
         chunks = np.asarray(policy(stack_obs([active[i]["obs"] for i in env_ids]), env_ids))
@@ -680,15 +684,16 @@ def run_episodes(
                 state["steps"].extend(out.records)
             if out.done or out.truncated:
                 e = state["episode"]
-                results[e] = EpisodeResult(e, episode_init_state(e), seed + e, out.done, out.t, state["steps"])
+                result = EpisodeResult(e, episode_init_state(e), seed + e, out.done, out.t, state["steps"])
+                results.append(result)
                 if on_episode_end is not None:
-                    on_episode_end(results[e])
+                    on_episode_end(result)
                 finished.append(i)
         for i in finished:
             del active[i]
-        if finished and queue:
-            start(finished[: len(queue)])
-    return [results[e] for e in episodes]
+        if finished:
+            start(finished)
+    return sorted(results, key=lambda r: r.episode)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,150 @@
+"""collect.py: the scripted expert and its goal parser, the CLI, kill-and-resume, errors before any work."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from helpers import ROOT, run_script
+
+import collect
+import demo_hdf5
+import libero_env as le
+
+
+def test_goal_parser_covers_the_pick_and_place_families():
+    for suite in ("libero_object", "libero_spatial"):
+        for task in le.suite_tasks(suite):
+            goal = collect.parse_pick_place_goal(task)
+            assert goal.relation == ("In" if suite == "libero_object" else "On")
+    obj = collect.parse_pick_place_goal(le.resolve_task("libero_object", 7))
+    assert obj == collect.PickPlaceGoal("In", "milk_1", "basket_1_contain_region")
+    goal_tasks = {t.name: t for t in le.suite_tasks("libero_goal")}
+    assert collect.parse_pick_place_goal(goal_tasks["put_the_bowl_on_the_stove"]).target == "flat_stove_1_cook_region"
+    for name, reason in [
+        ("open_the_middle_drawer_of_the_cabinet", "has goal"),  # articulation
+        ("put_the_wine_bottle_on_the_rack", "cannot reach from above"),  # the rack is not a flat surface
+        ("open_the_top_drawer_and_put_the_bowl_inside", "cannot reach from above"),  # drawer interior
+    ]:
+        with pytest.raises(collect.UnsupportedTask, match=reason):
+            collect.parse_pick_place_goal(goal_tasks[name])
+    with pytest.raises(collect.UnsupportedTask, match="has goal"):  # two predicates
+        collect.parse_pick_place_goal(le.resolve_task("libero_10", 4))
+
+
+def test_rotation_helpers_round_trip():
+    rng = np.random.default_rng(0)
+    for v in [*rng.normal(size=(10, 3)), np.array([np.pi, 0, 0]), np.array([0, 0, np.pi - 1e-9])]:
+        R = collect.axisangle_to_mat(v)
+        np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-9)
+        np.testing.assert_allclose(collect.axisangle_to_mat(collect.mat_to_axisangle(R)), R, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "cli, message",
+    [
+        (["--suite", "libero_100"], "Unknown suite 'libero_100'"),
+        (["--suite", "all", "--task-id", "130"], "Task id 130 is out of range for suite 'all' (valid: 0-129)"),
+        (["--suite", "libero_goal", "--task-id", "0"], "The scripted expert handles single"),
+    ],
+)
+def test_bad_input_fails_before_any_environment_is_built(tmp_path, cli, message):
+    start = time.monotonic()
+    proc = run_script(["collect.py", "--data-root", str(tmp_path), *cli], cwd=ROOT, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr and proc.stderr.strip().startswith("error:")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - start < 20 and not os.listdir(tmp_path)
+
+
+@pytest.mark.sim
+def test_collect_cli_writes_a_valid_file(tmp_path):
+    """The acceptance command: 2 successful scripted demos of LIBERO-Object task 0 at the default 256 x 256."""
+    out = run_script(
+        "collect.py --policy scripted --suite libero_object --task-id 0 --num-success 2 --num-envs 1".split()
+        + ["--data-root", str(tmp_path)],
+        cwd=ROOT,
+    ).stdout
+    task = le.resolve_task("libero_object", 0)
+    path = demo_hdf5.demo_path(str(tmp_path), "scripted", "libero_object", task.name)
+    assert "success rate" in out and os.path.exists(path) and not os.path.exists(path + ".partial")
+    env = le.make_env(task, obs_mode="state")
+    with demo_hdf5.DemoFile(path) as f:
+        assert len(f) == 2 and f.aligned and f.attrs["obs_alignment"] == "pre_action"
+        assert f.instruction == task.instruction and f.source == "scripted" and f.attrs["image_size"] == 256
+        assert 0 < f.attrs["success_rate"] <= 1
+        for key in f.demo_keys:
+            d, attrs = f.read(key), f.demo_attrs(key)
+            T = len(d["actions"])
+            assert d["dones"][-1] == 1 and d["rewards"][-1] == 1 and d["dones"][:-1].sum() == 0
+            assert np.all(np.abs(d["actions"]) <= 1.0) and d["actions"].shape == (T, 7)
+            for cam in ("agentview_rgb", "eye_in_hand_rgb"):
+                assert d["obs"][cam].shape == (T, 256, 256, 3) and d["obs"][cam].dtype == np.uint8
+            dims = {
+                "ee_pos": 3,
+                "ee_ori": 3,
+                "ee_states": 6,
+                "gripper_states": 2,
+                "joint_states": 7,
+                "object_state": 98,
+            }
+            for k, dim in dims.items():
+                assert d["obs"][k].shape == (T, dim)
+            # the demo starts from the stored fixed init state (after the protocol's wait steps)
+            e = int(attrs["init_state_index"])
+            assert 0 <= e < 50
+            first = env.reset(e, seed=int(attrs["seed"]))
+            np.testing.assert_allclose(d["states"][0], first["sim_state"])
+            np.testing.assert_allclose(d["obs"]["object_state"][0], first["object_state"])
+    env.close()
+
+
+def _num_complete_demos(partial):
+    try:
+        with h5py.File(partial, "r", locking=False) as f:
+            return sum(1 for k in f["data"] if f["data"][k].attrs.get("complete", False))
+    except Exception:  # noqa: BLE001 - the writer may be mid-flush
+        return 0
+
+
+@pytest.mark.sim
+def test_a_killed_collection_leaves_no_file_and_the_rerun_continues(tmp_path):
+    task = le.resolve_task("libero_spatial", 2)
+    path = demo_hdf5.demo_path(str(tmp_path), "scripted", task.suite, task.name)
+    cmd = [sys.executable, *"collect.py --suite libero_spatial --task-id 2 --num-success 3 --num-envs 1".split()]
+    cmd += ["--obs-mode", "state", "--data-root", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while _num_complete_demos(path + ".partial") < 1 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(path), "a killed collection must not leave a file under the final name"
+    kept = _num_complete_demos(path + ".partial")
+    assert 1 <= kept < 3
+    out = run_script(cmd[1:], cwd=ROOT).stdout
+    assert "continuing a killed run" in out and f"{kept} demos kept" in out
+    with demo_hdf5.DemoFile(path) as f:
+        assert len(f) == 3
+        episodes = [int(f.demo_attrs(k)["episode"]) for k in f.demo_keys]
+        assert len(set(episodes)) == 3 and episodes == sorted(episodes)
+    # A damaged .partial is discarded and the run starts clean.
+    os.remove(path)
+    with open(path + ".partial", "wb") as fh:
+        fh.write(b"not hdf5")
+    out = run_script([*cmd[1:], "--num-success", "1"], cwd=ROOT).stdout
+    assert "starting clean (discarded an unreadable .partial)" in out and os.path.exists(path)
+
+
+@pytest.mark.sim
+def test_scripted_expert_solves_a_spatial_task_closed_loop():
+    task = le.resolve_task("libero_spatial", 0)
+    with le.VectorLiberoEnv(task, 1, obs_mode="state", privileged=True) as venv:
+        policy = collect.ScriptedPolicy(collect.parse_pick_place_goal(task), venv.call("geometry")[0], 0.0, seed=0)
+        results = le.run_episodes(venv, policy, [3, 17], replan_steps=1, render=False, reset_policy=policy.reset)
+    assert [r.success for r in results] == [True, True]
+    assert all(r.length < task.max_steps for r in results)
