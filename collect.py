@@ -66,6 +66,8 @@ class Args:
     """learned policies act deterministically (DDIM eta=0 / Gaussian mean); off: sample as in RL rollouts"""
     replan_steps: int = 0
     """actions executed per policy query (0: the policy's default: scripted 1, diffusion act_steps, vla 5)"""
+    ddim_steps: int = 5
+    """DDIM steps of a diffusion policy's sampler"""
     scripted_noise: float = 0.0
     """std of Gaussian noise added to the scripted expert's arm actions, so demos are not identical"""
     data_root: str = "data"
@@ -244,6 +246,7 @@ class ScriptedExpert:
     GRASP_STEPS, RELEASE_STEPS = 10, 8  # the gripper command ramps over ~8 control steps
     HOVER, CLEARANCE, FINGER_REACH = 0.08, 0.03, 0.05  # m
     MAX_REGRASPS = 2
+    WRIST_LIMIT = 2.5  # rad: keep Panda joint 7 this far inside its +-2.90 limit
 
     def __init__(self, goal: PickPlaceGoal, geometry: dict, noise: float = 0.0, rng=None):
         self.goal, self.geometry, self.noise = goal, geometry, noise
@@ -295,11 +298,17 @@ class ScriptedExpert:
             carry_bottom=max(tops) + self.CLEARANCE,
         )
 
-    def _desired_rotation(self, R_cur: np.ndarray, close_dir: np.ndarray) -> np.ndarray:
-        """Pointing down, fingers along ``close_dir`` (mod 180 degrees: the nearer of the two yaws)."""
+    def _desired_rotation(self, R_cur: np.ndarray, close_dir: np.ndarray, wrist: float) -> np.ndarray:
+        """Pointing down, fingers along ``close_dir``. A two-finger grasp is symmetric under a 180-degree yaw: take
+        the smaller turn unless it would drive the wrist (Panda joint 7, limit +-2.90 rad, turning opposite to
+        the yaw) into its limit, then the other one."""
         finger = R_cur[:2, 1]
         theta_cur = np.arctan2(finger[1], finger[0])
         d = (np.arctan2(close_dir[1], close_dir[0]) - theta_cur + np.pi / 2) % np.pi - np.pi / 2
+        candidates = sorted([d, d - np.pi * np.sign(d)], key=abs)
+        d = next(
+            (c for c in candidates if abs(wrist - c) < self.WRIST_LIMIT), min(candidates, key=lambda c: abs(wrist - c))
+        )
         theta_down = np.arctan2(self.R_DOWN[1, 1], self.R_DOWN[0, 1])
         return rot_z(theta_cur + d - theta_down) @ self.R_DOWN
 
@@ -355,7 +364,7 @@ class ScriptedExpert:
             target = eef + np.array([0.0, 0.0, 0.05])
         action = np.zeros(7)
         action[:3] = np.clip((target - eef) / self.POS_SCALE, -speed, speed)
-        R_des = self._desired_rotation(R_cur, p["close_dir"])
+        R_des = self._desired_rotation(R_cur, p["close_dir"], obs["joint_states"][6])
         action[3:6] = np.clip(mat_to_axisangle(R_des @ R_cur.T) / self.ROT_SCALE, -1, 1)
         action[6] = grip
         if self.noise:
@@ -394,6 +403,20 @@ class ScriptedPolicy:
 # ================================================================================================================
 # Policies and episode recording
 # ================================================================================================================
+CKPT_PHASES = {"diffusion": {"ppo": "ppo_diffusion", "bc": "bc_diffusion"}, "gaussian": {"ppo": "ppo_gaussian"}}
+
+
+def default_checkpoint(args: Args, task: le.Task) -> str:
+    """The checkpoint convention: runs/<phase>/<suite>/task<NN>__seed<S>/checkpoints/final.pt."""
+    import run_utils
+
+    phases = CKPT_PHASES[args.policy]
+    if args.ckpt_phase not in phases:
+        raise ValueError(f"--ckpt-phase for --policy {args.policy} must be one of {sorted(phases)}.")
+    run_dir = run_utils.task_run_dir(args.run_root, phases[args.ckpt_phase], task.suite, task.local_id, args.seed)
+    return os.path.join(run_dir, "checkpoints", "final.pt")
+
+
 def check_args(args: Args) -> Optional[PickPlaceGoal]:
     """Everything a user can get wrong, checked before any environment is built."""
     le.check_task_args(args.suite, args.task_id)
@@ -402,16 +425,47 @@ def check_args(args: Args) -> Optional[PickPlaceGoal]:
     task = le.resolve_task(args.suite, args.task_id)
     if args.policy == "scripted":
         return parse_pick_place_goal(task)
-    raise NotImplementedError(
-        f"--policy {args.policy} is not available yet: only the scripted expert can collect data so far."
-    )
+    if args.policy == "vla":
+        if args.ckpt is None:
+            raise ValueError("--policy vla needs --ckpt (a finetune_vla.py checkpoint directory).")
+    else:
+        args.ckpt = args.ckpt or default_checkpoint(args, task)
+    if not os.path.exists(args.ckpt):
+        raise FileNotFoundError(f"No checkpoint at {args.ckpt}; train that phase first or pass --ckpt.")
+    return None
 
 
-def make_policy(args: Args, task: le.Task, venv: le.VectorLiberoEnv, goal: Optional[PickPlaceGoal]):
-    if args.policy == "scripted":
-        geometry = venv.call("geometry", env_ids=[0])[0]
-        return ScriptedPolicy(goal, geometry, args.scripted_noise, args.seed)
-    raise NotImplementedError(args.policy)
+class LearnedPolicy:
+    """Rollout interface around a learned policy's ``act(obs) -> (B, T, 7)``."""
+
+    needs_privileged = False
+
+    def __init__(self, act, replan_steps: int, obs_mode: str):
+        self.act, self.replan_steps, self.obs_mode = act, replan_steps, obs_mode
+
+    def __call__(self, obs: dict, env_ids) -> np.ndarray:
+        return self.act(obs)
+
+
+def load_learned_policy(args: Args):
+    """--policy diffusion | gaussian | vla -> a :class:`LearnedPolicy` (deterministic unless --no-deterministic)."""
+    import torch
+
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.policy == "diffusion":
+        import run_utils
+
+        fmt = run_utils.load_checkpoint(args.ckpt, ("bc_diffusion/v1", "ppo_diffusion/v1"))["format"]
+        if fmt == "ppo_diffusion/v1":
+            from ppo_diffusion import load_policy
+        else:
+            from bc_diffusion import load_policy
+        policy = load_policy(args.ckpt, device)
+        eta = 0.0 if args.deterministic else 1.0
+        act = lambda obs: policy.act(obs, "ddim", args.ddim_steps, eta=eta, generator=generator)  # noqa: E731
+        return LearnedPolicy(act, policy.cfg["act_steps"], policy.cfg["obs_mode"])
+    raise NotImplementedError(f"--policy {args.policy} is not available yet.")
 
 
 def episode_arrays(steps: list[dict]) -> dict:
@@ -465,9 +519,13 @@ if __name__ == "__main__":
         sys.exit(0)
     try:
         goal = check_args(args)
-    except (ValueError, NotImplementedError, le.TaskError) as e:
+        policy = None if args.policy == "scripted" else load_learned_policy(args)
+    except (ValueError, FileNotFoundError, le.TaskError) as e:
         sys.exit(f"error: {e}")
     task = le.resolve_task(args.suite, args.task_id)
+    if policy is not None:
+        if policy.obs_mode == "rgb" and args.obs_mode == "state":
+            sys.exit("error: this policy sees camera images; collect with --obs-mode rgb.")
     source = args.source or DEFAULT_SOURCE[args.policy]
     out_path = demo_hdf5.demo_path(args.data_root, source, task.suite, task.name)
     print(f"task: {task.suite} {task.local_id} (global {task.global_id}) '{task.instruction}'")
@@ -481,7 +539,9 @@ if __name__ == "__main__":
                 if len(existing) >= args.num_success:
                     print(f"{out_path} already holds {len(existing)} successful demos; nothing to do.")
                     sys.exit(0)
-        writer = demo_hdf5.DemoWriter(out_path, file_info(args, task, source, ""), resume=args.resume == "auto")
+        writer = demo_hdf5.DemoWriter(
+            out_path, file_info(args, task, source, args.ckpt or ""), resume=args.resume == "auto"
+        )
         if writer.resumed_demos:
             successes = writer.resumed_demos
             attempts = int(writer.file_attrs.get("num_attempts", successes))
@@ -498,7 +558,8 @@ if __name__ == "__main__":
         image_size=args.image_size,
         privileged=args.policy == "scripted",
     )
-    policy = make_policy(args, task, venv, goal)
+    if policy is None:
+        policy = ScriptedPolicy(goal, venv.call("geometry", env_ids=[0])[0], args.scripted_noise, args.seed)
     replan = args.replan_steps or policy.replan_steps
     bar = tqdm(total=args.num_success, initial=successes, desc="successes", unit="demo")
     state = {"attempts": attempts, "successes": successes, "started": first_episode}

@@ -1,0 +1,727 @@
+"""ppo_diffusion.py — phase 2: fine-tune the BC diffusion policy online with PPO over the denoising chain (DPPO).
+
+Each environment step (one executed chunk of ``act_steps`` actions, rewards summed) is an outer MDP step; the
+K = 5 DDIM denoising steps that produced its action chunk form an inner MDP whose actions are the intermediate
+samples x_{k-1} ~ N(mu_theta(x_k, k, s), sigma_k^2). PPO's likelihood ratio is taken per denoising step:
+
+    r_{t,k} = exp(log p_theta(x_{k-1} | x_k, s_t) - log p_old(x_{k-1} | x_k, s_t))          (eq. 2)
+    L = E[max(-A_t g^(K-1-k) r_{t,k}, -A_t g^(K-1-k) clip(r_{t,k}, 1 - eps_k, 1 + eps_k))]  (eq. 3-4)
+    + vf_coef * 0.5 * (V(s_t) - R_t)^2                                                        (eq. 5)
+
+with chunk-level GAE advantages A_t (gamma 0.999, lambda 0.95), the denoising discount g = 0.9, and a clip eps_k
+growing exponentially from 0.001 (noisiest step) to 0.01 (the step that emits the action). Rollouts sample with
+DDIM eta = 1 and a std floor of 0.1; evaluation is deterministic (eta = 0). On CUDA the whole sampler (encoder,
+all denoising steps, noise) is replayed as one CUDA graph per batch size.
+
+    python ppo_diffusion.py --suite libero_object --task-id 0 --num-envs 50
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+
+import libero_env as le
+from bc_diffusion import DiffusionPolicy, ObsEncoder, ddim_step, ddpm_step, mlp, step_schedule
+
+
+@dataclass
+class Args:
+    exp_name: str = "ppo_diffusion"
+    """name of this experiment (wandb run name)"""
+    seed: int = 0
+    """seed of the run"""
+    torch_deterministic: bool = True
+    """cudnn deterministic mode"""
+    cuda: bool = True
+    """use CUDA when available"""
+    track: bool = False
+    """log to wandb (metrics.jsonl is always written)"""
+    wandb_project_name: str = "diffusion-rl-libero"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team)"""
+    capture_video: bool = False
+    """save an mp4 of the first evaluation episode of each evaluation (rgb policies)"""
+
+    # task, checkpoints
+    suite: str = "all"
+    """libero_spatial | libero_object | libero_goal | libero_10 | libero_90 | all (then --task-id is global)"""
+    task_id: int = 10
+    """task index (global 0-129 with --suite all, else within the suite)"""
+    run_root: str = "runs"
+    """root of runs/<phase>/<suite>/task<NN>__seed<S>/"""
+    bc_ckpt: Optional[str] = None
+    """phase-1 checkpoint (default: runs/bc_diffusion/<suite>/task<NN>__seed<S>/checkpoints/final.pt)"""
+    resume: str = "auto"
+    """auto: continue from checkpoints/latest.pt if present; never; or a checkpoint path"""
+
+    # rollout
+    num_envs: int = 50
+    """parallel environments (subprocess workers)"""
+    batch_chunks: int = 15_000
+    """env steps (chunks) per iteration over all envs; DPPO's 50 envs x 300 steps. Kept constant when --num-envs
+    changes (the paper's parallel-env ablation) unless --num-steps is given"""
+    num_steps: Optional[int] = None
+    """chunk steps per env per iteration (default: batch_chunks // num_envs)"""
+    num_iterations: int = 100
+    """PPO iterations"""
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    """denoising sampler of the rollouts (the paper's DDIM-5 vs DDPM ablation)"""
+    denoising_steps: int = 5
+    """DDIM steps (DDPM always runs all K training steps)"""
+    ft_denoising_steps: int = 5
+    """the last N denoising steps are fine-tuned (a trainable copy); earlier ones use the frozen BC actor"""
+    eta: float = 1.0
+    """DDIM eta of the rollouts (1: the DDPM-like variance)"""
+    min_std: float = 0.1
+    """floor of each denoising step's std during rollouts and in the log-probs"""
+    noise_clip: float = 3.0
+    """standard-normal draws are clamped to +-noise_clip"""
+    logprob_clip: tuple[float, float] = (-5.0, 2.0)
+    """per-element clamp of the denoising log-probs"""
+    cuda_graph: bool = True
+    """replay the rollout sampler as a CUDA graph per batch size (CUDA only; eager otherwise)"""
+
+    # PPO
+    gamma: float = 0.999
+    """discount per chunk step"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    gamma_denoising: float = 0.9
+    """advantage weight g^(K-1-k) of denoising step k (the action-emitting step weighs most)"""
+    clip_coef: float = 0.01
+    """PPO clip on the last (action-emitting) denoising step"""
+    clip_coef_base: float = 0.001
+    """PPO clip on the noisiest fine-tuned step"""
+    clip_coef_rate: float = 3.0
+    """exponential interpolation rate of the clip between the two"""
+    constant_clip: bool = False
+    """use clip_coef on every denoising step"""
+    update_epochs: int = 10
+    """passes over the (env step, denoising step) pairs per iteration"""
+    minibatch_size: int = 1000
+    """(env step, denoising step) pairs per gradient step (a guess; DPPO tunes it per task)"""
+    vf_coef: float = 0.5
+    """value-loss weight"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0 disables)"""
+    target_kl: Optional[float] = 1.0
+    """stop the epochs of an iteration once the approximate KL exceeds this (None: never)"""
+    critic_warmup_iters: int = 2
+    """iterations that train only the critic before the actor moves"""
+    actor_lr: float = 3e-5
+    """actor learning rate at the start of the cosine schedule (high: explore beyond the demos)"""
+    actor_lr_min: float = 3e-6
+    """actor learning rate at the end (low: keep the BC prior)"""
+    constant_lr: bool = False
+    """keep the actor learning rate constant (the paper's LR-schedule ablation)"""
+    critic_lr: float = 1e-3
+    """critic learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay of both optimisers"""
+    reward_scale: bool = True
+    """divide rewards by a running std of the discounted return"""
+    critic_hidden: tuple[int, ...] = (256, 256)
+    """critic MLP head"""
+    max_bad_updates: int = 5
+    """stop the run after this many consecutive updates skipped for non-finite values"""
+
+    # evaluation, logging
+    eval_every: int = 10
+    """iterations between deterministic evaluations (0: only at the end)"""
+    eval_episodes: int = 50
+    """protocol episodes per evaluation (init states 0..N-1; 0 disables)"""
+    eval_num_envs: int = 0
+    """environment workers for evaluation (0: --num-envs)"""
+    save_every: int = 1
+    """iterations between latest.pt checkpoints"""
+
+
+# ================================================================================================================
+# Denoising MDP: schedule, sampler, log-probs
+# ================================================================================================================
+class DenoisingSchedule(nn.Module):
+    """Per denoising step k (0 = noisiest): timestep, abar_t, abar_prev, and the rollout sigma (eta)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, sampler: str, num_steps: int, eta: float):
+        super().__init__()
+        steps = step_schedule(alphas_cumprod, sampler, num_steps)
+        self.sampler, self.K = sampler, len(steps)
+        self.register_buffer("t", torch.tensor([s[0] for s in steps]))
+        abar_t = torch.stack([s[1] for s in steps]).float()
+        abar_prev = torch.stack([s[2] for s in steps]).float()
+        self.register_buffer("abar_t", abar_t)
+        self.register_buffer("abar_prev", abar_prev)
+        if sampler == "ddim":
+            sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
+        else:
+            sigma = ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).clamp(min=1e-20).sqrt()
+        self.register_buffer("sigma", sigma)
+        self.eta = eta
+
+    def mean(self, x_k, eps, k: torch.Tensor, deterministic: bool = False):
+        """Mean and sigma of p(x_{k-1} | x_k) at denoising indices ``k`` (tensor, per sample or scalar)."""
+        shape = (-1,) + (1,) * (x_k.dim() - 1)
+        abar_t, abar_prev = self.abar_t[k].view(shape), self.abar_prev[k].view(shape)
+        if self.sampler == "ddim":
+            return ddim_step(x_k, eps, abar_t, abar_prev, 0.0 if deterministic else self.eta)
+        mean, sigma = ddpm_step(x_k, eps, abar_t, abar_prev)
+        return mean, sigma
+
+
+def denoising_logprob(model, sched: DenoisingSchedule, cond, x_k, x_next, k, min_std, act_steps, clip):
+    """log p_theta(x_{k-1} | x_k, s) of one denoising step: Normal(mu, max(sigma_k, min_std)), mu recomputed exactly
+    as in the rollout; clamped per element, then averaged over the executed chunk entries and action dims."""
+    eps = model.denoise(x_k, sched.t[k], cond)
+    mean, sigma = sched.mean(x_k, eps, k)
+    std = sigma.clamp(min=min_std).expand_as(mean)
+    logp = torch.distributions.Normal(mean, std).log_prob(x_next).clamp(*clip)
+    return logp[:, :act_steps].mean(dim=(1, 2))  # (B,)
+
+
+class FineTunedDiffusion(nn.Module):
+    """The fine-tuned policy: a trainable copy for the last ``ft_steps`` denoising steps, the frozen BC actor for
+    the earlier ones (DPPO). With ft_steps = K the frozen copy is never used and not kept."""
+
+    def __init__(self, bc_policy: DiffusionPolicy, sched: DenoisingSchedule, ft_steps: int, cfg: dict):
+        super().__init__()
+        self.cfg, self.ft_steps, self.sched = dict(cfg), ft_steps, sched
+        self.ft = copy.deepcopy(bc_policy)
+        self.frozen = copy.deepcopy(bc_policy).requires_grad_(False) if ft_steps < sched.K else None
+
+    def net(self, k: int) -> DiffusionPolicy:
+        return self.ft if k >= self.sched.K - self.ft_steps else self.frozen
+
+    def sample_chain(self, obs_t: dict, noise_clip: float, min_std: float, deterministic: bool):
+        """The rollout sampler: (chain (B, K+1, H, Da) normalised, actions (B, act_steps, Da) in env units).
+
+        No host syncs and no tensors created from Python numbers: the same code is captured as a CUDA graph.
+        """
+        cond_ft = self.ft.encode(obs_t)
+        cond_frozen = self.frozen.encode(obs_t) if self.frozen is not None else None
+        B, H = cond_ft.shape[0], self.cfg["horizon"]
+        x = torch.randn(B, H, le.ACTION_DIM, device=cond_ft.device).clamp(-noise_clip, noise_clip)
+        chain = [x]
+        for k in range(self.sched.K):
+            net = self.net(k)
+            cond = cond_ft if net is self.ft else cond_frozen
+            eps = net.denoise(x, self.sched.t[k].expand(B), cond)
+            mean, sigma = self.sched.mean(x, eps, k, deterministic)
+            if deterministic:
+                x = mean
+            else:
+                z = torch.randn_like(mean).clamp(-noise_clip, noise_clip)
+                x = mean + sigma.clamp(min=min_std) * z
+            chain.append(x)
+        x0 = x.clamp(-1, 1)
+        actions = self.ft.unnormalize_actions(x0)[:, : self.cfg["act_steps"]]
+        return torch.stack(chain, 1), actions
+
+    @torch.no_grad()
+    def act(self, obs: dict, sampler: str = "ddim", num_steps: int = 5, eta: float = 0.0, generator=None):
+        """Deterministic (eta = 0) or rollout-like (eta > 0) action chunks for collect.py / evaluate.py."""
+        _, actions = self.sample_chain(self.ft.obs_tensors(obs), 3.0, 0.1, deterministic=eta == 0.0)
+        return actions.cpu().numpy()
+
+
+class GraphedSampler:
+    """``FineTunedDiffusion.sample_chain`` captured as one CUDA graph per (batch size, deterministic): static input
+    buffers for the observation tensors, static outputs; replay after copying the inputs in.
+
+    Graph replays read the parameters in place, so optimiser steps need no re-capture. Eager off-GPU or when
+    disabled.
+    """
+
+    def __init__(self, policy: FineTunedDiffusion, noise_clip: float, min_std: float, enabled: bool):
+        self.policy, self.noise_clip, self.min_std = policy, noise_clip, min_std
+        self.enabled = enabled and torch.cuda.is_available() and next(policy.parameters()).is_cuda
+        self.graphs: dict = {}
+
+    def _eager(self, obs_t, deterministic):
+        return self.policy.sample_chain(obs_t, self.noise_clip, self.min_std, deterministic)
+
+    @torch.no_grad()
+    def __call__(self, obs_t: dict, deterministic: bool = False):
+        if not self.enabled:
+            return self._eager(obs_t, deterministic)
+        key = (next(iter(obs_t.values())).shape[0], deterministic)
+        if key not in self.graphs:
+            static_in = {k: v.clone() for k, v in obs_t.items()}
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, cuDNN algorithm choice)
+                for _ in range(2):
+                    self._eager(static_in, deterministic)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._eager(static_in, deterministic)
+            self.graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self.graphs[key]
+        for k, v in obs_t.items():
+            static_in[k].copy_(v)
+        graph.replay()
+        return tuple(o.clone() for o in static_out)
+
+
+# ================================================================================================================
+# Shared PPO machinery (ppo_gaussian.py imports these)
+# ================================================================================================================
+def gae(rewards, values, next_values, terminated, truncated, gamma: float, lam: float):
+    """Chunk-level GAE over (T, E) arrays. ``next_values[t]`` is V of the observation after step t (for a
+    truncated step: the final observation before the reset). Terminal steps (success) do not bootstrap; the
+    lambda-recursion stops at every episode end (terminated or truncated)."""
+    T = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(T)):
+        delta = rewards[t] + gamma * (1 - terminated[t]) * next_values[t] - values[t]
+        ended = torch.maximum(terminated[t], truncated[t])
+        last = delta + gamma * lam * (1 - ended) * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+class RunningRewardScaler:
+    """Rewards divided by a running std of the discounted return (per env), as in DPPO/CleanRL's normalisation."""
+
+    def __init__(self, num_envs: int, gamma: float):
+        self.gamma, self.ret = gamma, np.zeros(num_envs)
+        self.count, self.mean, self.var = 1e-4, 0.0, 1.0
+
+    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
+        self.ret = self.ret * self.gamma + rewards
+        batch_mean, batch_var, n = self.ret.mean(), self.ret.var(), len(self.ret)
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+        self.ret[dones] = 0.0
+        return rewards / math.sqrt(self.var + 1e-8)
+
+    def state_dict(self) -> dict:
+        return {"ret": torch.from_numpy(self.ret), "stats": torch.tensor([self.count, self.mean, self.var])}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ret = state["ret"].numpy().copy()
+        self.count, self.mean, self.var = (float(x) for x in state["stats"])
+
+
+class Critic(nn.Module):
+    """V(s): its own observation encoder (same architecture as the actor's) and an MLP head."""
+
+    def __init__(self, cfg: dict, hidden):
+        super().__init__()
+        self.encoder = ObsEncoder(cfg)
+        self.head = mlp([self.encoder.out_dim, *hidden, 1])
+
+    def forward(self, obs_t: dict) -> torch.Tensor:
+        return self.head(self.encoder(obs_t)).squeeze(-1)
+
+
+def to_device(obs: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in obs.items()}
+
+
+def index_obs(obs: dict, idx) -> dict:
+    return {k: v[idx] for k, v in obs.items()}
+
+
+@torch.no_grad()
+def batched(fn: Callable, obs: dict, size: int, device) -> torch.Tensor:
+    """Apply ``fn`` to CPU observation tensors in device-sized pieces; results concatenated on the CPU."""
+    n = len(next(iter(obs.values())))
+    return torch.cat(
+        [fn(to_device(index_obs(obs, slice(i, i + size)), device)).float().cpu() for i in range(0, n, size)]
+    )
+
+
+class Rollout:
+    """Keeps ``num_envs`` episodes running across iterations; each :meth:`collect` gathers ``num_steps`` chunk steps.
+
+    Training episodes start from init states drawn uniformly from the task's 50 (seeded), env seed
+    ``seed + 10^6 + episode counter`` (disjoint from evaluation seeds).
+    """
+
+    def __init__(self, venv: le.VectorLiberoEnv, preprocess: Callable, seed: int, render: bool):
+        self.venv, self.preprocess, self.render = venv, preprocess, render
+        self.rng, self.seed, self.episodes = np.random.default_rng(seed), seed, 0
+        self.obs = self._reset(list(range(venv.num_envs)))
+        self.episode_returns, self.episode_lengths = [], []
+
+    def _reset(self, ids: list[int]) -> list[dict]:
+        inits = self.rng.integers(0, le.NUM_INIT_STATES, len(ids))
+        seeds = [self.seed + 1_000_000 + self.episodes + j for j in range(len(ids))]
+        self.episodes += len(ids)
+        return self.venv.reset(ids, inits, seeds, render=self.render)
+
+    def collect(self, num_steps: int, act: Callable, timers: dict) -> dict:
+        """``act(obs_t) -> (actions (E, act_steps, 7) numpy, extras dict of CPU tensors (E, ...))``; ``obs_t`` are the
+        preprocessed observation tensors (on the policy's device; the buffer keeps CPU copies)."""
+        ids = list(range(self.venv.num_envs))
+        buf = {"obs": [], "extras": [], "rewards": [], "terminated": [], "truncated": [], "final_obs": {}}
+        for step in range(num_steps):
+            t0 = time.perf_counter()
+            obs_t = self.preprocess(le.stack_obs(self.obs))
+            actions, extras = act(obs_t)
+            obs_t = {k: v.cpu() for k, v in obs_t.items()}
+            t1 = time.perf_counter()
+            outs = self.venv.step_chunk(ids, actions, render=self.render)
+            timers["env"] += time.perf_counter() - t1
+            timers["policy"] += t1 - t0
+            buf["obs"].append(obs_t)
+            buf["extras"].append(extras)
+            buf["rewards"].append([o.reward for o in outs])
+            buf["terminated"].append([float(o.done) for o in outs])
+            buf["truncated"].append([float(o.truncated) for o in outs])
+            done = [i for i, o in enumerate(outs) if o.done or o.truncated]
+            for i, o in enumerate(outs):
+                self.obs[i] = o.obs
+                if o.truncated:
+                    buf["final_obs"][(step, i)] = o.obs
+                if o.done or o.truncated:
+                    self.episode_returns.append(float(o.done))
+                    self.episode_lengths.append(o.t)
+            if done:
+                t2 = time.perf_counter()
+                for i, o in zip(done, self._reset(done)):
+                    self.obs[i] = o
+                timers["env"] += time.perf_counter() - t2
+        stack = lambda key: torch.stack([torch.as_tensor(np.asarray(x), dtype=torch.float32) for x in buf[key]])  # noqa: E731
+        return {
+            "obs": {k: torch.stack([o[k] for o in buf["obs"]]) for k in buf["obs"][0]},  # (T, E, ...)
+            "extras": {k: torch.stack([x[k] for x in buf["extras"]]) for k in buf["extras"][0]},
+            "rewards": stack("rewards"),
+            "terminated": stack("terminated"),
+            "truncated": stack("truncated"),
+            "final_obs": buf["final_obs"],
+            "next_obs": {k: v.cpu() for k, v in self.preprocess(le.stack_obs(self.obs)).items()},
+        }
+
+
+def bootstrap_values(batch: dict, critic: Callable, preprocess: Callable, size: int, device):
+    """V(s) of every step, V of the next observation (truncations: the final one before the reset)."""
+    T, E = batch["rewards"].shape
+    flat = {k: v.flatten(0, 1) for k, v in batch["obs"].items()}
+    values = batched(critic, flat, size, device).view(T, E)
+    next_values = torch.zeros(T, E)
+    next_values[:-1] = values[1:]
+    next_values[-1] = batched(critic, batch["next_obs"], size, device)
+    if batch["final_obs"]:
+        keys = list(batch["final_obs"])
+        finals = preprocess(le.stack_obs([batch["final_obs"][k] for k in keys]))
+        for (t, i), v in zip(keys, batched(critic, finals, size, device)):
+            next_values[t, i] = v
+    return values, next_values
+
+
+def check_finite(named: dict) -> Optional[str]:
+    """Name of the first tensor with a NaN or inf, else None."""
+    for name, tensor in named.items():
+        if tensor is not None and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+def clip_schedule(k: torch.Tensor, ft_steps: int, base: float, final: float, rate: float, constant: bool):
+    """PPO clip per fine-tuned denoising index k (0 = noisiest): exponential from ``base`` to ``final``."""
+    if constant or ft_steps == 1:
+        return torch.full(k.shape, final, dtype=torch.float32, device=k.device)
+    x = k.float() / (ft_steps - 1)
+    return base + (final - base) * (torch.exp(rate * x) - 1) / (math.exp(rate) - 1)
+
+
+# ================================================================================================================
+# PPO update
+# ================================================================================================================
+def ppo_update(policy: FineTunedDiffusion, critic: Critic, batch: dict, args, optimizers, train_actor: bool, device):
+    """PPO epochs over random (env step, fine-tuned denoising step) pairs. Returns (stats, skip reason or None).
+
+    ``batch``: obs (N, ...), chains (N, K+1, H, Da), advantages (N,), returns (N,). Old log-probs are recomputed
+    here with the same function as the update (before any step), so every ratio of the first minibatch is 1.
+    """
+    sched, K, ft = policy.sched, policy.sched.K, policy.ft_steps
+    bad = check_finite({"advantages": batch["advantages"], "returns": batch["returns"]})
+    if bad:
+        return {}, bad
+    N = len(batch["advantages"])
+    ks = torch.arange(K - ft, K)  # fine-tuned denoising indices
+    pairs_i = torch.arange(N).repeat_interleave(ft)
+    pairs_k = ks.repeat(N)
+    chains, act_steps = batch["chains"], policy.cfg["act_steps"]
+
+    def logprob(i, k):
+        obs_t = to_device(index_obs(batch["obs"], i), device)
+        cond = policy.ft.encode(obs_t)
+        k_d = k.to(device)
+        x_k, x_next = chains[i, k].to(device), chains[i, k + 1].to(device)
+        return denoising_logprob(
+            policy.ft, sched, cond, x_k, x_next, k_d, args.min_std, act_steps, args.logprob_clip
+        ), obs_t
+
+    with torch.no_grad():
+        mbs = range(0, len(pairs_i), args.minibatch_size)
+        logp_old = torch.cat([logprob(pairs_i[s : s + args.minibatch_size], pairs_k[s : s + args.minibatch_size])[0]
+                              for s in mbs]).cpu()  # fmt: skip
+    stats = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "ratio_first")}
+    actor_opt, critic_opt = optimizers
+    params = [p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad]
+    stop = False
+    for epoch in range(args.update_epochs):
+        perm = torch.randperm(len(pairs_i))
+        for s in range(0, len(perm), args.minibatch_size):
+            mb = perm[s : s + args.minibatch_size]
+            i, k = pairs_i[mb], pairs_k[mb]
+            logp_new, obs_t = logprob(i, k)
+            ratio = (logp_new - logp_old[mb].to(device)).exp()
+            weight = args.gamma_denoising ** (K - 1 - k).float()  # the action-emitting step weighs most
+            adv = batch["advantages"][i] * weight
+            adv = ((adv - adv.mean()) / (adv.std() + 1e-8)).to(device)
+            clip = clip_schedule(k - (K - ft), ft, args.clip_coef_base, args.clip_coef, args.clip_coef_rate,
+                                 args.constant_clip).to(device)  # fmt: skip
+            pg_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
+            v_loss = 0.5 * ((critic(obs_t) - batch["returns"][i].to(device)) ** 2).mean()
+            loss = (pg_loss if train_actor else 0.0) + args.vf_coef * v_loss
+            with torch.no_grad():
+                log_ratio = ratio.log()
+                approx_kl = ((ratio - 1) - log_ratio).mean()
+                stats["clipfrac"].append(((ratio - 1).abs() > clip).float().mean().item())
+            if epoch == 0 and s == 0:
+                stats["ratio_first"].append((ratio - 1).abs().max().item())
+            bad = check_finite({"loss": loss, "ratio": ratio})
+            if bad:
+                return stats, bad
+            actor_opt.zero_grad(set_to_none=True)
+            critic_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            bad = check_finite({"gradient": torch.stack([g.norm() for g in grads])}) if grads else None
+            if bad:
+                actor_opt.zero_grad(set_to_none=True)
+                critic_opt.zero_grad(set_to_none=True)
+                return stats, bad
+            if args.max_grad_norm:
+                nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if train_actor:
+                actor_opt.step()
+            critic_opt.step()
+            stats["pg_loss"].append(pg_loss.item())
+            stats["v_loss"].append(v_loss.item())
+            stats["approx_kl"].append(approx_kl.item())
+            if args.target_kl is not None and train_actor and approx_kl.item() > args.target_kl:
+                stop = True
+                break
+        if stop:
+            break
+    out = {k: float(np.mean(v)) for k, v in stats.items() if v}
+    out["epochs"] = epoch + 1
+    return out, None
+
+
+def load_policy(path: str, device="cpu") -> FineTunedDiffusion:
+    """The fine-tuned policy of a ppo_diffusion checkpoint (for collect.py / evaluate.py)."""
+    import run_utils
+
+    ckpt = run_utils.load_checkpoint(path, ("ppo_diffusion/v1",))
+    cfg, ppo = ckpt["config"], ckpt["ppo_config"]
+    bc_policy = DiffusionPolicy(cfg)
+    sched = DenoisingSchedule(bc_policy.alphas_cumprod, ppo["sampler"], ppo["denoising_steps"], ppo["eta"])
+    policy = FineTunedDiffusion(bc_policy, sched, ppo["ft_denoising_steps"], cfg)
+    policy.load_state_dict(ckpt["model"])
+    return policy.to(device).eval()
+
+
+def ppo_config(args) -> dict:
+    return {k: getattr(args, k) for k in ("sampler", "denoising_steps", "ft_denoising_steps", "eta")}
+
+
+def check_args(args) -> None:
+    le.check_task_args(args.suite, args.task_id)
+    K = 100 if args.sampler == "ddpm" else args.denoising_steps
+    if not 1 <= args.ft_denoising_steps <= K:
+        raise ValueError(f"--ft-denoising-steps must be in 1..{K} for --sampler {args.sampler}.")
+    if args.num_envs < 1 or args.batch_chunks < args.num_envs:
+        raise ValueError("--num-envs must be >= 1 and --batch-chunks >= --num-envs.")
+
+
+# ================================================================================================================
+if __name__ == "__main__":
+    import run_utils
+    from bc_diffusion import count_parameters, evaluate
+    from bc_diffusion import load_policy as load_bc_policy
+
+    args = tyro.cli(Args)
+    try:
+        check_args(args)
+        task = le.resolve_task(args.suite, args.task_id)
+        bc_dir = run_utils.task_run_dir(args.run_root, "bc_diffusion", task.suite, task.local_id, args.seed)
+        args.bc_ckpt = args.bc_ckpt or os.path.join(bc_dir, "checkpoints", "final.pt")
+        bc_policy = load_bc_policy(args.bc_ckpt)
+    except (ValueError, run_utils.CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    num_steps = args.num_steps or max(1, args.batch_chunks // args.num_envs)
+    print(f"task: {task.suite} {task.local_id} (global {task.global_id}) '{task.instruction}'")
+    print(f"BC checkpoint: {args.bc_ckpt}; {args.num_envs} envs x {num_steps} chunk steps per iteration")
+    run_dir = run_utils.task_run_dir(args.run_root, "ppo_diffusion", task.suite, task.local_id, args.seed)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    run_utils.seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    cfg = bc_policy.cfg
+    render = cfg["obs_mode"] == "rgb"
+
+    # Networks and optimisers
+    sched = DenoisingSchedule(bc_policy.alphas_cumprod, args.sampler, args.denoising_steps, args.eta)
+    policy = FineTunedDiffusion(bc_policy, sched, args.ft_denoising_steps, cfg).to(device)
+    critic = Critic(cfg, args.critic_hidden).to(device)
+    print(f"actor {count_parameters(policy.ft) / 1e6:.2f}M, critic {count_parameters(critic) / 1e6:.2f}M parameters; "
+          f"fine-tuning the last {args.ft_denoising_steps} of {sched.K} {args.sampler} steps")  # fmt: skip
+    actor_opt = torch.optim.AdamW(policy.ft.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
+    if args.constant_lr:
+        actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, lambda it: 1.0)
+    else:
+        actor_sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            actor_opt, args.num_iterations, eta_min=args.actor_lr_min
+        )
+    scaler = RunningRewardScaler(args.num_envs, args.gamma)
+    iteration, env_steps, bad_updates = 0, 0, 0
+
+    try:
+        resume = run_utils.resume_path(args.resume, ckpt_dir)
+        if resume is not None:
+            ckpt = run_utils.load_checkpoint(resume, ("ppo_diffusion/v1",))
+            run_utils.check_same_architecture(
+                resume, {**ckpt["config"], **ckpt["ppo_config"]}, {**cfg, **ppo_config(args)}
+            )
+            policy.load_state_dict(ckpt["model"])
+            critic.load_state_dict(ckpt["critic"])
+            actor_opt.load_state_dict(ckpt["optimizer"])
+            critic_opt.load_state_dict(ckpt["critic_optimizer"])
+            actor_sched.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["reward_scaler"])
+            iteration, env_steps = ckpt["step"], ckpt["env_steps"]
+            run_utils.set_rng_state(ckpt["rng"])
+            print(f"resumed from {resume} at iteration {iteration} ({env_steps} env steps)")
+    except run_utils.CheckpointError as e:
+        sys.exit(f"error: {e}")
+    run_utils.write_json(os.path.join(run_dir, "args.json"), asdict(args))
+    logger = run_utils.MetricsLogger(run_dir, asdict(args), args.track, args.wandb_project_name, args.wandb_entity,
+                                     f"{args.exp_name}__{task.suite}_task{task.local_id:02d}__{args.seed}")  # fmt: skip
+
+    def checkpoint(name: str) -> None:
+        run_utils.save_checkpoint(
+            os.path.join(ckpt_dir, name),
+            {"format": "ppo_diffusion/v1", "model": policy.state_dict(), "ema": None, "critic": critic.state_dict(),
+             "optimizer": actor_opt.state_dict(), "critic_optimizer": critic_opt.state_dict(),
+             "scheduler": actor_sched.state_dict(), "reward_scaler": scaler.state_dict(), "step": iteration,
+             "env_steps": env_steps, "args": asdict(args), "config": cfg, "ppo_config": ppo_config(args),
+             "normalizer": policy.ft.normalizer(), "rng": run_utils.rng_state(), "bc_ckpt": args.bc_ckpt},
+            keep_previous=name == "latest.pt",
+        )  # fmt: skip
+
+    sampler = GraphedSampler(policy, args.noise_clip, args.min_std, args.cuda_graph)
+    preprocess = policy.ft.obs_tensors  # normalised observation tensors on the device
+
+    def act(obs_t):
+        chain, actions = sampler(obs_t)
+        return actions.cpu().numpy(), {"chains": chain.cpu()}
+
+    venv = le.VectorLiberoEnv(task, args.num_envs, obs_mode=cfg["obs_mode"], image_size=cfg["image_size"])
+    eval_venv = venv if args.eval_num_envs in (0, args.num_envs) else le.VectorLiberoEnv(
+        task, args.eval_num_envs, obs_mode=cfg["obs_mode"], image_size=cfg["image_size"])  # fmt: skip
+    rollout = Rollout(venv, preprocess, args.seed + iteration, render)
+    preemption = run_utils.Preemption()
+
+    def run_eval() -> dict:
+        policy.eval()
+        stats = evaluate(policy, eval_venv, args.eval_episodes, args.seed, args.denoising_steps)
+        rollout.obs = rollout._reset(list(range(venv.num_envs))) if eval_venv is venv else rollout.obs
+        return stats
+
+    if iteration == 0 and args.eval_episodes > 0:
+        stats = run_eval()
+        logger.log(0, env_steps=0, **{f"eval/{k}": v for k, v in stats.items()})
+        print(f"iteration 0 (BC start): eval success {stats['success_rate']:.3f}")
+    while iteration < args.num_iterations:
+        timers = {"env": 0.0, "policy": 0.0, "update": 0.0}
+        # ALGO LOGIC: rollout with the stochastic denoising chain (the whole chain is stored)
+        policy.eval()
+        batch = rollout.collect(num_steps, act, timers)
+        T, E = batch["rewards"].shape
+        env_steps += T * E * cfg["act_steps"]
+        raw_rewards = batch["rewards"].clone()
+        if args.reward_scale:
+            dones = (batch["terminated"] + batch["truncated"]).clamp(max=1).numpy().astype(bool)
+            batch["rewards"] = torch.stack([torch.as_tensor(scaler(r.numpy(), d), dtype=torch.float32)
+                                            for r, d in zip(batch["rewards"], dones)])  # fmt: skip
+        # ALGO LOGIC: GAE at chunk level, truncations bootstrapped from V(final observation)
+        t0 = time.perf_counter()
+        values, next_values = bootstrap_values(batch, critic, preprocess, args.minibatch_size, device)
+        advantages, returns = gae(batch["rewards"], values, next_values, batch["terminated"], batch["truncated"],
+                                  args.gamma, args.gae_lambda)  # fmt: skip
+        # ALGO LOGIC: PPO update over (env step, denoising step) pairs
+        policy.train()
+        flat = {
+            "obs": {k: v.flatten(0, 1) for k, v in batch["obs"].items()},
+            "chains": batch["extras"]["chains"].flatten(0, 1),
+            "advantages": advantages.flatten(),
+            "returns": returns.flatten(),
+        }
+        train_actor = iteration >= args.critic_warmup_iters
+        stats, bad = ppo_update(policy, critic, flat, args, (actor_opt, critic_opt), train_actor, device)
+        timers["update"] = time.perf_counter() - t0
+        iteration += 1
+        if train_actor:
+            actor_sched.step()
+        if bad:
+            bad_updates += 1
+            print(f"iteration {iteration}: update skipped, non-finite {bad} ({bad_updates} in a row)")
+            logger.log(iteration, skipped_update=1, nonfinite=bad, env_steps=env_steps)
+            if bad_updates >= args.max_bad_updates:
+                logger.close()
+                sys.exit(f"error: {bad_updates} consecutive updates had non-finite {bad}; stopped with the last good "
+                         f"checkpoint in {ckpt_dir}.")  # fmt: skip
+            continue
+        bad_updates = 0
+        n_eps = len(rollout.episode_returns)
+        logger.log(
+            iteration, env_steps=env_steps, actor_lr=actor_opt.param_groups[0]["lr"],
+            reward_mean=raw_rewards.mean().item(),
+            train_success_rate=float(np.mean(rollout.episode_returns)) if n_eps else float("nan"),
+            train_episode_length=float(np.mean(rollout.episode_lengths)) if n_eps else float("nan"),
+            value_mean=values.mean().item(), env_s=timers["env"], policy_s=timers["policy"], update_s=timers["update"],
+            **stats,
+        )  # fmt: skip
+        print(f"iteration {iteration}: train success {np.mean(rollout.episode_returns) if n_eps else float('nan'):.3f} "
+              f"({n_eps} episodes), kl {stats.get('approx_kl', 0):.4f}, env {timers['env']:.0f}s "
+              f"policy {timers['policy']:.0f}s update {timers['update']:.0f}s")  # fmt: skip
+        rollout.episode_returns, rollout.episode_lengths = [], []
+        if args.eval_episodes > 0 and (
+            (args.eval_every and iteration % args.eval_every == 0) or iteration == args.num_iterations
+        ):
+            stats = run_eval()
+            logger.log(iteration, env_steps=env_steps, **{f"eval/{k}": v for k, v in stats.items()})
+            print(f"iteration {iteration}: eval success {stats['success_rate']:.3f}")
+        if iteration % args.save_every == 0 or preemption.requested:
+            checkpoint("latest.pt")
+        if preemption.requested:
+            preemption.exit()
+    checkpoint("latest.pt")
+    checkpoint("final.pt")
+    venv.close()
+    if eval_venv is not venv:
+        eval_venv.close()
+    logger.close()
+    print(f"done: {iteration} iterations, {env_steps} env steps; checkpoints in {ckpt_dir}")
