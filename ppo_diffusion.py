@@ -187,7 +187,8 @@ def denoising_logprob(model, sched: DenoisingSchedule, cond, x_k, x_next, k, min
     eps = model.denoise(x_k, sched.t[k], cond)
     mean, sigma = sched.mean(x_k, eps, k)
     std = sigma.clamp(min=min_std).expand_as(mean)
-    logp = torch.distributions.Normal(mean, std).log_prob(x_next).clamp(*clip)
+    # no argument validation: a NaN must reach ppo_update's guard rather than raise here
+    logp = torch.distributions.Normal(mean, std, validate_args=False).log_prob(x_next).clamp(*clip)
     return logp[:, :act_steps].mean(dim=(1, 2))  # (B,)
 
 
