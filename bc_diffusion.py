@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
@@ -460,28 +461,14 @@ class MLPDenoiser(nn.Module):
         return self.net(h).view(-1, *self.shape)
 
 
-class DiffusionPolicy(nn.Module):
-    """Observation encoder + denoiser + noise schedule + the data normaliser, as one module (one state dict)."""
+class PolicyBase(nn.Module):
+    """What every policy on LIBERO observations shares: the data normaliser (fitted on the demos, saved in the
+    state dict) and the conversion of environment observations into normalised tensors."""
 
     def __init__(self, cfg: dict):
         super().__init__()
         self.cfg = dict(cfg)
-        self.encoder = ObsEncoder(cfg)
-        if cfg["denoiser"] == "unet":
-            self.denoiser = ConditionalUnet1D(
-                le.ACTION_DIM,
-                self.encoder.out_dim,
-                cfg["unet_down_dims"],
-                cfg["unet_kernel_size"],
-                cfg["step_embed_dim"],
-            )
-        else:
-            self.denoiser = MLPDenoiser(
-                le.ACTION_DIM, cfg["horizon"], self.encoder.out_dim, cfg["mlp_dims"], cfg["step_embed_dim"]
-            )
-        betas = cosine_betas(cfg["num_train_timesteps"])
-        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0))  # float64: exact schedule
-        # Normaliser (filled from the data): x_normalised = (x - mid) * scale, into [-1, 1] per dimension.
+        # x_normalised = (x - mid) * scale, into [-1, 1] per dimension
         for name, dim in (
             ("action", le.ACTION_DIM),
             ("proprio", le.PROPRIO_DIM),
@@ -490,7 +477,6 @@ class DiffusionPolicy(nn.Module):
             self.register_buffer(f"{name}_mid", torch.zeros(dim))
             self.register_buffer(f"{name}_scale", torch.ones(dim))
 
-    # -- normaliser ---------------------------------------------------------------------------------------------
     def fit_normalizer(self, actions: np.ndarray, proprio: np.ndarray, state: Optional[np.ndarray]) -> None:
         for name, x in (("action", actions), ("proprio", proprio), ("state", state)):
             if x is None:
@@ -509,7 +495,6 @@ class DiffusionPolicy(nn.Module):
     def unnormalize_actions(self, a):
         return a / self.action_scale + self.action_mid
 
-    # -- network ------------------------------------------------------------------------------------------------
     def obs_tensors(self, obs: dict) -> dict:
         """Environment/HDF5 observations (numpy, HDF5 naming) -> normalised tensors on the model's device."""
         inputs = le.policy_obs(obs, self.cfg["image_size"] if self.cfg["obs_mode"] == "rgb" else None)
@@ -529,6 +514,28 @@ class DiffusionPolicy(nn.Module):
         if "object_state" in obs_t:
             out["object_state"] = (obs_t["object_state"] - self.state_mid) * self.state_scale
         return out
+
+
+class DiffusionPolicy(PolicyBase):
+    """Observation encoder + denoiser + noise schedule (+ the normaliser of PolicyBase), as one module."""
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.encoder = ObsEncoder(cfg)
+        if cfg["denoiser"] == "unet":
+            self.denoiser = ConditionalUnet1D(
+                le.ACTION_DIM,
+                self.encoder.out_dim,
+                cfg["unet_down_dims"],
+                cfg["unet_kernel_size"],
+                cfg["step_embed_dim"],
+            )
+        else:
+            self.denoiser = MLPDenoiser(
+                le.ACTION_DIM, cfg["horizon"], self.encoder.out_dim, cfg["mlp_dims"], cfg["step_embed_dim"]
+            )
+        betas = cosine_betas(cfg["num_train_timesteps"])
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0))  # float64: exact schedule
 
     def encode(self, obs_t: dict) -> torch.Tensor:
         return self.encoder(obs_t)
@@ -672,15 +679,15 @@ def policy_config(args, object_state_dim: int = 0) -> dict:
     return cfg
 
 
-def evaluate(policy: DiffusionPolicy, venv: le.VectorLiberoEnv, episodes: int, seed: int, num_steps: int) -> dict:
-    """Deterministic DDIM (eta = 0) rollouts under the LIBERO protocol; success rate and mean episode length."""
+def evaluate(act: Callable, cfg: dict, venv: le.VectorLiberoEnv, episodes: int, seed: int) -> dict:
+    """Protocol rollouts of a deterministic ``act(obs) -> (B, act_steps, 7)``; success rate and mean episode length."""
     results = le.run_episodes(
         venv,
-        lambda obs, env_ids: policy.act(obs, "ddim", num_steps, eta=0.0),
+        lambda obs, env_ids: act(obs),
         range(episodes),
         seed=seed,
-        replan_steps=policy.cfg["act_steps"],
-        render=policy.cfg["obs_mode"] == "rgb",
+        replan_steps=cfg["act_steps"],
+        render=cfg["obs_mode"] == "rgb",
     )
     return {
         "success_rate": float(np.mean([r.success for r in results])),
@@ -828,7 +835,8 @@ if __name__ == "__main__":
         if evaluate_now:
             if venv is None:
                 venv = le.VectorLiberoEnv(task, args.eval_num_envs, obs_mode=args.obs_mode, image_size=args.image_size)
-            stats = evaluate(ema.model, venv, args.eval_episodes, args.seed, args.eval_ddim_steps)
+            act = lambda obs: ema.model.act(obs, "ddim", args.eval_ddim_steps, eta=0.0)  # noqa: E731
+            stats = evaluate(act, cfg, venv, args.eval_episodes, args.seed)
             logger.log(step, **{f"eval/{k}": v for k, v in stats.items()})
             print(f"step {step}: eval success {stats['success_rate']:.2f} over {args.eval_episodes} episodes")
         if step % args.save_every == 0 or preemption.requested:

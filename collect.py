@@ -465,6 +465,13 @@ def load_learned_policy(args: Args):
         eta = 0.0 if args.deterministic else 1.0
         act = lambda obs: policy.act(obs, "ddim", args.ddim_steps, eta=eta, generator=generator)  # noqa: E731
         return LearnedPolicy(act, policy.cfg["act_steps"], policy.cfg["obs_mode"])
+    if args.policy == "gaussian":
+        from ppo_gaussian import load_policy
+
+        policy = load_policy(args.ckpt, device)
+        return LearnedPolicy(
+            lambda obs: policy.act(obs, args.deterministic), policy.cfg["act_steps"], policy.cfg["obs_mode"]
+        )
     raise NotImplementedError(f"--policy {args.policy} is not available yet.")
 
 

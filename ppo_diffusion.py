@@ -647,7 +647,7 @@ if __name__ == "__main__":
 
     def run_eval() -> dict:
         policy.eval()
-        stats = evaluate(policy, eval_venv, args.eval_episodes, args.seed, args.denoising_steps)
+        stats = evaluate(policy.act, cfg, eval_venv, args.eval_episodes, args.seed)
         rollout.obs = rollout._reset(list(range(venv.num_envs))) if eval_venv is venv else rollout.obs
         return stats
 

@@ -1,0 +1,445 @@
+"""ppo_gaussian.py — the Gaussian-policy baseline: same encoder, observation and procedure as the diffusion policy.
+
+A head maps the observation features to the mean of the executed action chunk (act_steps x 7, tanh-squashed in
+the normalised action space), with a learned state-independent log-std. It is warm-started by behaviour cloning
+on the same demos (MSE on the mean, ``--bc-steps``), then fine-tuned with standard PPO at the chunk level
+(CleanRL's continuous-action PPO): one likelihood ratio per chunk, r = exp(log pi(a|s) - log pi_old(a|s)),
+log pi summed over the chunk. Rollouts, GAE, the critic, reward scaling and evaluation are ppo_diffusion.py's.
+Its data is the paper's "Gaussian RL data".
+
+    python ppo_gaussian.py --suite libero_object --task-id 0 --obs-mode state --num-envs 50
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from tqdm import tqdm
+
+import libero_env as le
+from bc_diffusion import ObsEncoder, PolicyBase, mlp
+from ppo_diffusion import check_finite, index_obs, to_device
+
+ARCH_FIELDS = (
+    "obs_mode", "image_size", "encoder", "encoder_head", "shared_encoder", "num_keypoints", "feature_dim",
+    "state_encoder_dims", "act_steps", "head_dims",
+)  # fmt: skip
+
+
+@dataclass
+class Args:
+    exp_name: str = "ppo_gaussian"
+    """name of this experiment (wandb run name)"""
+    seed: int = 0
+    """seed of the run"""
+    torch_deterministic: bool = True
+    """cudnn deterministic mode"""
+    cuda: bool = True
+    """use CUDA when available"""
+    track: bool = False
+    """log to wandb (metrics.jsonl is always written)"""
+    wandb_project_name: str = "diffusion-rl-libero"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team)"""
+
+    # task and demos (the BC warm start)
+    suite: str = "all"
+    """libero_spatial | libero_object | libero_goal | libero_10 | libero_90 | all (then --task-id is global)"""
+    task_id: int = 10
+    """task index (global 0-129 with --suite all, else within the suite)"""
+    data_root: str = "data"
+    """root of data/<source>/<suite>/<task_name>_demo.hdf5"""
+    demo_source: str = "scripted"
+    """source of the BC demos by the data convention"""
+    demo_paths: Optional[list[str]] = None
+    """explicit HDF5 files (overrides --demo-source)"""
+    num_demos: Optional[int] = None
+    """use only the first N demos of each file"""
+    run_root: str = "runs"
+    """root of runs/ppo_gaussian/<suite>/task<NN>__seed<S>/"""
+    resume: str = "auto"
+    """auto: continue from checkpoints/latest.pt if present; never; or a checkpoint path"""
+
+    # architecture (the encoder options are bc_diffusion.py's)
+    obs_mode: Literal["rgb", "state"] = "rgb"
+    """rgb: both cameras + proprio; state: LIBERO's object-state vector + proprio"""
+    image_size: int = 128
+    """camera images are resized to this"""
+    random_shift: int = 8
+    """random-shift augmentation during BC (pixels; 0 disables)"""
+    encoder: Literal["resnet18", "vit"] = "resnet18"
+    """image encoder"""
+    encoder_head: Literal["spatial_softmax", "avgpool"] = "spatial_softmax"
+    """ResNet head"""
+    shared_encoder: bool = True
+    """one image encoder for both cameras"""
+    num_keypoints: int = 32
+    """spatial-softmax keypoints per camera"""
+    feature_dim: int = 64
+    """feature size per camera (or of the object-state encoder)"""
+    state_encoder_dims: tuple[int, ...] = (256, 256)
+    """object-state MLP encoder"""
+    head_dims: tuple[int, ...] = (512, 512)
+    """hidden sizes of the mean head"""
+    act_steps: int = 8
+    """actions per chunk (executed open loop)"""
+    init_log_std: float = -2.3
+    """initial log-std of the normalised action (exp(-2.3) = 0.1, the diffusion policy's std floor)"""
+
+    # BC warm start
+    bc_steps: int = 20_000
+    """gradient steps of the BC warm start (MSE on the mean)"""
+    bc_batch_size: int = 64
+    """BC batch size"""
+    bc_lr: float = 1e-4
+    """BC learning rate (AdamW, cosine with warm-up)"""
+
+    # PPO (rollout machinery and defaults as ppo_diffusion.py)
+    num_envs: int = 50
+    """parallel environments"""
+    batch_chunks: int = 15_000
+    """env steps (chunks) per iteration over all envs, kept constant when --num-envs changes"""
+    num_steps: Optional[int] = None
+    """chunk steps per env per iteration (default: batch_chunks // num_envs)"""
+    num_iterations: int = 100
+    """PPO iterations"""
+    gamma: float = 0.999
+    """discount per chunk step"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    clip_coef: float = 0.01
+    """PPO clip (small, as for the diffusion policy's action step: fine-tuning, not learning from scratch)"""
+    update_epochs: int = 10
+    """epochs per iteration"""
+    minibatch_size: int = 500
+    """chunks per gradient step"""
+    vf_coef: float = 0.5
+    """value-loss weight"""
+    ent_coef: float = 0.0
+    """entropy bonus"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0 disables)"""
+    target_kl: Optional[float] = 1.0
+    """stop the epochs of an iteration once the approximate KL exceeds this"""
+    critic_warmup_iters: int = 2
+    """iterations that train only the critic"""
+    actor_lr: float = 3e-5
+    """actor learning rate at the start of the cosine schedule"""
+    actor_lr_min: float = 3e-6
+    """actor learning rate at the end"""
+    constant_lr: bool = False
+    """keep the actor learning rate constant"""
+    critic_lr: float = 1e-3
+    """critic learning rate"""
+    reward_scale: bool = True
+    """divide rewards by a running std of the discounted return"""
+    critic_hidden: tuple[int, ...] = (256, 256)
+    """critic MLP head"""
+    max_bad_updates: int = 5
+    """stop after this many consecutive updates skipped for non-finite values"""
+
+    # evaluation, logging
+    eval_every: int = 10
+    """iterations between deterministic (mean-action) evaluations (0: only at the end)"""
+    eval_episodes: int = 50
+    """protocol episodes per evaluation (0 disables)"""
+    save_every: int = 1
+    """iterations between latest.pt checkpoints"""
+    log_every: int = 500
+    """BC steps between metrics lines"""
+
+
+class GaussianPolicy(PolicyBase):
+    """pi(a | s) = N(tanh(head(encoder(s))), exp(log_std)^2) over the flattened normalised chunk (act_steps x 7)."""
+
+    def __init__(self, cfg: dict, init_log_std: float = -2.3):
+        super().__init__(cfg)
+        self.encoder = ObsEncoder(cfg)
+        self.dim = cfg["act_steps"] * le.ACTION_DIM
+        self.head = mlp([self.encoder.out_dim, *cfg["head_dims"], self.dim])
+        self.log_std = nn.Parameter(torch.full((self.dim,), float(init_log_std)))
+
+    def dist(self, obs_t: dict) -> torch.distributions.Normal:
+        mean = torch.tanh(self.head(self.encoder(obs_t)))
+        return torch.distributions.Normal(mean, self.log_std.exp().expand_as(mean), validate_args=False)
+
+    def to_actions(self, a_norm: torch.Tensor) -> torch.Tensor:
+        """Flattened normalised chunk -> (B, act_steps, 7) in environment units (clamped to the data range)."""
+        return self.unnormalize_actions(a_norm.clamp(-1, 1).view(-1, self.cfg["act_steps"], le.ACTION_DIM))
+
+    @torch.no_grad()
+    def act(self, obs: dict, deterministic: bool = True) -> np.ndarray:
+        d = self.dist(self.obs_tensors(obs))
+        return self.to_actions(d.mean if deterministic else d.sample()).cpu().numpy()
+
+
+def load_policy(path: str, device="cpu") -> GaussianPolicy:
+    import run_utils
+
+    ckpt = run_utils.load_checkpoint(path, ("ppo_gaussian/v1",))
+    policy = GaussianPolicy(ckpt["config"])
+    policy.load_state_dict(ckpt["model"])
+    return policy.to(device).eval()
+
+
+def gaussian_ppo_update(policy: GaussianPolicy, critic, batch: dict, args, optimizers, train_actor: bool, device):
+    """CleanRL's PPO epochs over chunks; same contract as ppo_diffusion.ppo_update (stats, skip reason)."""
+    bad = check_finite({"advantages": batch["advantages"], "returns": batch["returns"]})
+    if bad:
+        return {}, bad
+    N = len(batch["advantages"])
+
+    def forward(idx):
+        obs_t = to_device(index_obs(batch["obs"], idx), device)
+        d = policy.dist(obs_t)
+        return d.log_prob(batch["actions"][idx].to(device)).sum(-1), d.entropy().sum(-1), obs_t
+
+    with torch.no_grad():
+        logp_old = torch.cat(
+            [forward(torch.arange(s, min(s + args.minibatch_size, N)))[0] for s in range(0, N, args.minibatch_size)]
+        ).cpu()
+    actor_opt, critic_opt = optimizers
+    params = [p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad]
+    stats = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "entropy", "ratio_first")}
+    stop = False
+    for epoch in range(args.update_epochs):
+        perm = torch.randperm(N)
+        for s in range(0, N, args.minibatch_size):
+            mb = perm[s : s + args.minibatch_size]
+            logp_new, entropy, obs_t = forward(mb)
+            log_ratio = logp_new - logp_old[mb].to(device)
+            ratio = log_ratio.exp()
+            adv = batch["advantages"][mb]
+            adv = ((adv - adv.mean()) / (adv.std() + 1e-8)).to(device)
+            pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+            v_loss = 0.5 * ((critic(obs_t) - batch["returns"][mb].to(device)) ** 2).mean()
+            loss = (pg_loss - args.ent_coef * entropy.mean() if train_actor else 0.0) + args.vf_coef * v_loss
+            with torch.no_grad():
+                approx_kl = ((ratio - 1) - log_ratio).mean()
+            if epoch == 0 and s == 0:
+                stats["ratio_first"].append((ratio - 1).abs().max().item())
+            bad = check_finite({"loss": loss, "ratio": ratio})
+            if bad:
+                return stats, bad
+            actor_opt.zero_grad(set_to_none=True)
+            critic_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grads = [p.grad.norm() for p in params if p.grad is not None]
+            if grads and check_finite({"gradient": torch.stack(grads)}):
+                return stats, "gradient"
+            if args.max_grad_norm:
+                nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if train_actor:
+                actor_opt.step()
+            critic_opt.step()
+            for key, value in (("pg_loss", pg_loss), ("v_loss", v_loss), ("approx_kl", approx_kl),
+                               ("entropy", entropy.mean())):  # fmt: skip
+                stats[key].append(value.item())
+            stats["clipfrac"].append(((ratio - 1).abs() > args.clip_coef).float().mean().item())
+            if args.target_kl is not None and train_actor and approx_kl.item() > args.target_kl:
+                stop = True
+                break
+        if stop:
+            break
+    out = {k: float(np.mean(v)) for k, v in stats.items() if v}
+    out["epochs"] = epoch + 1
+    return out, None
+
+
+# ================================================================================================================
+if __name__ == "__main__":
+    import run_utils
+    from bc_diffusion import cosine_with_warmup, count_parameters, demo_files, evaluate, load_dataset, random_shift
+    from ppo_diffusion import Critic, Rollout, RunningRewardScaler, bootstrap_values, gae
+
+    args = tyro.cli(Args)
+    try:
+        le.check_task_args(args.suite, args.task_id)
+        task = le.resolve_task(args.suite, args.task_id)
+        demo_files(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    num_steps = args.num_steps or max(1, args.batch_chunks // args.num_envs)
+    print(f"task: {task.suite} {task.local_id} (global {task.global_id}) '{task.instruction}'")
+    run_dir = run_utils.task_run_dir(args.run_root, "ppo_gaussian", task.suite, task.local_id, args.seed)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    run_utils.seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+    # Data, model, optimisers
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(args, k)) for k in ARCH_FIELDS)}
+    cfg["horizon"] = args.act_steps  # BC chunks are exactly the executed chunk
+    dataset, paths = load_dataset(args, cfg)
+    cfg["object_state_dim"] = dataset.obs["object_state"].shape[1] if args.obs_mode == "state" else 0
+    policy = GaussianPolicy(cfg, args.init_log_std)
+    policy.fit_normalizer(dataset.actions, dataset.obs["proprio"], dataset.obs.get("object_state"))
+    policy.to(device)
+    critic = Critic(cfg, args.critic_hidden).to(device)
+    print(f"data: {dataset.num_demos} demos from {paths}; policy {count_parameters(policy) / 1e6:.2f}M, "
+          f"critic {count_parameters(critic) / 1e6:.2f}M parameters")  # fmt: skip
+    bc_opt = torch.optim.AdamW(policy.parameters(), lr=args.bc_lr, weight_decay=1e-6)
+    bc_sched = torch.optim.lr_scheduler.LambdaLR(
+        bc_opt, cosine_with_warmup(min(500, args.bc_steps // 10), args.bc_steps)
+    )
+    actor_opt = torch.optim.AdamW(policy.parameters(), lr=args.actor_lr)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr)
+    actor_sched = (
+        torch.optim.lr_scheduler.LambdaLR(actor_opt, lambda it: 1.0)
+        if args.constant_lr
+        else torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, args.num_iterations, eta_min=args.actor_lr_min)
+    )
+    scaler = RunningRewardScaler(args.num_envs, args.gamma)
+    generator = torch.Generator().manual_seed(args.seed)
+    bc_step, iteration, env_steps, bad_updates = 0, 0, 0, 0
+    modules = {"model": policy, "critic": critic, "bc_optimizer": bc_opt, "bc_scheduler": bc_sched,
+               "optimizer": actor_opt, "critic_optimizer": critic_opt, "scheduler": actor_sched,
+               "reward_scaler": scaler}  # fmt: skip
+
+    try:
+        resume = run_utils.resume_path(args.resume, ckpt_dir)
+        if resume is not None:
+            ckpt = run_utils.load_checkpoint(resume, ("ppo_gaussian/v1",))
+            run_utils.check_same_architecture(resume, ckpt["config"], cfg)
+            for name, module in modules.items():
+                module.load_state_dict(ckpt[name])
+            bc_step, iteration, env_steps = ckpt["bc_step"], ckpt["step"], ckpt["env_steps"]
+            run_utils.set_rng_state(ckpt["rng"])
+            generator.set_state(ckpt["rng"]["generator"])
+            print(f"resumed from {resume} at BC step {bc_step}, PPO iteration {iteration}")
+    except run_utils.CheckpointError as e:
+        sys.exit(f"error: {e}")
+    run_utils.write_json(os.path.join(run_dir, "args.json"), asdict(args))
+    logger = run_utils.MetricsLogger(run_dir, asdict(args), args.track, args.wandb_project_name, args.wandb_entity,
+                                     f"{args.exp_name}__{task.suite}_task{task.local_id:02d}__{args.seed}")  # fmt: skip
+
+    def checkpoint(name: str) -> None:
+        rng = run_utils.rng_state()
+        rng["generator"] = generator.get_state()
+        state = {k: m.state_dict() for k, m in modules.items()}
+        run_utils.save_checkpoint(
+            os.path.join(ckpt_dir, name),
+            {"format": "ppo_gaussian/v1", **state, "ema": None, "step": iteration, "bc_step": bc_step,
+             "env_steps": env_steps, "args": asdict(args), "config": cfg, "normalizer": policy.normalizer(),
+             "rng": rng},
+            keep_previous=name == "latest.pt",
+        )  # fmt: skip
+
+    preemption = run_utils.Preemption()
+
+    # ALGO LOGIC: behaviour-cloning warm start (MSE on the mean chunk)
+    if bc_step < args.bc_steps:
+        bar = tqdm(total=args.bc_steps, initial=bc_step, desc="bc", unit="step")
+        policy.train()
+        while bc_step < args.bc_steps:
+            obs, actions = dataset.sample(args.bc_batch_size, generator)
+            if args.obs_mode == "rgb":
+                for key in le.CAMERAS:
+                    obs[key] = random_shift(obs[key].permute(0, 3, 1, 2), args.random_shift, generator)
+            obs = policy.normalize_obs(to_device(obs, device))
+            target = policy.normalize_actions(actions.to(device)).flatten(1)
+            loss = ((torch.tanh(policy.head(policy.encoder(obs))) - target) ** 2).mean()
+            bc_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            bc_opt.step()
+            bc_sched.step()
+            bc_step += 1
+            bar.update(1)
+            if bc_step % args.log_every == 0 or bc_step == args.bc_steps:
+                logger.log(0, bc_step=bc_step, bc_loss=loss.item())
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if preemption.requested:
+                checkpoint("latest.pt")
+                preemption.exit()
+        bar.close()
+        checkpoint("latest.pt")
+
+    venv = le.VectorLiberoEnv(task, args.num_envs, obs_mode=args.obs_mode, image_size=args.image_size)
+    render = args.obs_mode == "rgb"
+    preprocess = policy.obs_tensors
+
+    def act(obs_t):
+        with torch.no_grad():
+            a_norm = policy.dist(obs_t).sample()
+        return policy.to_actions(a_norm).cpu().numpy(), {"actions": a_norm.cpu()}
+
+    def run_eval() -> dict:
+        policy.eval()
+        stats = evaluate(policy.act, cfg, venv, args.eval_episodes, args.seed)
+        rollout.obs = rollout._reset(list(range(venv.num_envs)))
+        return stats
+
+    rollout = Rollout(venv, preprocess, args.seed + iteration, render)
+    if iteration == 0 and args.eval_episodes > 0:
+        stats = run_eval()
+        logger.log(0, env_steps=0, **{f"eval/{k}": v for k, v in stats.items()})
+        print(f"iteration 0 (BC start): eval success {stats['success_rate']:.3f}")
+    while iteration < args.num_iterations:
+        timers = {"env": 0.0, "policy": 0.0, "update": 0.0}
+        # ALGO LOGIC: rollout, GAE, PPO update (chunk-level)
+        policy.eval()
+        batch = rollout.collect(num_steps, act, timers)
+        T, E = batch["rewards"].shape
+        env_steps += T * E * args.act_steps
+        raw_rewards = batch["rewards"].clone()
+        if args.reward_scale:
+            dones = (batch["terminated"] + batch["truncated"]).clamp(max=1).numpy().astype(bool)
+            batch["rewards"] = torch.stack([torch.as_tensor(scaler(r.numpy(), d), dtype=torch.float32)
+                                            for r, d in zip(batch["rewards"], dones)])  # fmt: skip
+        t0 = time.perf_counter()
+        values, next_values = bootstrap_values(batch, critic, preprocess, args.minibatch_size, device)
+        advantages, returns = gae(batch["rewards"], values, next_values, batch["terminated"], batch["truncated"],
+                                  args.gamma, args.gae_lambda)  # fmt: skip
+        flat = {"obs": {k: v.flatten(0, 1) for k, v in batch["obs"].items()},
+                "actions": batch["extras"]["actions"].flatten(0, 1), "advantages": advantages.flatten(),
+                "returns": returns.flatten()}  # fmt: skip
+        policy.train()
+        train_actor = iteration >= args.critic_warmup_iters
+        stats, bad = gaussian_ppo_update(policy, critic, flat, args, (actor_opt, critic_opt), train_actor, device)
+        timers["update"] = time.perf_counter() - t0
+        iteration += 1
+        if train_actor:
+            actor_sched.step()
+        if bad:
+            bad_updates += 1
+            print(f"iteration {iteration}: update skipped, non-finite {bad} ({bad_updates} in a row)")
+            logger.log(iteration, skipped_update=1, nonfinite=bad, env_steps=env_steps)
+            if bad_updates >= args.max_bad_updates:
+                sys.exit(f"error: {bad_updates} consecutive updates had non-finite {bad}; stopped with the last good "
+                         f"checkpoint in {ckpt_dir}.")  # fmt: skip
+            continue
+        bad_updates = 0
+        n_eps = len(rollout.episode_returns)
+        train_success = float(np.mean(rollout.episode_returns)) if n_eps else float("nan")
+        logger.log(iteration, env_steps=env_steps, actor_lr=actor_opt.param_groups[0]["lr"],
+                   reward_mean=raw_rewards.mean().item(), train_success_rate=train_success,
+                   train_episode_length=float(np.mean(rollout.episode_lengths)) if n_eps else float("nan"),
+                   log_std=policy.log_std.mean().item(), env_s=timers["env"], policy_s=timers["policy"],
+                   update_s=timers["update"], **stats)  # fmt: skip
+        print(f"iteration {iteration}: train success {train_success:.3f} ({n_eps} episodes), "
+              f"kl {stats.get('approx_kl', 0):.4f}")  # fmt: skip
+        rollout.episode_returns, rollout.episode_lengths = [], []
+        if args.eval_episodes > 0 and (
+            (args.eval_every and iteration % args.eval_every == 0) or iteration == args.num_iterations
+        ):
+            stats = run_eval()
+            logger.log(iteration, env_steps=env_steps, **{f"eval/{k}": v for k, v in stats.items()})
+            print(f"iteration {iteration}: eval success {stats['success_rate']:.3f}")
+        if iteration % args.save_every == 0 or preemption.requested:
+            checkpoint("latest.pt")
+        if preemption.requested:
+            preemption.exit()
+    checkpoint("latest.pt")
+    checkpoint("final.pt")
+    venv.close()
+    logger.close()
+    print(f"done: BC {bc_step} steps, PPO {iteration} iterations, {env_steps} env steps; checkpoints in {ckpt_dir}")
