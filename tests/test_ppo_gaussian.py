@@ -1,0 +1,96 @@
+"""ppo_gaussian.py: the policy's log-probs, first-minibatch ratios, NaN guard, and a CLI run into collect.py."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, run_script, write_tiny_demo_file
+
+import demo_hdf5
+import ppo_diffusion as ppo
+import ppo_gaussian as pg
+import run_utils
+
+CFG = dict(obs_mode="state", image_size=32, encoder="resnet18", encoder_head="spatial_softmax", shared_encoder=True,
+           num_keypoints=4, feature_dim=16, state_encoder_dims=[32], act_steps=4, head_dims=[32],
+           object_state_dim=5)  # fmt: skip
+
+
+def batch(policy, N=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    obs = {"proprio": torch.randn(N, 8, generator=g), "object_state": torch.randn(N, 5, generator=g)}
+    with torch.no_grad():
+        actions = policy.dist(policy.normalize_obs(obs)).sample()
+    return {
+        "obs": obs,
+        "actions": actions,
+        "advantages": torch.randn(N, generator=g),
+        "returns": torch.randn(N, generator=g),
+    }
+
+
+def args(**kw):
+    base = dict(minibatch_size=5, update_epochs=2, clip_coef=0.01, vf_coef=0.5, ent_coef=0.0, max_grad_norm=1.0,
+                target_kl=None)  # fmt: skip
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def opts(policy, critic):
+    return torch.optim.AdamW(policy.parameters(), lr=1e-4), torch.optim.AdamW(critic.parameters(), lr=1e-3)
+
+
+def test_log_prob_is_the_sum_over_the_chunk_of_normal_log_densities():
+    torch.manual_seed(0)
+    policy = pg.GaussianPolicy(CFG, init_log_std=-1.0)
+    obs = policy.normalize_obs({"proprio": torch.randn(3, 8), "object_state": torch.randn(3, 5)})
+    d = policy.dist(obs)
+    a = torch.randn(3, 28)
+    mean = torch.tanh(policy.head(policy.encoder(obs)))
+    ref = (-((a - mean) ** 2) / (2 * np.exp(-2.0)) - (-1.0) - 0.5 * np.log(2 * np.pi)).sum(-1)
+    torch.testing.assert_close(d.log_prob(a).sum(-1), ref, atol=1e-5, rtol=1e-5)
+    # executed actions are the clamped chunk in environment units
+    assert policy.to_actions(a).shape == (3, 4, 7)
+
+
+def test_first_minibatch_ratios_are_one_and_nan_advantages_skip():
+    torch.manual_seed(0)
+    policy, critic = pg.GaussianPolicy(CFG), ppo.Critic(CFG, [16])
+    stats, bad = pg.gaussian_ppo_update(policy, critic, batch(policy), args(), opts(policy, critic), True, "cpu")
+    assert bad is None and stats["ratio_first"] == 0.0 and stats["epochs"] == 2
+    b = batch(policy)
+    b["advantages"][3] = float("nan")
+    assert pg.gaussian_ppo_update(policy, critic, b, args(), opts(policy, critic), True, "cpu") == ({}, "advantages")
+
+
+@pytest.mark.sim
+def test_cli_bc_ppo_then_collect_with_the_checkpoint(tmp_path):
+    demo = write_tiny_demo_file(str(tmp_path / "demo.hdf5"), num_demos=3, T=12, state_dim=98)
+    runs = str(tmp_path / "runs")
+    cli = ["ppo_gaussian.py", "--obs-mode", "state", "--demo-paths", demo, "--run-root", runs]
+    cli += "--bc-steps 30 --log-every 10 --num-envs 2 --num-steps 3 --num-iterations 3 --critic-warmup-iters 1".split()
+    cli += "--eval-episodes 2 --minibatch-size 3 --feature-dim 16 --state-encoder-dims 32 --head-dims 32".split()
+    out = run_script(cli, cwd=ROOT, timeout=1200).stdout
+    assert "iteration 0 (BC start): eval success" in out and "iteration 3: eval success" in out
+    run_dir = tmp_path / "runs" / "ppo_gaussian" / "libero_object" / "task00__seed0"
+    rows = run_utils.read_metrics(str(run_dir))
+    assert [r["bc_step"] for r in rows if "bc_loss" in r] == [10, 20, 30]
+    updates = [r for r in rows if "pg_loss" in r]
+    assert [r["step"] for r in updates] == [1, 2, 3] and all(np.isfinite(r["v_loss"]) for r in updates)
+    assert updates[-1]["approx_kl"] > 0  # the actor moved after the critic warm-up
+    ckpt = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)
+    assert ckpt["format"] == "ppo_gaussian/v1" and ckpt["bc_step"] == 30 and ckpt["step"] == 3
+    # collect.py --policy gaussian finds the checkpoint by convention and stores the data as gaussian_rl
+    data = str(tmp_path / "data")
+    out = run_script("collect.py --policy gaussian --obs-mode state --max-episodes 2 --num-success 2".split()
+                     + ["--run-root", runs, "--data-root", data], cwd=ROOT, check=False)  # fmt: skip
+    assert "success rate" in out.stdout
+    if out.returncode == 0:
+        path = demo_hdf5.demo_path(
+            data, "gaussian_rl", "libero_object", "pick_up_the_alphabet_soup_and_place_it_in_the_basket"
+        )
+        with demo_hdf5.DemoFile(path) as f:
+            assert f.source == "gaussian_rl" and f.attrs["checkpoint"].endswith("final.pt")
+    else:
+        assert "only 0 of 2 successes" in out.stderr or "only 1 of 2 successes" in out.stderr
