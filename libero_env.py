@@ -29,6 +29,7 @@ import signal
 import sys
 import time
 import traceback
+import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -235,6 +236,9 @@ def configure_rendering(environ=os.environ) -> None:
     environ.setdefault("MUJOCO_GL", "egl")
     if environ["MUJOCO_GL"] == "egl":
         environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    # robosuite warns at import (three lines per process) unless a `robosuite.macros_private` module exists; its
+    # defaults (robosuite/macros.py) are the ones we want, so an empty stand-in keeps worker logs readable.
+    sys.modules.setdefault("robosuite.macros_private", types.ModuleType("robosuite.macros_private"))
     visible = environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
     if "MUJOCO_EGL_DEVICE_ID" not in environ and visible.isdigit():
         environ["MUJOCO_EGL_DEVICE_ID"] = visible

@@ -1,0 +1,674 @@
+"""finetune_vla.py — phase 4: fine-tune pi0 (transformers.PI0ForConditionalGeneration) on human, RL or mixed data.
+
+pi0 (Black et al. 2024) reads both camera images, the task instruction and the 8-d state, and predicts a chunk of
+50 actions with a flow-matching action expert; the loss is the model's own (``forward(actions=...)``):
+|| v_theta(x_tau, tau) - (noise - actions) ||^2 with x_tau = tau noise + (1 - tau) actions. Data follow OpenVLA's
+preprocessing: no-op steps dropped, images turned upright and resized with padding to 224, raw 7-d actions;
+state and actions are normalised by mean/std computed from the training data and saved with the checkpoint.
+Listing several data roots mixes sources (the paper's "human + RL").
+
+    # GPU (one node, 8 GPUs): download lerobot/pi0_base once, then
+    torchrun --nproc-per-node 8 finetune_vla.py --model-path /models/pi0_base --data data/diffusion_rl --exp-name rl
+    # CPU smoke run: a randomly initialised tiny pi0 (not a VLA: nothing pretrained), labelled as such
+    python finetune_vla.py --config-only tiny --data data/scripted --total-steps 20 --batch-size 2
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+
+import demo_hdf5
+import libero_env as le
+
+PROMPT_MAX_TOKENS = 48  # PI0Processor's default text length (image tokens come on top)
+
+
+@dataclass
+class Args:
+    exp_name: str = "pi0"
+    """name of the experiment: runs/finetune_vla/<exp_name>__seed<S>/"""
+    seed: int = 0
+    """seed of the run"""
+    cuda: bool = True
+    """train on CUDA when available"""
+    track: bool = False
+    """log to wandb (metrics.jsonl is always written)"""
+    wandb_project_name: str = "diffusion-rl-libero"
+    """wandb project"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team)"""
+
+    # model
+    model_path: str = "lerobot/pi0_base"
+    """hub id or local directory of a pretrained PI0ForConditionalGeneration (with its tokenizer)"""
+    config_only: Optional[Literal["tiny", "small"]] = None
+    """build a randomly initialised model from a named small config instead (smoke tests, CPU demos)"""
+    tokenizer_path: Optional[str] = None
+    """tokenizer directory (default: --model-path; with --config-only: a word-level one built from the data)"""
+    freeze_vision: bool = False
+    """freeze the SigLIP vision tower"""
+    freeze_vlm: bool = False
+    """freeze the whole VLM (PaliGemma); only the action expert trains"""
+
+    # data
+    data: tuple[str, ...] = ("data/diffusion_rl",)
+    """HDF5 files, directories (searched recursively) or globs; several are mixed (e.g. data/human data/diffusion_rl)"""
+    suites: Optional[tuple[str, ...]] = None
+    """keep only these suites (e.g. libero_90 for the OOD experiment)"""
+    task_names: Optional[tuple[str, ...]] = None
+    """keep only these tasks (LIBERO task names)"""
+    image_size: int = 224
+    """images are resized with padding to this (pi0's SigLIP input)"""
+    chunk_size: int = 50
+    """actions per predicted chunk"""
+    filter_noops: bool = True
+    """drop no-op steps (OpenVLA's rule, demo_hdf5.noop_mask)"""
+    num_workers: int = 2
+    """DataLoader workers (each opens its own HDF5 handles)"""
+
+    # optimisation (openpi's LIBERO recipe)
+    total_steps: int = 30_000
+    """optimiser steps"""
+    batch_size: int = 32
+    """global batch size (split over processes; times --grad-accum micro-batches)"""
+    grad_accum: int = 1
+    """micro-batches accumulated per optimiser step"""
+    lr: float = 2.5e-5
+    """peak learning rate"""
+    lr_min: float = 2.5e-6
+    """final learning rate of the cosine decay"""
+    warmup_steps: int = 1_000
+    """linear warm-up steps"""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
+    weight_decay: float = 0.01
+    """AdamW weight decay"""
+    grad_clip: float = 1.0
+    """max gradient norm"""
+    bf16: bool = True
+    """bf16 autocast on CUDA"""
+    ema_decay: float = 0.0
+    """EMA of the weights (0 disables; e.g. 0.999)"""
+    fsdp: bool = False
+    """shard parameters with FSDP2 (torch.distributed.fsdp.fully_shard) instead of DDP"""
+    num_inference_steps: int = 10
+    """flow-matching integration steps at inference"""
+
+    # run
+    run_root: str = "runs"
+    """root of runs/finetune_vla/<exp_name>__seed<S>/"""
+    resume: str = "auto"
+    """auto: continue from checkpoints/latest if present; never; or a checkpoint directory"""
+    log_every: int = 50
+    """steps between metrics lines"""
+    save_every: int = 1_000
+    """steps between checkpoints/latest"""
+
+
+# ================================================================================================================
+# Models
+# ================================================================================================================
+def named_config(name: str, vocab_size: int, image_size: int, chunk_size: int):
+    """Randomly initialised pi0 of a given size. 'tiny': 2-layer 64-d Gemma/SigLIP (seconds on a CPU);
+    'small': 4-layer 256-d (a CPU demo that can fit a few tasks). Neither is a vision-language model."""
+    from transformers import PI0Config
+
+    width, layers, patch = {"tiny": (64, 2, 16), "small": (256, 4, 16)}[name]
+    return PI0Config(
+        vlm_config={
+            "model_type": "paligemma",
+            "text_config": {
+                "model_type": "gemma",
+                "hidden_size": width,
+                "num_hidden_layers": layers,
+                "intermediate_size": 2 * width,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+                "head_dim": width // 2,
+                "vocab_size": vocab_size,
+            },
+            "vision_config": {
+                "model_type": "siglip_vision_model",
+                "hidden_size": width,
+                "intermediate_size": 2 * width,
+                "num_hidden_layers": layers,
+                "num_attention_heads": 2,
+                "patch_size": patch,
+                "image_size": image_size,
+                "vision_use_head": False,
+            },
+            "projection_dim": width,
+            "image_token_id": vocab_size - 1,
+        },
+        dit_config={
+            "model_type": "gemma",
+            "hidden_size": width,
+            "num_hidden_layers": layers,
+            "intermediate_size": 2 * width,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": width // 2,
+        },
+        chunk_size=chunk_size,
+    )
+
+
+def word_tokenizer(instructions: list[str]):
+    """A word-level tokenizer over the instructions (``tokenizers`` library), for randomly initialised models:
+    special tokens <pad>, <bos>, <eos>, <unk>, and <image> last (its id is the config's image_token_id)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for text in instructions for w in text.lower().split()})
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *words, "\n"])}
+    vocab["<image>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        additional_special_tokens=["<image>"],
+    )
+    return fast
+
+
+def prepare_tokenizer(tokenizer, model):
+    """PI0Processor's setup: an ``<image>`` special token whose id is the model's ``image_token_id``."""
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.image_token = "<image>"
+    image_id, expected = tokenizer.convert_tokens_to_ids("<image>"), model.config.vlm_config.image_token_id
+    if image_id != expected:
+        raise ValueError(
+            f"the tokenizer's <image> id {image_id} differs from the model's image_token_id {expected}; "
+            "pass the tokenizer that belongs to the model (--tokenizer-path)."
+        )
+    return tokenizer
+
+
+def load_model(args, instructions: list[str]):
+    """(model, tokenizer) from --model-path or --config-only; one clear sentence if the model is missing offline."""
+    from transformers import AutoTokenizer, PI0ForConditionalGeneration
+
+    if args.config_only:
+        tokenizer = (
+            AutoTokenizer.from_pretrained(args.tokenizer_path) if args.tokenizer_path else word_tokenizer(instructions)
+        )
+        config = named_config(args.config_only, len(tokenizer), args.image_size, args.chunk_size)
+        print(
+            f"model: RANDOMLY INITIALISED pi0 '{args.config_only}' config (--config-only): a smoke-test model, "
+            "not a pretrained VLA"
+        )
+        model = PI0ForConditionalGeneration(config)
+        return model, prepare_tokenizer(tokenizer, model)
+    try:
+        model = PI0ForConditionalGeneration.from_pretrained(args.model_path)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
+    except OSError:
+        raise FileNotFoundError(
+            f"pi0 model '{args.model_path}' is not available here; download it where there is internet "
+            f"(huggingface-cli download {args.model_path} --local-dir <dir>), pass --model-path <dir>, "
+            "or use --config-only tiny for a smoke run."
+        ) from None
+    if model.config.chunk_size != args.chunk_size:
+        raise ValueError(f"--chunk-size {args.chunk_size} differs from the model's {model.config.chunk_size}.")
+    return model, prepare_tokenizer(tokenizer, model)
+
+
+# ================================================================================================================
+# Inputs: the same preprocessing for training, evaluation and collection
+# ================================================================================================================
+def resize_with_pad(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) float -> (B, 3, size, size): aspect-preserving bilinear resize, zero (black) padding."""
+    h, w = images.shape[-2:]
+    scale = size / max(h, w)
+    nh, nw = round(h * scale), round(w * scale)
+    out = F.interpolate(images, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    return F.pad(out, (left, size - nw - left, top, size - nh - top))
+
+
+def image_tensor(upright_uint8: np.ndarray, size: int) -> torch.Tensor:
+    """Upright (B, H, W, 3) uint8 -> pi0 pixel values (B, 3, size, size) in [-1, 1] (SigLIP's normalisation)."""
+    x = torch.as_tensor(upright_uint8).permute(0, 3, 1, 2).float() / 255.0
+    return resize_with_pad(x, size) * 2.0 - 1.0
+
+
+def tokenize(tokenizer, instructions: list[str], num_image_tokens: int):
+    """PI0Processor's prompt: <image> x tokens, <bos>, instruction, newline; right-padded."""
+    prompts = [f"{tokenizer.image_token * num_image_tokens}{tokenizer.bos_token}{text}\n" for text in instructions]
+    enc = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=num_image_tokens + PROMPT_MAX_TOKENS,
+        truncation=True,
+        return_tensors="pt",
+        add_special_tokens=False,
+    )
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def image_tokens_per_camera(model) -> int:
+    vision = model.config.vlm_config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+def model_inputs(model, tokenizer, stats: dict, obs: dict, instructions: list[str], image_size: int) -> dict:
+    """Batched raw observations (HDF5 naming, raw renders) -> the keyword arguments of pi0's forward/sample."""
+    inputs = le.policy_obs(obs, None)
+    cams = [image_tensor(le.upright(np.asarray(obs[k])), image_size) for k in le.CAMERAS]
+    state = (torch.as_tensor(inputs["proprio"]) - stats["state_mean"]) / stats["state_std"]
+    ids, mask = tokenize(tokenizer, instructions, len(cams) * image_tokens_per_camera(model))
+    B = state.shape[0]
+    return {
+        "pixel_values": torch.stack(cams, 1),  # (B, n_cameras, 3, S, S)
+        "pixel_attention_mask": torch.ones(B, len(cams), dtype=torch.bool),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "state": F.pad(state, (0, model.config.max_state_dim - state.shape[-1])),
+    }
+
+
+def compute_stats(actions: np.ndarray, states: np.ndarray) -> dict:
+    return {
+        "state_mean": torch.as_tensor(states.mean(0)).float(),
+        "state_std": torch.as_tensor(states.std(0) + 1e-6).float(),
+        "action_mean": torch.as_tensor(actions.mean(0)).float(),
+        "action_std": torch.as_tensor(actions.std(0) + 1e-6).float(),
+    }
+
+
+def save_stats(path: str, stats: dict) -> None:
+    import run_utils
+
+    run_utils.write_json(path, {k: v.tolist() for k, v in stats.items()})
+
+
+def load_stats(path: str) -> dict:
+    with open(path) as f:
+        return {k: torch.tensor(v, dtype=torch.float32) for k, v in json.load(f).items()}
+
+
+# ================================================================================================================
+# Data: a streaming dataset over many HDF5 files (index in memory, images read on demand)
+# ================================================================================================================
+def find_files(specs, suites=None, task_names=None) -> list[str]:
+    paths = []
+    for spec in specs:
+        if os.path.isdir(spec):
+            paths += glob.glob(os.path.join(spec, "**", "*_demo.hdf5"), recursive=True)
+        elif any(c in spec for c in "*?["):
+            paths += glob.glob(spec, recursive=True)
+        elif os.path.isfile(spec):
+            paths.append(spec)
+    keep = []
+    for p in sorted(set(paths)):
+        if task_names and os.path.basename(p)[: -len("_demo.hdf5")] not in task_names:
+            continue
+        if suites and os.path.basename(os.path.dirname(p)) not in suites:
+            continue
+        keep.append(p)
+    if not keep:
+        raise FileNotFoundError(
+            f"No *_demo.hdf5 files under {list(specs)}"
+            + (f" for suites {list(suites)}" if suites else "")
+            + "; collect data with collect.py or check --data."
+        )
+    return keep
+
+
+class TrajectoryDataset(torch.utils.data.Dataset):
+    """Samples (observation at step t, the next ``chunk`` kept actions) from many trajectory files.
+
+    The index (files, demos, kept steps after the no-op filter) and the normalisation statistics are built once;
+    images are read lazily and each DataLoader worker opens its own HDF5 handles. Past an episode's end the
+    last action repeats.
+    """
+
+    def __init__(self, paths: list[str], chunk: int, filter_noops: bool):
+        self.paths, self.chunk, self._files = paths, chunk, {}
+        self.entries, self.instructions = [], []  # entries: (file index, demo key, kept stored indices)
+        actions, states = [], []
+        for fi, path in enumerate(paths):
+            with demo_hdf5.DemoFile(path) as f:
+                self.instructions.append(f.instruction)
+                for key in f.demo_keys:
+                    d = f.read(key, ["ee_pos", "ee_ori", "gripper_states"])
+                    keep = (
+                        np.flatnonzero(~demo_hdf5.noop_mask(d["actions"]))
+                        if filter_noops
+                        else np.arange(len(d["actions"]))
+                    )
+                    if len(keep) == 0:
+                        continue
+                    self.entries.append((fi, key, keep))
+                    actions.append(d["actions"][keep])
+                    states.append(le.proprio(d["obs"])[keep])
+        self.stats = compute_stats(np.concatenate(actions), np.concatenate(states))
+        lengths = np.array([len(e[2]) for e in self.entries])
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.num_noops = 0
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _file(self, fi: int) -> demo_hdf5.DemoFile:
+        if fi not in self._files:  # opened in the worker that reads it
+            self._files[fi] = demo_hdf5.DemoFile(self.paths[fi])
+        return self._files[fi]
+
+    def __getitem__(self, idx: int) -> dict:
+        e = int(np.searchsorted(self.offsets, idx, side="right") - 1)
+        fi, key, keep = self.entries[e]
+        j = idx - self.offsets[e]
+        f = self._file(fi)
+        t = int(keep[j])
+        step = f.read(key, ["ee_pos", "ee_ori", "gripper_states", *le.CAMERAS], start=t, stop=t + 1)
+        future = keep[j : j + self.chunk]
+        all_actions = f.read(key, [], start=int(future[0]), stop=int(future[-1]) + 1)["actions"]
+        actions = all_actions[future - future[0]]
+        actions = np.concatenate([actions, np.repeat(actions[-1:], self.chunk - len(actions), 0)])
+        return {
+            "obs": {k: v[0] for k, v in step["obs"].items()},
+            "actions": actions.astype(np.float32),
+            "instruction": self.instructions[fi],
+        }
+
+
+def collate(samples: list[dict]) -> dict:
+    return {
+        "obs": {k: np.stack([s["obs"][k] for s in samples]) for k in samples[0]["obs"]},
+        "actions": torch.as_tensor(np.stack([s["actions"] for s in samples])),
+        "instruction": [s["instruction"] for s in samples],
+    }
+
+
+def training_batch(model, tokenizer, stats, batch: dict, image_size: int) -> dict:
+    inputs = model_inputs(model, tokenizer, stats, batch["obs"], batch["instruction"], image_size)
+    actions = (batch["actions"] - stats["action_mean"]) / stats["action_std"]
+    inputs["actions"] = F.pad(actions, (0, model.config.max_action_dim - actions.shape[-1]))
+    return inputs
+
+
+# ================================================================================================================
+# Policy wrapper for evaluate.py / collect.py
+# ================================================================================================================
+class Pi0Policy:
+    """A fine-tuned pi0 as a rollout policy: ``act(obs) -> (B, chunk, 7)``; the caller executes ``replan_steps``.
+    ``sample_actions`` computes the prefix (images + prompt) once per query and reuses its KV cache over all
+    flow-matching steps."""
+
+    def __init__(self, ckpt_dir: str, instruction: str, device="cpu", num_steps: Optional[int] = None):
+        from transformers import AutoTokenizer, PI0ForConditionalGeneration
+
+        self.model = PI0ForConditionalGeneration.from_pretrained(os.path.join(ckpt_dir, "model")).to(device).eval()
+        self.tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(os.path.join(ckpt_dir, "model")), self.model)
+        self.stats = load_stats(os.path.join(ckpt_dir, "norm_stats.json"))
+        with open(os.path.join(ckpt_dir, "train_info.json")) as f:
+            self.info = json.load(f)
+        self.instruction, self.device, self.num_steps = instruction, device, num_steps
+        self.cfg = {"obs_mode": "rgb", "act_steps": 5, "image_size": self.info["image_size"]}
+
+    @torch.no_grad()
+    def act(self, obs: dict, noise: Optional[torch.Tensor] = None) -> np.ndarray:
+        B = len(obs["ee_pos"])
+        inputs = model_inputs(
+            self.model, self.tokenizer, self.stats, obs, [self.instruction] * B, self.info["image_size"]
+        )
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        out = self.model.sample_actions(**inputs, noise=noise, num_steps=self.num_steps)  # (B, chunk, max_action_dim)
+        actions = out[..., : le.ACTION_DIM].float().cpu() * self.stats["action_std"] + self.stats["action_mean"]
+        return actions.numpy()
+
+
+# ================================================================================================================
+# Training
+# ================================================================================================================
+def lr_factor(step: int, args) -> float:
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.total_steps - args.warmup_steps))
+    return (args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))) / args.lr
+
+
+def save(ckpt_dir: str, model, tokenizer, stats, state: dict, info: dict, rank: int, model_state=None) -> None:
+    """``<ckpt_dir>`` = save_pretrained model + tokenizer, norm_stats.json, train_info.json and the training state
+    (optimiser, scheduler, step, RNG) in training_state.pt; written to a temp dir and renamed."""
+    import shutil
+
+    import run_utils
+
+    if rank != 0:
+        return
+    tmp = ckpt_dir.rstrip("/") + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(os.path.join(tmp, "model"), state_dict=model_state)
+    tokenizer.save_pretrained(os.path.join(tmp, "model"))
+    save_stats(os.path.join(tmp, "norm_stats.json"), stats)
+    run_utils.write_json(os.path.join(tmp, "train_info.json"), info)
+    run_utils.save_checkpoint(os.path.join(tmp, "training_state.pt"), state)
+    old = ckpt_dir.rstrip("/") + ".old"
+    if os.path.exists(ckpt_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(ckpt_dir, old)
+    os.replace(tmp, ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    from tqdm import tqdm
+
+    import run_utils
+
+    args = tyro.cli(Args)
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if args.cuda and torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.batch_size % (world * args.grad_accum):
+        sys.exit(
+            f"error: --batch-size {args.batch_size} must be divisible by processes x --grad-accum "
+            f"({world * args.grad_accum})."
+        )
+    micro = args.batch_size // (world * args.grad_accum)
+    try:
+        paths = find_files(args.data, args.suites, args.task_names)
+        dataset = TrajectoryDataset(paths, args.chunk_size, args.filter_noops)
+        model, tokenizer = load_model(args, dataset.instructions)
+    except (FileNotFoundError, ValueError, demo_hdf5.TrajectoryFileError) as e:
+        sys.exit(f"error: {e}")
+    run_utils.seed_everything(args.seed + rank, deterministic=False)
+    run_dir = os.path.join(args.run_root, "finetune_vla", f"{args.exp_name}__seed{args.seed}")
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    if rank == 0:
+        print(
+            f"data: {len(paths)} files, {len(dataset.entries)} demos, {len(dataset)} samples; {world} process(es), "
+            f"micro-batch {micro} x {args.grad_accum} accumulation"
+        )
+    stats = dataset.stats
+    if args.freeze_vlm:
+        model.model.vlm.requires_grad_(False)
+    elif args.freeze_vision:
+        model.model.vlm.vision_tower.requires_grad_(False)
+    model.to(device)
+    step = 0
+    resume = (
+        None
+        if args.resume == "never"
+        else (os.path.join(ckpt_root, "latest") if args.resume == "auto" else args.resume)
+    )
+    if resume and os.path.exists(os.path.join(resume, "training_state.pt")):
+        from transformers import AutoTokenizer, PI0ForConditionalGeneration
+
+        model = PI0ForConditionalGeneration.from_pretrained(os.path.join(resume, "model")).to(device)
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(os.path.join(resume, "model")), model)
+        stats = load_stats(os.path.join(resume, "norm_stats.json"))
+    elif args.resume not in ("auto", "never"):
+        sys.exit(f"error: --resume {args.resume} holds no training_state.pt; pass auto, never or a checkpoint dir.")
+    ema = None
+    if args.ema_decay > 0:
+        import copy
+
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+    train_model = model
+    if distributed and args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in [*model.model.vlm.language_model.layers, *model.model.dit.layers]:
+            fully_shard(layer)
+        train_model = fully_shard(model)
+    elif distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
+    if resume and os.path.exists(os.path.join(resume, "training_state.pt")):
+        state = run_utils.load_checkpoint(os.path.join(resume, "training_state.pt"), ("finetune_vla/v1",))
+        if state["optimizer"]:
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        step = state["step"]
+        run_utils.set_rng_state(state["rng"])
+        if rank == 0:
+            print(f"resumed from {resume} at step {step}")
+    info = {
+        "exp_name": args.exp_name,
+        "data": list(args.data),
+        "files": paths,
+        "suites": sorted({p.split(os.sep)[-2] for p in paths}),
+        "image_size": args.image_size,
+        "chunk_size": args.chunk_size,
+        "config_only": args.config_only,
+        "model_path": None if args.config_only else args.model_path,
+    }
+    if rank == 0:
+        run_utils.write_json(os.path.join(run_dir, "args.json"), asdict(args))
+    logger = (
+        run_utils.MetricsLogger(
+            run_dir, asdict(args), args.track and rank == 0, args.wandb_project_name, args.wandb_entity, args.exp_name
+        )
+        if rank == 0
+        else None
+    )
+    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=args.seed) if distributed else None
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=micro,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        collate_fn=collate,
+        drop_last=True,
+        persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed + step),
+    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
+    preemption = run_utils.Preemption()
+
+    def checkpoint(name: str) -> None:
+        model_state = None
+        if distributed and args.fsdp:  # every rank joins the gather; rank 0 writes the full weights
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # FSDP shards the optimiser state: a resumed FSDP run restarts the optimiser moments (documented)
+        optim_state = {} if (distributed and args.fsdp) else optimizer.state_dict()
+        state = {
+            "format": "finetune_vla/v1",
+            "optimizer": optim_state,
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "args": asdict(args),
+            "rng": run_utils.rng_state(),
+            "ema": ema.state_dict() if ema is not None else None,
+        }
+        save(
+            os.path.join(ckpt_root, name),
+            ema if (ema is not None and name == "final") else model,
+            tokenizer,
+            stats,
+            state,
+            {**info, "step": step},
+            rank,
+            model_state,
+        )
+
+    bar = tqdm(total=args.total_steps, initial=step, desc="pi0", unit="step", disable=rank != 0)
+    epoch, batches, t_log, losses = step, None, time.time(), []
+    train_model.train()
+    while step < args.total_steps:
+        for _ in range(args.grad_accum):
+            try:
+                batch = next(batches)
+            except (StopIteration, TypeError):
+                if sampler is not None:
+                    sampler.set_epoch(epoch)
+                epoch += 1
+                batches = iter(loader)
+                batch = next(batches)
+            inputs = {
+                k: v.to(device) for k, v in training_batch(model, tokenizer, stats, batch, args.image_size).items()
+            }
+            with autocast:
+                loss = train_model(**inputs).loss / args.grad_accum
+            loss.backward()
+            losses.append(loss.item() * args.grad_accum)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(p.detach(), 1 - args.ema_decay)
+        step += 1
+        bar.update(1)
+        if rank == 0 and (step % args.log_every == 0 or step == args.total_steps):
+            logger.log(
+                step,
+                loss=float(np.mean(losses)),
+                grad_norm=float(grad_norm),
+                lr=scheduler.get_last_lr()[0],
+                samples_per_s=len(losses) * micro * world / (time.time() - t_log),
+            )
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+            t_log, losses = time.time(), []
+        if step % args.save_every == 0 or preemption.requested:
+            checkpoint("latest")
+        if preemption.requested:
+            preemption.exit()
+    bar.close()
+    checkpoint("latest")
+    checkpoint("final")
+    if rank == 0:
+        logger.close()
+        print(f"done: {step} steps; checkpoint in {os.path.join(ckpt_root, 'final')}")
+    if distributed:
+        dist.destroy_process_group()
