@@ -440,39 +440,46 @@ class LearnedPolicy:
 
     needs_privileged = False
 
-    def __init__(self, act, replan_steps: int, obs_mode: str):
-        self.act, self.replan_steps, self.obs_mode = act, replan_steps, obs_mode
+    def __init__(self, act, replan_steps: int, obs_mode: str, image_size: int, info: Optional[dict] = None):
+        self.act, self.replan_steps, self.obs_mode, self.info = act, replan_steps, obs_mode, info or {}
+        self.image_size = image_size  # the camera size the policy was trained on (evaluate.py renders at it)
 
     def __call__(self, obs: dict, env_ids) -> np.ndarray:
         return self.act(obs)
 
 
-def load_learned_policy(args: Args):
-    """--policy diffusion | gaussian | vla -> a :class:`LearnedPolicy` (deterministic unless --no-deterministic)."""
+def load_learned_policy(kind: str, ckpt: str, task: le.Task, deterministic=True, ddim_steps=5, seed=0, cuda=True):
+    """A checkpoint of bc_diffusion / ppo_diffusion (``diffusion``), ppo_gaussian (``gaussian``) or finetune_vla
+    (``vla``) as a :class:`LearnedPolicy`; deterministic (DDIM eta = 0 / Gaussian mean) unless asked otherwise."""
     import torch
 
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    generator = torch.Generator().manual_seed(args.seed)
-    if args.policy == "diffusion":
-        import run_utils
+    import run_utils
 
-        fmt = run_utils.load_checkpoint(args.ckpt, ("bc_diffusion/v1", "ppo_diffusion/v1"))["format"]
-        if fmt == "ppo_diffusion/v1":
-            from ppo_diffusion import load_policy
-        else:
-            from bc_diffusion import load_policy
-        policy = load_policy(args.ckpt, device)
-        eta = 0.0 if args.deterministic else 1.0
-        act = lambda obs: policy.act(obs, "ddim", args.ddim_steps, eta=eta, generator=generator)  # noqa: E731
-        return LearnedPolicy(act, policy.cfg["act_steps"], policy.cfg["obs_mode"])
-    if args.policy == "gaussian":
+    device = torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+    if kind == "vla":
+        from finetune_vla import Pi0Policy
+
+        policy = Pi0Policy(ckpt, task.instruction, device)
+        return LearnedPolicy(policy.act, policy.cfg["act_steps"], "rgb", 256, policy.info)  # 256: its training data
+    if kind == "gaussian":
         from ppo_gaussian import load_policy
 
-        policy = load_policy(args.ckpt, device)
+        policy = load_policy(ckpt, device)
+        act = lambda obs: policy.act(obs, deterministic)  # noqa: E731
+        cfg = policy.cfg
         return LearnedPolicy(
-            lambda obs: policy.act(obs, args.deterministic), policy.cfg["act_steps"], policy.cfg["obs_mode"]
+            act, cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], {"ckpt_format": "ppo_gaussian/v1"}
         )
-    raise NotImplementedError(f"--policy {args.policy} is not available yet.")
+    fmt = run_utils.load_checkpoint(ckpt, ("bc_diffusion/v1", "ppo_diffusion/v1"))["format"]
+    if fmt == "ppo_diffusion/v1":
+        from ppo_diffusion import load_policy
+    else:
+        from bc_diffusion import load_policy
+    policy = load_policy(ckpt, device)
+    generator = torch.Generator().manual_seed(seed)
+    act = lambda obs: policy.act(obs, "ddim", ddim_steps, eta=0.0 if deterministic else 1.0, generator=generator)  # noqa: E731
+    cfg = policy.cfg
+    return LearnedPolicy(act, cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], {"ckpt_format": fmt})
 
 
 def episode_arrays(steps: list[dict]) -> dict:
@@ -526,13 +533,16 @@ if __name__ == "__main__":
         sys.exit(0)
     try:
         goal = check_args(args)
-        policy = None if args.policy == "scripted" else load_learned_policy(args)
+        task = le.resolve_task(args.suite, args.task_id)
+        policy = None
+        if args.policy != "scripted":
+            policy = load_learned_policy(
+                args.policy, args.ckpt, task, args.deterministic, args.ddim_steps, args.seed, args.cuda
+            )
     except (ValueError, FileNotFoundError, le.TaskError) as e:
         sys.exit(f"error: {e}")
-    task = le.resolve_task(args.suite, args.task_id)
-    if policy is not None:
-        if policy.obs_mode == "rgb" and args.obs_mode == "state":
-            sys.exit("error: this policy sees camera images; collect with --obs-mode rgb.")
+    if policy is not None and policy.obs_mode == "rgb" and args.obs_mode == "state":
+        sys.exit("error: this policy sees camera images; collect with --obs-mode rgb.")
     source = args.source or DEFAULT_SOURCE[args.policy]
     out_path = demo_hdf5.demo_path(args.data_root, source, task.suite, task.name)
     print(f"task: {task.suite} {task.local_id} (global {task.global_id}) '{task.instruction}'")
