@@ -155,6 +155,7 @@ def test_rollout_hits_the_suite_step_limit_exactly_and_renders_only_when_asked()
                 break
         assert out.truncated and not out.done
         assert out.t == executed == task.max_steps == 280
+        assert env.env.timestep == le.NUM_WAIT_STEPS + 280  # the 10 wait steps ran and did not count
         assert out.steps == 280 - 8 * (calls - 1)
         assert env.step_chunk(np.zeros((8, 7))).steps == 0  # nothing runs past the limit
         rendered = env.step_chunk(np.zeros((1, 7)), render=True)
