@@ -243,10 +243,14 @@ class ScriptedExpert:
     MAX_OPENING = 0.075  # widest object the Panda's fingers close around (m)
     POS_SCALE, ROT_SCALE = 0.05, 0.5  # OSC_POSE output per unit action (m, rad)
     R_DOWN = np.diag([1.0, -1.0, -1.0])  # gripper pointing down, fingers closing along world y (LIBERO's start)
-    GRASP_STEPS, RELEASE_STEPS = 10, 8  # the gripper command ramps over ~8 control steps
+    # Grasp and release end when the fingers stop moving (an observable event, so the demos stay Markovian in the
+    # observation; a fixed hold time would not be), within these bounds in control steps.
+    GRIP_MIN_STEPS, GRIP_MAX_STEPS, FINGERS_STILL = 3, 15, 2e-4
+    GRIP_TRAVEL = {"grasp": -0.005, "release": 0.01}  # finger-gap change (m) before "still" counts
     HOVER, CLEARANCE, FINGER_REACH = 0.08, 0.03, 0.05  # m
     MAX_REGRASPS = 2
-    WRIST_LIMIT = 2.5  # rad: keep Panda joint 7 this far inside its +-2.90 limit
+    WRIST_LIMIT = 2.5  # rad: plan yaws that keep Panda joint 7 inside +-2.5 (its limit is +-2.90)
+    WRIST_SWITCH = 2.75  # rad: past this before the grasp, switch to the other yaw solution
 
     def __init__(self, goal: PickPlaceGoal, geometry: dict, noise: float = 0.0, rng=None):
         self.goal, self.geometry, self.noise = goal, geometry, noise
@@ -255,6 +259,13 @@ class ScriptedExpert:
 
     def _go(self, phase: str) -> None:
         self.phase, self.t_phase = phase, 0
+        self.phase_width = getattr(self, "last_width", 0.0)
+
+    def _gripper_settled(self, width: float, still: bool) -> bool:
+        """The fingers moved the intended way (closed on the object / opened) and stopped, or time ran out."""
+        travel = width - self.phase_width
+        moved = travel < self.GRIP_TRAVEL["grasp"] if self.phase == "grasp" else travel > self.GRIP_TRAVEL["release"]
+        return (moved and still and self.t_phase >= self.GRIP_MIN_STEPS) or self.t_phase >= self.GRIP_MAX_STEPS
 
     def _make_plan(self, poses: dict) -> dict:
         goal, geom = self.goal, self.geometry
@@ -301,16 +312,27 @@ class ScriptedExpert:
     def _desired_rotation(self, R_cur: np.ndarray, close_dir: np.ndarray, wrist: float) -> np.ndarray:
         """Pointing down, fingers along ``close_dir``. A two-finger grasp is symmetric under a 180-degree yaw: take
         the smaller turn unless it would drive the wrist (Panda joint 7, limit +-2.90 rad, turning opposite to
-        the yaw) into its limit, then the other one."""
+        the yaw) into its limit, then the other one. Chosen once per plan and held: re-choosing every step flips
+        between the two solutions near the threshold and spins the gripper mid-task; one switch is allowed when the
+        wrist nears its limit anyway."""
+        if self.plan.get("yaw") is None:
+            finger = R_cur[:2, 1]
+            theta_cur = np.arctan2(finger[1], finger[0])
+            d = (np.arctan2(close_dir[1], close_dir[0]) - theta_cur + np.pi / 2) % np.pi - np.pi / 2
+            candidates = sorted([d, d - np.pi * np.sign(d)], key=abs)
+            limit_ok = [c for c in candidates if abs(wrist - c) < self.WRIST_LIMIT]
+            d = limit_ok[0] if limit_ok else min(candidates, key=lambda c: abs(wrist - c))
+            self.plan["yaw"], self.plan["yaw_switched"] = theta_cur + d, False
         finger = R_cur[:2, 1]
         theta_cur = np.arctan2(finger[1], finger[0])
-        d = (np.arctan2(close_dir[1], close_dir[0]) - theta_cur + np.pi / 2) % np.pi - np.pi / 2
-        candidates = sorted([d, d - np.pi * np.sign(d)], key=abs)
-        d = next(
-            (c for c in candidates if abs(wrist - c) < self.WRIST_LIMIT), min(candidates, key=lambda c: abs(wrist - c))
-        )
+        remaining = (self.plan["yaw"] - theta_cur + np.pi) % (2 * np.pi) - np.pi
+        if self.phase in ("approach", "descend") and abs(wrist) > self.WRIST_SWITCH and not self.plan["yaw_switched"]:
+            # the prediction was off (other joints share the yaw) and the wrist is pinned before the grasp:
+            # reach the grasp with the other solution (once; never while holding the object)
+            self.plan["yaw"] = theta_cur + remaining - np.pi * np.sign(remaining)
+            self.plan["yaw_switched"] = True
         theta_down = np.arctan2(self.R_DOWN[1, 1], self.R_DOWN[0, 1])
-        return rot_z(theta_cur + d - theta_down) @ self.R_DOWN
+        return rot_z(self.plan["yaw"] - theta_down) @ self.R_DOWN
 
     def act(self, obs: dict) -> np.ndarray:
         poses, eef = obs["poses"], obs["ee_pos"]
@@ -320,6 +342,9 @@ class ScriptedExpert:
         p, obj_pos = self.plan, poses[self.goal.obj][:3]
         carry_z = p["carry_bottom"] + p["bottom_offset"] - getattr(self, "grasp_dz", 0.0)
         grip, target, speed = -1.0, eef.copy(), 1.0
+        width = obs["gripper_states"][0] - obs["gripper_states"][1]
+        fingers_still = abs(width - getattr(self, "last_width", width)) < self.FINGERS_STILL and self.t_phase > 0
+        self.last_width = width
         self.t_phase += 1
         if self.phase == "approach":
             hover = p["grasp"] + np.array([0.0, 0.0, self.HOVER])
@@ -333,7 +358,7 @@ class ScriptedExpert:
                 self._go("grasp")
         elif self.phase == "grasp":
             target, grip = p["grasp"], 1.0
-            if self.t_phase >= self.GRASP_STEPS:
+            if self._gripper_settled(width, fingers_still):
                 self.grasp_dz = obj_pos[2] - eef[2]  # object body height relative to the gripper
                 self._go("lift")
         elif self.phase == "lift":
@@ -358,7 +383,7 @@ class ScriptedExpert:
                 if bottom < p["place_bottom"] + 0.005 or self.t_phase > 40:
                     self._go("release")
         elif self.phase == "release":
-            if self.t_phase >= self.RELEASE_STEPS:
+            if self._gripper_settled(width, fingers_still):
                 self._go("retreat")
         elif self.phase == "retreat":
             target = eef + np.array([0.0, 0.0, 0.05])
