@@ -1,0 +1,122 @@
+"""analyze.py: metrics on synthetic trajectories with known answers, and the CLI on files of two sources."""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+from helpers import ROOT, run_script, write_tiny_demo_file
+
+import analyze
+
+
+def test_cubic_path_gives_the_analytic_jerk():
+    dt, a, b = 0.05, 0.7, -1.3
+    t = np.arange(40) * dt
+    path = np.stack([a * t**3, b * t**3 + 2 * t, 0.5 * t**2 - 1], axis=1)  # d3/dt3 = (6a, 6b, 0)
+    assert analyze.mean_squared_jerk(path, dt) == pytest.approx(36 * (a**2 + b**2), rel=1e-9)
+    assert np.isnan(analyze.mean_squared_jerk(path[:3], dt))
+    assert analyze.mean_squared_jerk(np.outer(t, [1, 2, 3]), dt) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_identical_trajectories_have_zero_consistency_std_and_a_stated_std_is_recovered():
+    base = np.random.default_rng(0).normal(size=(30, 7))
+    same = analyze.action_consistency([base, base.copy(), base.copy()])
+    np.testing.assert_allclose(same["mean_std"], 0.0, atol=1e-12)
+    assert np.all(same["count"] == 3)
+    sigma = np.array([0.1, 0.2, 0.3, 0.0, 0.05, 0.5, 1.0])
+    plus, minus = base + sigma, base - sigma  # two trajectories: population std exactly sigma at every step
+    shorter = (base + 5)[:10]  # a third, shorter one changes only its first 10 steps
+    cons = analyze.action_consistency([plus, minus, shorter])
+    np.testing.assert_allclose(cons["std"][10:], np.tile(sigma, (20, 1)), atol=1e-12)
+    assert cons["count"].tolist() == [3] * 10 + [2] * 20
+    np.testing.assert_allclose(cons["mean"][10:], base[10:], atol=1e-12)
+
+
+def plant_noops(path):
+    """Make demo_0 of a file have exactly 3 no-op steps, one of them next to a gripper change that is kept."""
+    with h5py.File(path, "r+") as f:
+        a = f["data/demo_0/actions"][:]
+        a[4:6, :6] = 0.0  # still, gripper unchanged: 2 no-ops
+        a[4:6, 6] = a[3, 6]
+        a[8, :6] = 0.0  # still but the gripper command flips: kept (grasp onset) ...
+        a[8, 6] = -a[7, 6]
+        a[9, :6] = 0.0  # ... and the next still step with the same command is a no-op
+        a[9, 6] = a[8, 6]
+        f["data/demo_0/actions"][:] = a
+    return 3
+
+
+def test_planted_noops_are_counted_exactly(tmp_path):
+    path = write_tiny_demo_file(str(tmp_path / "x_demo.hdf5"), num_demos=2, T=14)
+    expected = plant_noops(path)
+    m = analyze.task_metrics([path], 0.05)
+    assert m["noop_steps"] == expected and m["steps"] == 28
+    assert m["noop_fraction"] == pytest.approx(expected / 28)
+    assert m["successful"] == 2 and m["length_mean"] == 14
+
+
+def test_cli_two_sources_with_gaps_missing_tasks_and_original_libero_files(tmp_path):
+    data = tmp_path / "data"
+    # source "human": LIBERO's original layout, one task; demo numbering with a gap, different lengths
+    human = data / "human" / "libero_90"
+    write_tiny_demo_file(
+        str(human / "KITCHEN_SCENE1_put_the_black_bowl_on_top_of_the_cabinet_demo.hdf5"),
+        layout="libero",
+        num_demos=3,
+        T=20,
+        instruction="put the black bowl on top of the cabinet",
+    )
+    with h5py.File(human / "KITCHEN_SCENE1_put_the_black_bowl_on_top_of_the_cabinet_demo.hdf5", "r+") as f:
+        f.move("data/demo_2", "data/demo_7")
+    # source "rl": ours, the same task plus one more
+    rl = data / "diffusion_rl" / "libero_90"
+    write_tiny_demo_file(
+        str(rl / "KITCHEN_SCENE1_put_the_black_bowl_on_top_of_the_cabinet_demo.hdf5"),
+        num_demos=4,
+        T=15,
+        instruction="put the black bowl on top of the cabinet",
+        source="diffusion_rl",
+    )
+    write_tiny_demo_file(
+        str(rl / "KITCHEN_SCENE1_put_the_black_bowl_on_the_plate_demo.hdf5"),
+        num_demos=2,
+        T=12,
+        instruction="put the black bowl on the plate",
+        source="diffusion_rl",
+    )
+    out = run_script(
+        [
+            "analyze.py",
+            "--sources",
+            "human",
+            "diffusion_rl",
+            "gaussian_rl",
+            "--suite",
+            "libero_90",
+            "--data-root",
+            str(data),
+            "--results-root",
+            str(tmp_path / "results"),
+        ],
+        cwd=ROOT,
+    ).stdout
+    assert "source 'gaussian_rl': no files found (skipped)" in out
+    out_dir = tmp_path / "results" / "analysis" / "human_vs_diffusion_rl"
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["missing"] == {"human": ["KITCHEN_SCENE1_put_the_black_bowl_on_the_plate"], "diffusion_rl": []}
+    task = metrics["per_task"]["KITCHEN_SCENE1_put_the_black_bowl_on_top_of_the_cabinet"]
+    assert task["human"]["trajectories"] == 3 and task["human"]["length_mean"] == 19  # re-aligned: one step less
+    assert task["diffusion_rl"]["length_mean"] == 15
+    assert metrics["aggregate"]["diffusion_rl"]["libero_90"]["tasks"] == 2
+    assert metrics["figure_task"] == "KITCHEN_SCENE1_put_the_black_bowl_on_top_of_the_cabinet"
+    assert metrics["figure_axis"] == "y" and len(metrics["figure_curves"]["human"]["mean"]) == 19
+    report = (out_dir / "report.md").read_text()
+    assert "| human | libero_90 | 1 | 3 |" in report and "`human` lacks 1 task(s)" in report
+    import matplotlib.image
+
+    for name in ("fig6a_length.png", "fig6b_jerk.png", "fig7_consistency.png"):
+        image = matplotlib.image.imread(out_dir / name)
+        assert image.shape[0] > 300 and image.shape[1] > 400, name
+    assert os.path.getsize(out_dir / "fig7_consistency.png") > 10_000
