@@ -660,10 +660,15 @@ if __name__ == "__main__":
             )
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
             t_log, losses = time.time(), []
-        if step % args.save_every == 0 or preemption.requested:
+        stop = preemption.requested
+        if distributed:  # every rank stops at the same step (checkpointing is collective under FSDP)
+            flag = torch.tensor([float(stop)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if step % args.save_every == 0 or stop:
             checkpoint("latest")
-        if preemption.requested:
-            preemption.exit()
+        if stop:
+            preemption.exit(requeue=rank == 0)
     bar.close()
     checkpoint("latest")
     checkpoint("final")

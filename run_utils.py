@@ -205,9 +205,9 @@ class Preemption:
     def _handle(self, signum, frame):  # noqa: ARG002
         self.requested, self.signal_name = True, signal.Signals(signum).name
 
-    def exit(self) -> None:
-        """Requeue the SLURM job this runs in (if any), then leave with the conventional status."""
-        job = os.environ.get("SLURM_JOB_ID")
+    def exit(self, requeue: bool = True) -> None:
+        """Requeue the SLURM job this runs in (if any; one process of a multi-process job), then leave."""
+        job = os.environ.get("SLURM_JOB_ID") if requeue else None
         if os.environ.get("SLURM_ARRAY_JOB_ID"):
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
         if job:
@@ -219,4 +219,4 @@ class Preemption:
             )
         else:
             print(f"pre-empted ({self.signal_name}): checkpoint written; rerun with --resume auto", flush=True)
-        sys.exit(0 if job else 143)
+        sys.exit(0 if (job or not requeue) else 143)
