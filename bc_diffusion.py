@@ -754,7 +754,7 @@ if __name__ == "__main__":
             step = ckpt["step"]
             run_utils.set_rng_state(ckpt["rng"])
             generator.set_state(ckpt["rng"]["generator"])
-            print(f"resumed from {resume} at step {step}")
+            print(f"resumed from {resume} at step {step}")  # (or previous.pt, with a warning, if it was unreadable)
     except run_utils.CheckpointError as e:
         sys.exit(f"error: {e}")
     run_utils.write_json(os.path.join(run_dir, "args.json"), asdict(args))

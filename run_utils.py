@@ -82,7 +82,7 @@ def load_checkpoint(path: str, formats: tuple[str, ...], map_location="cpu") -> 
         if os.path.basename(path) == "latest.pt" and os.path.exists(previous):
             warnings.warn(f"{path} is unreadable ({type(e).__name__}); falling back to {previous}.", stacklevel=2)
             return load_checkpoint(previous, formats, map_location)
-        raise CheckpointError(f"Checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it.") from None
+        raise CheckpointError(f"Checkpoint {path} is unreadable ({type(e).__name__}); delete it.") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in formats:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} has format '{found}', expected one of {list(formats)}.")
