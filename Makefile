@@ -25,5 +25,9 @@ format: install
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The main job: the whole pipeline at a small default on one LIBERO-Object task (CPU, ~25 min; outputs in demo/)
+demo: install
+	PY=$(PY) bash scripts/demo.sh
+
 clean:
-	rm -rf runs data results wandb .pytest_cache .ruff_cache
+	rm -rf runs data results demo logs wandb .pytest_cache .ruff_cache
