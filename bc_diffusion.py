@@ -15,7 +15,6 @@ deterministic evaluation) or DDPM. ppo_diffusion.py fine-tunes this network; col
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import sys
@@ -30,7 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
+import demo_hdf5
 import libero_env as le
+import run_utils
 
 ARCH_FIELDS = (
     "obs_mode", "image_size", "encoder", "encoder_head", "shared_encoder", "num_keypoints", "feature_dim",
@@ -557,45 +558,16 @@ class DiffusionPolicy(PolicyBase):
 
 
 def load_policy(path: str, device="cpu") -> DiffusionPolicy:
-    """A DiffusionPolicy from a bc_diffusion or ppo_diffusion checkpoint (EMA weights when present)."""
-    import run_utils
-
-    ckpt = run_utils.load_checkpoint(path, ("bc_diffusion/v1", "ppo_diffusion/v1"))
+    """A DiffusionPolicy from a bc_diffusion checkpoint (EMA weights when present)."""
+    ckpt = run_utils.load_checkpoint(path, ("bc_diffusion/v1",))
     policy = DiffusionPolicy(ckpt["config"])
     policy.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
     return policy.to(device).eval()
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 # ================================================================================================================
-# Data
+# Training helpers
 # ================================================================================================================
-class ChunkDataset:
-    """All demos in memory; sample (observation at t, action chunk t..t+H-1) with the last action repeated
-    past an episode's end (Diffusion Policy's padding)."""
-
-    def __init__(self, demos: list[dict], cfg: dict):
-        self.horizon = cfg["horizon"]
-        obs_keys = list(le.CAMERAS) if cfg["obs_mode"] == "rgb" else ["object_state"]
-        size = cfg["image_size"] if cfg["obs_mode"] == "rgb" else None
-        converted = [le.policy_obs(d["obs"], size) for d in demos]
-        self.obs = {k: np.concatenate([c[k] for c in converted]) for k in [*obs_keys, "proprio"]}
-        self.actions = np.concatenate([d["actions"] for d in demos]).astype(np.float32)
-        lengths = np.array([len(d["actions"]) for d in demos])
-        ends = np.cumsum(lengths)
-        self.episode_end = np.repeat(ends, lengths)  # exclusive end of each sample's episode
-        self.num_samples, self.num_demos = int(ends[-1]), len(demos)
-
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[dict, torch.Tensor]:
-        idx = torch.randint(0, self.num_samples, (batch_size,), generator=generator).numpy()
-        chunk = np.minimum(idx[:, None] + np.arange(self.horizon), self.episode_end[idx, None] - 1)
-        obs = {k: torch.from_numpy(v[idx]) for k, v in self.obs.items()}
-        return obs, torch.from_numpy(self.actions[chunk])  # (B, H, Da)
-
-
 def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
     """DrQ-style augmentation: replicate-pad by ``pad`` and crop back at a random offset per sample."""
     if pad <= 0:
@@ -604,72 +576,6 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> 
     padded = F.pad(images.float(), (pad, pad, pad, pad), mode="replicate")
     offsets = torch.randint(0, 2 * pad + 1, (B, 2), generator=generator)
     return torch.stack([padded[i, :, y : y + H, x : x + W] for i, (y, x) in enumerate(offsets.tolist())])
-
-
-def demo_files(args) -> list[str]:
-    """--demo-paths, or the data convention for --demo-source; a clear error when nothing matches."""
-    import demo_hdf5
-
-    if args.demo_paths:
-        paths = list(args.demo_paths)
-    else:
-        task = le.resolve_task(args.suite, args.task_id)
-        paths = [demo_hdf5.demo_path(args.data_root, args.demo_source, task.suite, task.name)]
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(
-            f"No demonstrations at {missing[0]}; collect them (python collect.py --suite {args.suite} "
-            f"--task-id {args.task_id}) or pass --demo-paths."
-        )
-    return paths
-
-
-def load_dataset(args, cfg: dict) -> tuple[ChunkDataset, list[str]]:
-    import demo_hdf5
-
-    paths = demo_files(args)
-    keys = ["ee_pos", "ee_ori", "gripper_states"] + (list(le.CAMERAS) if cfg["obs_mode"] == "rgb" else ["object_state"])
-    for path in paths:
-        with demo_hdf5.DemoFile(path) as f:
-            have = set(f.obs_keys())
-            if not set(keys) <= have:
-                hint = (
-                    " (LIBERO's original files have no object_state: use --obs-mode rgb)"
-                    if "object_state" in keys
-                    else ""
-                )
-                raise demo_hdf5.TrajectoryFileError(f"{path} lacks {sorted(set(keys) - have)}{hint}.")
-    return ChunkDataset(demo_hdf5.load_demos(paths, keys, args.num_demos), cfg), paths
-
-
-# ================================================================================================================
-# Training helpers
-# ================================================================================================================
-class EMA:
-    """Exponential moving average of the weights with Diffusion Policy's warm-up: decay = 1 - (1 + step)^-power."""
-
-    def __init__(self, model: nn.Module, power: float, max_decay: float):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.power, self.max_decay = power, max_decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> float:
-        decay = min(self.max_decay, max(0.0, 1 - (1 + step) ** -self.power))
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1 - decay)
-        for ema_b, b in zip(self.model.buffers(), model.buffers()):
-            ema_b.copy_(b)
-        return decay
-
-
-def cosine_with_warmup(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def policy_config(args, object_state_dim: int = 0) -> dict:
@@ -707,13 +613,11 @@ def check_args(args) -> None:
 
 # ================================================================================================================
 if __name__ == "__main__":
-    import run_utils
-
     args = tyro.cli(Args)
     try:
         check_args(args)
         task = le.resolve_task(args.suite, args.task_id)
-        demo_files(args)
+        demo_hdf5.find_demo_files(args.demo_paths, args.data_root, args.demo_source, args.suite, args.task_id)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(f"task: {task.suite} {task.local_id} (global {task.global_id}) '{task.instruction}'")
@@ -723,21 +627,23 @@ if __name__ == "__main__":
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
     # Data and model
-    probe_cfg = policy_config(args)
-    dataset, paths = load_dataset(args, probe_cfg)
+    paths = demo_hdf5.find_demo_files(args.demo_paths, args.data_root, args.demo_source, args.suite, args.task_id)
+    dataset = demo_hdf5.load_chunk_dataset(paths, args.obs_mode, args.image_size, args.horizon, args.num_demos)
     cfg = policy_config(args, dataset.obs["object_state"].shape[1] if args.obs_mode == "state" else 0)
-    dataset.horizon = cfg["horizon"]
     print(f"data: {dataset.num_demos} demos, {dataset.num_samples} samples from {paths}")
     policy = DiffusionPolicy(cfg)
     policy.fit_normalizer(dataset.actions, dataset.obs["proprio"], dataset.obs.get("object_state"))
     policy.to(device)
+    millions = lambda m: run_utils.count_parameters(m) / 1e6  # noqa: E731
     print(
-        f"parameters: {count_parameters(policy) / 1e6:.2f}M (encoder {count_parameters(policy.encoder) / 1e6:.2f}M, "
-        f"denoiser {count_parameters(policy.denoiser) / 1e6:.2f}M)"
+        f"parameters: {millions(policy):.2f}M (encoder {millions(policy.encoder):.2f}M, "
+        f"denoiser {millions(policy.denoiser):.2f}M)"
     )
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(args.warmup_steps, args.total_steps))
-    ema = EMA(policy, args.ema_power, args.ema_max_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, run_utils.cosine_with_warmup(args.warmup_steps, args.total_steps)
+    )
+    ema = run_utils.EMA(policy, args.ema_power, args.ema_max_decay)
     generator = torch.Generator().manual_seed(args.seed)  # every training draw: batches, shifts, steps, noise
     step = 0
 

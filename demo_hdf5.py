@@ -360,3 +360,69 @@ def load_demos(paths: Sequence[str], obs_keys: Iterable[str], num_demos: Optiona
                 demo["source_file"], demo["demo_key"] = path, key
                 demos.append(demo)
     return demos
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Action-chunk training data (bc_diffusion.py, ppo_gaussian.py)
+# ----------------------------------------------------------------------------------------------------------------
+def find_demo_files(demo_paths, data_root: str, source: str, suite: str, task_id: int) -> list[str]:
+    """Explicit paths, or the data convention for one task; a clear error when a file is missing."""
+    import libero_env as le
+
+    if demo_paths:
+        paths = list(demo_paths)
+    else:
+        task = le.resolve_task(suite, task_id)
+        paths = [demo_path(data_root, source, task.suite, task.name)]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"No demonstrations at {missing[0]}; collect them (python collect.py --suite {suite} "
+            f"--task-id {task_id}) or pass --demo-paths."
+        )
+    return paths
+
+
+class ChunkDataset:
+    """All demos in memory, observations converted once (libero_env.policy_obs); sample (observation at t,
+    action chunk t..t+H-1) with the last action repeated past an episode's end (Diffusion Policy's padding)."""
+
+    def __init__(self, demos: list[dict], obs_mode: str, image_size: int, horizon: int):
+        import libero_env as le
+
+        self.horizon = horizon
+        obs_keys = list(le.CAMERAS) if obs_mode == "rgb" else ["object_state"]
+        converted = [le.policy_obs(d["obs"], image_size if obs_mode == "rgb" else None) for d in demos]
+        self.obs = {k: np.concatenate([c[k] for c in converted]) for k in [*obs_keys, "proprio"]}
+        self.actions = np.concatenate([d["actions"] for d in demos]).astype(np.float32)
+        lengths = np.array([len(d["actions"]) for d in demos])
+        ends = np.cumsum(lengths)
+        self.episode_end = np.repeat(ends, lengths)  # exclusive end of each sample's episode
+        self.num_samples, self.num_demos = int(ends[-1]), len(demos)
+
+    def sample(self, batch_size: int, generator):
+        """(obs dict of tensors (B, ...), action chunks (B, H, 7)); indices drawn from the torch ``generator``."""
+        import torch
+
+        idx = torch.randint(0, self.num_samples, (batch_size,), generator=generator).numpy()
+        chunk = np.minimum(idx[:, None] + np.arange(self.horizon), self.episode_end[idx, None] - 1)
+        obs = {k: torch.from_numpy(v[idx]) for k, v in self.obs.items()}
+        return obs, torch.from_numpy(self.actions[chunk])
+
+
+def load_chunk_dataset(paths: list[str], obs_mode: str, image_size: int, horizon: int, num_demos=None):
+    """A :class:`ChunkDataset` over the first ``num_demos`` demos of each file, checking the needed keys."""
+    import libero_env as le
+
+    keys = ["ee_pos", "ee_ori", "gripper_states"] + (list(le.CAMERAS) if obs_mode == "rgb" else ["object_state"])
+    for path in paths:
+        with DemoFile(path) as f:
+            lacking = sorted(set(keys) - set(f.obs_keys()))
+            if lacking:
+                hint = (
+                    " (LIBERO's original files have no object_state: use --obs-mode rgb)"
+                    if "object_state" in lacking
+                    else ""
+                )
+                raise TrajectoryFileError(f"{path} lacks {lacking}{hint}.")
+    return ChunkDataset(load_demos(paths, keys, num_demos), obs_mode, image_size, horizon)

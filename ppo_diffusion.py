@@ -560,7 +560,7 @@ def check_args(args) -> None:
 # ================================================================================================================
 if __name__ == "__main__":
     import run_utils
-    from bc_diffusion import count_parameters, evaluate
+    from bc_diffusion import evaluate
     from bc_diffusion import load_policy as load_bc_policy
 
     args = tyro.cli(Args)
@@ -586,7 +586,8 @@ if __name__ == "__main__":
     sched = DenoisingSchedule(bc_policy.alphas_cumprod, args.sampler, args.denoising_steps, args.eta)
     policy = FineTunedDiffusion(bc_policy, sched, args.ft_denoising_steps, cfg).to(device)
     critic = Critic(cfg, args.critic_hidden).to(device)
-    print(f"actor {count_parameters(policy.ft) / 1e6:.2f}M, critic {count_parameters(critic) / 1e6:.2f}M parameters; "
+    millions = lambda m: run_utils.count_parameters(m) / 1e6  # noqa: E731
+    print(f"actor {millions(policy.ft):.2f}M, critic {millions(critic):.2f}M parameters; "
           f"fine-tuning the last {args.ft_denoising_steps} of {sched.K} {args.sampler} steps")  # fmt: skip
     actor_opt = torch.optim.AdamW(policy.ft.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)

@@ -257,15 +257,16 @@ def gaussian_ppo_update(policy: GaussianPolicy, critic, batch: dict, args, optim
 
 # ================================================================================================================
 if __name__ == "__main__":
+    import demo_hdf5
     import run_utils
-    from bc_diffusion import cosine_with_warmup, count_parameters, demo_files, evaluate, load_dataset, random_shift
+    from bc_diffusion import evaluate, random_shift
     from ppo_diffusion import Critic, Rollout, RunningRewardScaler, bootstrap_values, gae
 
     args = tyro.cli(Args)
     try:
         le.check_task_args(args.suite, args.task_id)
         task = le.resolve_task(args.suite, args.task_id)
-        demo_files(args)
+        demo_hdf5.find_demo_files(args.demo_paths, args.data_root, args.demo_source, args.suite, args.task_id)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     num_steps = args.num_steps or max(1, args.batch_chunks // args.num_envs)
@@ -278,17 +279,18 @@ if __name__ == "__main__":
     # Data, model, optimisers
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(args, k)) for k in ARCH_FIELDS)}
     cfg["horizon"] = args.act_steps  # BC chunks are exactly the executed chunk
-    dataset, paths = load_dataset(args, cfg)
+    paths = demo_hdf5.find_demo_files(args.demo_paths, args.data_root, args.demo_source, args.suite, args.task_id)
+    dataset = demo_hdf5.load_chunk_dataset(paths, args.obs_mode, args.image_size, args.act_steps, args.num_demos)
     cfg["object_state_dim"] = dataset.obs["object_state"].shape[1] if args.obs_mode == "state" else 0
     policy = GaussianPolicy(cfg, args.init_log_std)
     policy.fit_normalizer(dataset.actions, dataset.obs["proprio"], dataset.obs.get("object_state"))
     policy.to(device)
     critic = Critic(cfg, args.critic_hidden).to(device)
-    print(f"data: {dataset.num_demos} demos from {paths}; policy {count_parameters(policy) / 1e6:.2f}M, "
-          f"critic {count_parameters(critic) / 1e6:.2f}M parameters")  # fmt: skip
+    print(f"data: {dataset.num_demos} demos from {paths}; policy {run_utils.count_parameters(policy) / 1e6:.2f}M, "
+          f"critic {run_utils.count_parameters(critic) / 1e6:.2f}M parameters")  # fmt: skip
     bc_opt = torch.optim.AdamW(policy.parameters(), lr=args.bc_lr, weight_decay=1e-6)
     bc_sched = torch.optim.lr_scheduler.LambdaLR(
-        bc_opt, cosine_with_warmup(min(500, args.bc_steps // 10), args.bc_steps)
+        bc_opt, run_utils.cosine_with_warmup(min(500, args.bc_steps // 10), args.bc_steps)
     )
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=args.actor_lr)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr)

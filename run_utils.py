@@ -15,7 +15,9 @@ live once:
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import random
 import signal
@@ -220,3 +222,37 @@ class Preemption:
         else:
             print(f"pre-empted ({self.signal_name}): checkpoint written; rerun with --resume auto", flush=True)
         sys.exit(0 if (job or not requeue) else 143)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training helpers
+# ----------------------------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of the weights with Diffusion Policy's warm-up: decay = 1 - (1 + step)^-power."""
+
+    def __init__(self, model: torch.nn.Module, power: float, max_decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.power, self.max_decay = power, max_decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> float:
+        decay = min(self.max_decay, max(0.0, 1 - (1 + step) ** -self.power))
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1 - decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+        return decay
+
+
+def cosine_with_warmup(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -21,6 +21,7 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bc_diffusion as bc  # noqa: E402
+import run_utils  # noqa: E402
 
 
 @dataclass
@@ -57,11 +58,12 @@ def main(args: Args) -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     cfg = bc.policy_config(bc.Args())
     policy = bc.DiffusionPolicy(cfg).to(device)
-    print(f"device: {name}; model {bc.count_parameters(policy) / 1e6:.2f}M parameters, image {cfg['image_size']}")
+    millions = run_utils.count_parameters(policy) / 1e6
+    print(f"device: {name}; model {millions:.2f}M parameters, image {cfg['image_size']}")
     rng = np.random.default_rng(0)
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
-    ema = bc.EMA(policy, 0.75, 0.9999)
+    ema = run_utils.EMA(policy, 0.75, 0.9999)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     B, S = args.batch_size, cfg["image_size"]
     images = {k: torch.randint(0, 255, (B, S, S, 3), dtype=torch.uint8) for k in ("agentview_rgb", "eye_in_hand_rgb")}

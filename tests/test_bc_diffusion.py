@@ -143,7 +143,7 @@ def test_learns_synthetic_chunks():
     policy.fit_normalizer(synthetic_chunks(contexts, W).reshape(-1, 7), np.zeros((4, 8)), contexts)
     steps, B = 1000, 128
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, bc.cosine_with_warmup(50, steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, run_utils.cosine_with_warmup(50, steps))
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(steps):
@@ -168,7 +168,7 @@ def test_learns_synthetic_chunks():
 
 def test_default_model_is_about_12m_parameters():
     cfg = bc.policy_config(bc.Args())
-    n = bc.count_parameters(bc.DiffusionPolicy(cfg))
+    n = run_utils.count_parameters(bc.DiffusionPolicy(cfg))
     assert 11.5e6 < n < 13.5e6, n
 
 
