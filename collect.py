@@ -69,7 +69,10 @@ class Args:
     ddim_steps: int = 5
     """DDIM steps of a diffusion policy's sampler"""
     scripted_noise: float = 0.0
-    """std of Gaussian noise added to the scripted expert's arm actions, so demos are not identical"""
+    """std of Gaussian noise added to the scripted expert's executed arm actions (perturbed, varied demos)"""
+    scripted_label: Literal["expert", "executed"] = "expert"
+    """action stored with --scripted-noise: the expert's noise-free action (DART, Laskey et al. 2017: the demos
+    show how to correct perturbed states, which BC needs against compounding errors) or the noisy executed one"""
     data_root: str = "data"
     """root of the data convention data/<source>/<suite>/<task_name>_demo.hdf5"""
     run_root: str = "runs"
@@ -256,6 +259,7 @@ class ScriptedExpert:
         self.goal, self.geometry, self.noise = goal, geometry, noise
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.phase, self.t_phase, self.plan, self.regrasps = "approach", 0, None, 0
+        self.labels: list[np.ndarray] = []  # the noise-free action of every step (DART labels)
 
     def _go(self, phase: str) -> None:
         self.phase, self.t_phase = phase, 0
@@ -392,9 +396,11 @@ class ScriptedExpert:
         R_des = self._desired_rotation(R_cur, p["close_dir"], obs["joint_states"][6])
         action[3:6] = np.clip(mat_to_axisangle(R_des @ R_cur.T) / self.ROT_SCALE, -1, 1)
         action[6] = grip
+        action = np.clip(action, -1.0, 1.0)
+        self.labels.append(action.copy())
         if self.noise:
-            action[:6] += self.rng.normal(0.0, self.noise, 6)
-        return np.clip(action, -1.0, 1.0)
+            action[:6] = np.clip(action[:6] + self.rng.normal(0.0, self.noise, 6), -1.0, 1.0)
+        return action
 
     def _regrasp(self, poses: dict) -> None:
         if self.regrasps < self.MAX_REGRASPS:
@@ -411,11 +417,16 @@ class ScriptedPolicy:
     def __init__(self, goal: PickPlaceGoal, geometry: dict, noise: float, seed: int):
         self.goal, self.geometry, self.noise, self.seed = goal, geometry, noise, seed
         self.experts: dict[int, ScriptedExpert] = {}
+        self.by_episode: dict[int, ScriptedExpert] = {}
 
     def reset(self, env_ids, episodes) -> None:
         for i, e in zip(env_ids, episodes):
             rng = np.random.default_rng([self.seed, e])
-            self.experts[i] = ScriptedExpert(self.goal, self.geometry, self.noise, rng)
+            self.experts[i] = self.by_episode[e] = ScriptedExpert(self.goal, self.geometry, self.noise, rng)
+
+    def expert_labels(self, episode: int) -> np.ndarray:
+        """The noise-free actions of an episode's steps (forgotten once read)."""
+        return np.stack(self.by_episode.pop(episode).labels)
 
     def __call__(self, obs: dict, env_ids) -> np.ndarray:
         rows = []
@@ -592,6 +603,8 @@ if __name__ == "__main__":
         else:
             reason = " (discarded an unreadable .partial)" if writer.discarded_partial else ""
             print(f"starting clean{reason}")
+        if args.policy == "scripted":
+            writer.set_attrs(scripted_noise=args.scripted_noise, scripted_label=args.scripted_label)
 
     venv = le.VectorLiberoEnv(
         task,
@@ -619,6 +632,11 @@ if __name__ == "__main__":
             state["successes"] += 1
             bar.update(1)
             if writer is not None:
+                if args.scripted_noise and args.scripted_label == "expert" and hasattr(policy, "expert_labels"):
+                    labels = policy.expert_labels(result.episode)
+                    assert len(labels) == len(result.steps), (len(labels), len(result.steps))
+                    for step, label in zip(result.steps, labels):
+                        step["action"] = label
                 attrs = {
                     "init_state_index": result.init_state,
                     "seed": result.seed,
@@ -626,6 +644,8 @@ if __name__ == "__main__":
                     "success": True,
                 }
                 writer.add_demo(**episode_arrays(result.steps), attrs=attrs)
+        if hasattr(policy, "by_episode"):
+            policy.by_episode.pop(result.episode, None)
         if writer is not None:
             writer.set_attrs(num_attempts=state["attempts"], next_episode=state["started"])
         bar.set_postfix(attempts=state["attempts"], rate=f"{state['successes'] / state['attempts']:.2f}")
