@@ -151,6 +151,38 @@ def test_scripted_expert_solves_a_spatial_task_closed_loop():
 
 
 @pytest.mark.sim
+def test_noisy_scripted_demos_store_the_experts_noise_free_labels(tmp_path):
+    """DART: the noise moves the robot (states differ from the noise-free run) but the stored action of every step is
+    what the expert commanded there; with --scripted-label executed the noisy action is stored instead."""
+    base = "collect.py --policy scripted --suite libero_object --task-id 0 --num-envs 1 --obs-mode state"
+    task = le.resolve_task("libero_object", 0)
+    demos = {}
+    for name, extra in [("clean", ["--num-success", "3"]), ("expert", ["--scripted-noise", "0.3"]),
+                        ("executed", ["--scripted-noise", "0.3", "--scripted-label", "executed"])]:  # fmt: skip
+        run_script([*base.split(), "--num-success", "1", "--data-root", str(tmp_path), "--source", name, *extra],
+                   cwd=ROOT)  # fmt: skip
+        with demo_hdf5.DemoFile(demo_hdf5.demo_path(str(tmp_path), name, task.suite, task.name)) as f:
+            for key in f.demo_keys:  # by episode (a failed noisy episode shifts which one is kept)
+                demos[name, int(f.demo_attrs(key)["episode"])] = f.read(key, ["ee_pos", "gripper_states"])
+            assert f.attrs["scripted_label"] == ("executed" if name == "executed" else "expert")
+    e = next(e for n, e in demos if n == "expert")
+    clean, expert, executed = demos["clean", e], demos["expert", e], demos["executed", e]
+    # same init state and seed: the first observation and the expert's first command agree with the clean run
+    np.testing.assert_allclose(expert["states"][0], clean["states"][0])
+    np.testing.assert_allclose(expert["actions"][0], clean["actions"][0])
+    # the executed noise moved the robot off the clean path, and the noisy run stored noisy actions
+    assert np.abs(expert["obs"]["ee_pos"][20] - clean["obs"]["ee_pos"][20]).max() > 1e-3
+    assert np.abs(executed["actions"][0, :6] - clean["actions"][0, :6]).max() > 0.05
+    np.testing.assert_allclose(executed["states"], expert["states"])  # same noise stream, same executed path
+
+    # expert labels are smooth like the clean expert's; executed ones carry the 0.3 noise
+    def roughness(a):
+        return np.abs(np.diff(a[:, :3], axis=0)).mean()
+
+    assert roughness(expert["actions"]) < 0.5 * roughness(executed["actions"])
+
+
+@pytest.mark.sim
 def test_collect_rolls_out_a_bc_diffusion_checkpoint_found_by_convention(tmp_path):
     from helpers import write_tiny_demo_file
 
