@@ -462,6 +462,9 @@ class MLPDenoiser(nn.Module):
         return self.net(h).view(-1, *self.shape)
 
 
+STATE_MIN_SPAN = 0.1  # object-state normaliser: smallest span mapped to [-1, 1] (m for positions, quaternion units)
+
+
 class PolicyBase(nn.Module):
     """What every policy on LIBERO observations shares: the data normaliser (fitted on the demos, saved in the
     state dict) and the conversion of environment observations into normalised tensors."""
@@ -484,6 +487,8 @@ class PolicyBase(nn.Module):
                 continue
             lo, hi = torch.as_tensor(x.min(0)).float(), torch.as_tensor(x.max(0)).float()
             span = torch.where(hi - lo > 1e-4, hi - lo, torch.full_like(lo, 2.0))  # constant dims -> 0
+            if name == "state":  # object poses that barely varied in the demos (a quaternion spanning 0.005) must
+                span = span.clamp(min=STATE_MIN_SPAN)  # not turn a bump in closed loop into an input of 100s
             getattr(self, f"{name}_mid").copy_((lo + hi) / 2)
             getattr(self, f"{name}_scale").copy_(2.0 / span)
 
