@@ -597,7 +597,7 @@ if __name__ == "__main__":
         )
         if writer.resumed_demos:
             successes = writer.resumed_demos
-            attempts = int(writer.file_attrs.get("num_attempts", successes))
+            attempts = max(int(writer.file_attrs.get("num_attempts", successes)), successes)
             first_episode = int(writer.file_attrs.get("next_episode", attempts))
             print(f"continuing a killed run from {writer.partial}: {successes} demos kept, {attempts} episodes run")
         else:
@@ -628,26 +628,25 @@ if __name__ == "__main__":
 
     def on_episode_end(result: le.EpisodeResult) -> None:
         state["attempts"] += 1
-        if result.success and state["successes"] < args.num_success:
+        keep = result.success and state["successes"] < args.num_success
+        if keep:
             state["successes"] += 1
             bar.update(1)
-            if writer is not None:
+        if writer is not None:
+            # progress counters first: add_demo flushes them together with the demo, so a run killed right after
+            # never resumes with fewer attempts than demos or re-runs the episode it just kept
+            writer.set_attrs(num_attempts=state["attempts"], next_episode=state["started"])
+            if keep:
                 if args.scripted_noise and args.scripted_label == "expert" and hasattr(policy, "expert_labels"):
                     labels = policy.expert_labels(result.episode)
                     assert len(labels) == len(result.steps), (len(labels), len(result.steps))
                     for step, label in zip(result.steps, labels):
                         step["action"] = label
-                attrs = {
-                    "init_state_index": result.init_state,
-                    "seed": result.seed,
-                    "episode": result.episode,
-                    "success": True,
-                }
+                attrs = {"init_state_index": result.init_state, "seed": result.seed, "episode": result.episode,
+                         "success": True}  # fmt: skip
                 writer.add_demo(**episode_arrays(result.steps), attrs=attrs)
         if hasattr(policy, "by_episode"):
             policy.by_episode.pop(result.episode, None)
-        if writer is not None:
-            writer.set_attrs(num_attempts=state["attempts"], next_episode=state["started"])
         bar.set_postfix(attempts=state["attempts"], rate=f"{state['successes'] / state['attempts']:.2f}")
         result.steps.clear()  # recorded images are large; keep only what was written
 

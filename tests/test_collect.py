@@ -132,6 +132,8 @@ def test_a_killed_collection_leaves_no_file_and_the_rerun_continues(tmp_path):
         assert len(f) == 3
         episodes = [int(f.demo_attrs(k)["episode"]) for k in f.demo_keys]
         assert len(set(episodes)) == 3 and episodes == sorted(episodes)
+        # the attempt counter survived the kill: never fewer attempts than kept demos
+        assert f.attrs["num_attempts"] >= 3 and 0 < f.attrs["success_rate"] <= 1
     # A damaged .partial is discarded and the run starts clean.
     os.remove(path)
     with open(path + ".partial", "wb") as fh:
