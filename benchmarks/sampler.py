@@ -88,6 +88,7 @@ def diffusers_sampler(ft: ppo.FineTunedDiffusion, noise_clip: float, determinist
     return sample
 
 
+@torch.no_grad()  # as in the rollouts (GraphedSampler.__call__ runs the eager chain without autograd)
 def timed(fn, repeats: int, device) -> float:
     for _ in range(3):
         fn()
@@ -133,7 +134,8 @@ def main(args: Args) -> None:
         print(f"{B:5d}  {eager_ms:9.2f}  {g}  {diff_ms:12.2f}  {r1}  {diff_ms / eager_ms:14.2f}x  {r3}")
         if args.deterministic:  # same x_K in all three: the chains must agree
             torch.manual_seed(B)
-            _, eager_a = graphed._eager(obs_t, True)
+            with torch.no_grad():
+                _, eager_a = graphed._eager(obs_t, True)
             torch.manual_seed(B)
             clip = ppo_args.noise_clip
             x_K = torch.randn(B, cfg["horizon"], le.ACTION_DIM, device=device).clamp(-clip, clip)
