@@ -34,10 +34,18 @@ phase "2/8 BC warm start of the diffusion policy" \
 phase "3/8 PPO on the denoising chain (3 iterations)" \
   "$PY" ppo_diffusion.py "${TASK[@]}" --num-envs 2 --num-steps 40 --num-iterations 3 --critic-warmup-iters 1 \
   --minibatch-size 100 --update-epochs 4 --eval-episodes 20 --eval-every 0 --run-root "$ROOT/runs"
-phase "4/8 collect with the PPO policy (camera images for pi0)" \
-  "$PY" collect.py --policy diffusion "${TASK[@]}" --num-success 5 --max-episodes 40 --image-size 128 "${DIRS[@]}"
-phase "5/8 a tiny, randomly initialised pi0 fine-tuned on the RL data (pipeline smoke test, not a VLA)" \
-  "$PY" finetune_vla.py --config-only tiny --data "$ROOT/data/diffusion_rl" --exp-name demo_tiny_pi0 --image-size 64 \
+VLA_DATA="$ROOT/data/diffusion_rl"
+if ! phase "4/8 collect with the PPO policy (camera images for pi0)" \
+  "$PY" collect.py --policy diffusion "${TASK[@]}" --num-success 5 --max-episodes 20 --image-size 128 "${DIRS[@]}"; then
+  # At this CPU budget BC (and so PPO) may not succeed yet (README: "Checks"); keep the rest of the pipeline
+  # running on scripted demos with images, and say so.
+  echo "!!! the PPO policy did not succeed 5 times in 20 episodes: pi0 trains on scripted demos instead"
+  VLA_DATA="$ROOT/data/scripted_rgb"
+  phase "4b/8 scripted demos with camera images for pi0 (fallback)" \
+    "$PY" collect.py --policy scripted "${TASK[@]}" --num-success 5 --image-size 128 --source scripted_rgb "${DIRS[@]}"
+fi
+phase "5/8 a tiny, randomly initialised pi0 fine-tuned on the collected data (pipeline smoke test, not a VLA)" \
+  "$PY" finetune_vla.py --config-only tiny --data "$VLA_DATA" --exp-name demo_tiny_pi0 --image-size 64 \
   --total-steps 60 --batch-size 4 --warmup-steps 10 --log-every 20 --num-workers 0 --run-root "$ROOT/runs"
 phase "6/8 evaluate the PPO policy (LIBERO protocol, 20 init states)" \
   "$PY" evaluate.py --policy diffusion "${TASK[@]}" --num-episodes 20 --run-root "$ROOT/runs" --results-root "$ROOT/results"

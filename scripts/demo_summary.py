@@ -26,7 +26,8 @@ def main(root: str, wall: str = "") -> None:
     def add(phase, result, where):
         rows.append((phase, result, where))
 
-    for source in ("scripted", "diffusion_rl"):
+    fallback = glob.glob(os.path.join(data, "scripted_rgb", "libero_object", "*_demo.hdf5"))
+    for source in ("scripted", "diffusion_rl") + (("scripted_rgb",) if fallback else ()):
         files = glob.glob(os.path.join(data, source, "libero_object", "*_demo.hdf5"))
         if files:
             with demo_hdf5.DemoFile(files[0]) as f:
