@@ -46,7 +46,8 @@ if ! phase "4/8 collect with the PPO policy (camera images for pi0)" \
 fi
 phase "5/8 a tiny, randomly initialised pi0 fine-tuned on the collected data (pipeline smoke test, not a VLA)" \
   "$PY" finetune_vla.py --config-only tiny --data "$VLA_DATA" --exp-name demo_tiny_pi0 --image-size 64 \
-  --total-steps 60 --batch-size 4 --warmup-steps 10 --log-every 20 --num-workers 0 --run-root "$ROOT/runs"
+  --total-steps 60 --batch-size 4 --warmup-steps 10 --lr 1e-3 --lr-min 1e-4 --log-every 20 --num-workers 0 \
+  --run-root "$ROOT/runs"
 phase "6/8 evaluate the PPO policy (LIBERO protocol, 20 init states)" \
   "$PY" evaluate.py --policy diffusion "${TASK[@]}" --num-episodes 20 --run-root "$ROOT/runs" --results-root "$ROOT/results"
 phase "7/8 evaluate the tiny pi0 (2 episodes)" \

@@ -37,6 +37,8 @@ def main(root: str, wall: str = "") -> None:
                     f"{len(f)} demos, {f.attrs['total']} steps, success rate {rate:.2f}",
                     files[0],
                 )
+        elif source == "diffusion_rl" and fallback:  # demo.sh said so and trained pi0 on scripted_rgb instead
+            add(f"collect ({source})", "no successful episode in 20 (BC/PPO at 0%)", os.path.join(data, source))
         else:
             add(f"collect ({source})", "MISSING", os.path.join(data, source))
     for phase, key in (("bc_diffusion", "loss"), ("ppo_diffusion", "pg_loss")):
