@@ -229,6 +229,19 @@ def format_cell(mean, n, complete, expected) -> str:
     return f"{mean:.2f}" if complete else f"{mean:.2f}* ({n}/{expected} tasks)"
 
 
+def table_row(tag: str, rates: dict, columns) -> tuple[str, list[dict]]:
+    """One policy's markdown row (per-suite means, average only when every suite is complete) and its CSV cells."""
+    texts, cells, means = [], [], []
+    for suite, _ in columns:
+        mean, n, complete = suite_cell(rates.get(suite, {}), suite)
+        texts.append(format_cell(mean, n, complete, le.SUITE_SIZES[suite]))
+        means.append(mean)
+        cells.append({"suite": suite, "success_rate": "" if mean is None else round(mean, 2), "tasks": n,
+                      "tasks_expected": le.SUITE_SIZES[suite], "complete": complete})  # fmt: skip
+    average = f"{np.mean(means):.2f}" if all(c["complete"] for c in cells) else "n/a (incomplete)"
+    return f"| {tag} | " + " | ".join(texts) + f" | {average} |", cells
+
+
 def summarize(results_root: str) -> str:
     """Write summary.md / summary.csv; return the markdown."""
     data = collect_results(results_root)
@@ -246,38 +259,15 @@ def summarize(results_root: str) -> str:
     ]
     rows = []
     for tag in sorted(rates):
-        cells, means, complete_all = [], [], True
-        for suite, _ in SUITE_COLUMNS:
-            mean, n, complete = suite_cell(rates[tag].get(suite, {}), suite)
-            cells.append(format_cell(mean, n, complete, le.SUITE_SIZES[suite]))
-            complete_all &= complete
-            means.append(mean)
-            rows.append(
-                {
-                    "table": "I",
-                    "policy": tag,
-                    "suite": suite,
-                    "success_rate": "" if mean is None else round(mean, 2),
-                    "tasks": n,
-                    "tasks_expected": le.SUITE_SIZES[suite],
-                    "complete": complete,
-                }
-            )
-        average = f"{np.mean(means):.2f}" if complete_all else "n/a (incomplete)"
-        lines.append(f"| {tag} | " + " | ".join(cells) + f" | {average} |")
+        line, cells = table_row(tag, rates[tag], SUITE_COLUMNS)
+        lines.append(line)
+        rows += [{"table": "I", "policy": tag, **c} for c in cells]
     ood = [t for t in sorted(rates) if infos.get(t, {}).get("suites") == ["libero_90"]]
     lines += ["", "## Table II — trained on LIBERO-90, zero-shot on other suites", ""]
     if ood:
         lines += ["| policy | " + " | ".join(c for _, c in OOD_COLUMNS) + " | Average |", "|---|" + "---|" * 4]
         for tag in ood:
-            cells, means, complete_all = [], [], True
-            for suite, _ in OOD_COLUMNS:
-                mean, n, complete = suite_cell(rates[tag].get(suite, {}), suite)
-                cells.append(format_cell(mean, n, complete, le.SUITE_SIZES[suite]))
-                complete_all &= complete
-                means.append(mean)
-            average = f"{np.mean(means):.2f}" if complete_all else "n/a (incomplete)"
-            lines.append(f"| {tag} | " + " | ".join(cells) + f" | {average} |")
+            lines.append(table_row(tag, rates[tag], OOD_COLUMNS)[0])
     else:
         lines.append("No policy trained only on LIBERO-90 (finetune_vla.py --suites libero_90) has been evaluated.")
     markdown = "\n".join(lines) + "\n"
