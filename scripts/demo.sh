@@ -6,7 +6,8 @@
 #
 # Every phase is its script's real CLI with small budgets; artefacts go under $DEMO_ROOT (default demo/):
 # runs/ (checkpoints, metrics.jsonl), data/ (HDF5), results/ (evaluation JSON, analysis report and figures).
-# BC and PPO use --obs-mode state (LIBERO's object state, no rendering) to fit a CPU budget; the RL data is
+# BC and PPO use --obs-mode state (LIBERO's object state, no rendering) to fit a CPU budget, with the demos'
+# executed under DART noise (their stored labels are the expert's noise-free actions); the RL data is
 # collected with camera images for pi0. The pi0 here is randomly initialised and tiny: a smoke test of the
 # fine-tuning pipeline, not a VLA (see README for the real recipe).
 set -euo pipefail
@@ -26,11 +27,12 @@ phase() {
   "$@"
 }
 
-phase "1/8 scripted demonstrations (privileged expert, 20 successes)" \
-  "$PY" collect.py --policy scripted "${TASK[@]}" --num-success 20 --max-episodes 60 --obs-mode state "${DIRS[@]}"
-phase "2/8 BC warm start of the diffusion policy" \
-  "$PY" bc_diffusion.py "${TASK[@]}" --obs-mode state --demo-source scripted --total-steps 4000 --warmup-steps 200 \
-  --eval-every 0 --eval-episodes 20 --log-every 200 "${DIRS[@]}"
+phase "1/8 scripted demonstrations (privileged expert with DART noise, 20 successes)" \
+  "$PY" collect.py --policy scripted "${TASK[@]}" --num-success 20 --max-episodes 60 --obs-mode state \
+  --scripted-noise 0.3 "${DIRS[@]}"
+phase "2/8 BC warm start of the diffusion policy (MLP denoiser: the fast recipe on a CPU, README \"Checks\")" \
+  "$PY" bc_diffusion.py "${TASK[@]}" --obs-mode state --demo-source scripted --denoiser mlp --batch-size 256 \
+  --lr 3e-4 --total-steps 8000 --eval-every 0 --eval-episodes 20 --log-every 500 "${DIRS[@]}"
 phase "3/8 PPO on the denoising chain (3 iterations)" \
   "$PY" ppo_diffusion.py "${TASK[@]}" --num-envs 2 --num-steps 40 --num-iterations 3 --critic-warmup-iters 1 \
   --minibatch-size 100 --update-epochs 4 --eval-episodes 20 --eval-every 0 --run-root "$ROOT/runs"
