@@ -25,7 +25,7 @@ format: install
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The main job: the whole pipeline at a small default on one LIBERO-Object task (CPU, ~25 min; outputs in demo/)
+# The main job: the whole pipeline at a small default on one LIBERO-Object task (CPU, ~15 min; outputs in demo/)
 demo: install
 	PY=$(PY) bash scripts/demo.sh
 

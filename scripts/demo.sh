@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: the whole pipeline at a small default on one LIBERO-Object task, on a CPU (~25 min on 2 cores).
+# `make demo`: the whole pipeline at a small default on one LIBERO-Object task, on a CPU (~15 min on 2 cores).
 #
 #   scripted demos -> BC (diffusion policy) -> a few PPO iterations -> collect with the PPO policy
 #   -> a tiny from-scratch pi0 fine-tune -> evaluate -> analyze -> summary table
