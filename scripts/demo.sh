@@ -6,7 +6,7 @@
 #
 # Every phase is its script's real CLI with small budgets; artefacts go under $DEMO_ROOT (default demo/):
 # runs/ (checkpoints, metrics.jsonl), data/ (HDF5), results/ (evaluation JSON, analysis report and figures).
-# BC and PPO use --obs-mode state (LIBERO's object state, no rendering) to fit a CPU budget, with the demos'
+# BC and PPO use --obs-mode state (LIBERO's object state, no rendering) to fit a CPU budget, with the demos
 # executed under DART noise (their stored labels are the expert's noise-free actions); the RL data is
 # collected with camera images for pi0. The pi0 here is randomly initialised and tiny: a smoke test of the
 # fine-tuning pipeline, not a VLA (see README for the real recipe).
