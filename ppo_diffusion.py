@@ -476,9 +476,11 @@ def ppo_update(policy: FineTunedDiffusion, critic: Critic, batch: dict, args, op
         mbs = range(0, len(pairs_i), args.minibatch_size)
         logp_old = torch.cat([logprob(pairs_i[s : s + args.minibatch_size], pairs_k[s : s + args.minibatch_size])[0]
                               for s in mbs]).cpu()  # fmt: skip
-    stats = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "ratio_first")}
+    stats = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "ratio_first", "actor_grad_norm",
+                             "critic_grad_norm")}  # fmt: skip
     actor_opt, critic_opt = optimizers
-    params = [p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad]
+    actor_params = [p for p in policy.parameters() if p.requires_grad]
+    critic_params = [p for p in critic.parameters() if p.requires_grad]
     stop = False
     for epoch in range(args.update_epochs):
         perm = torch.randperm(len(pairs_i))
@@ -487,9 +489,10 @@ def ppo_update(policy: FineTunedDiffusion, critic: Critic, batch: dict, args, op
             i, k = pairs_i[mb], pairs_k[mb]
             logp_new, obs_t = logprob(i, k)
             ratio = (logp_new - logp_old[mb].to(device)).exp()
-            weight = args.gamma_denoising ** (K - 1 - k).float()  # the action-emitting step weighs most
-            adv = batch["advantages"][i] * weight
-            adv = ((adv - adv.mean()) / (adv.std() + 1e-8)).to(device)
+            # normalise over the minibatch, then weigh by the denoising discount (the action-emitting step most)
+            adv = batch["advantages"][i]
+            adv = ((adv - adv.mean()) / (adv.std() + 1e-8)) * args.gamma_denoising ** (K - 1 - k).float()
+            adv = adv.to(device)
             clip = clip_schedule(k - (K - ft), ft, args.clip_coef_base, args.clip_coef, args.clip_coef_rate,
                                  args.constant_clip).to(device)  # fmt: skip
             pg_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
@@ -507,16 +510,18 @@ def ppo_update(policy: FineTunedDiffusion, critic: Critic, batch: dict, args, op
             actor_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
             loss.backward()
-            grads = [p.grad for p in params if p.grad is not None]
+            grads = [p.grad for p in actor_params + critic_params if p.grad is not None]
             bad = check_finite({"gradient": torch.stack([g.norm() for g in grads])}) if grads else None
             if bad:
                 actor_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
                 return stats, bad
-            if args.max_grad_norm:
-                nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            # actor and critic are clipped apart: the critic's larger gradient must not shrink the actor's step
+            max_norm = args.max_grad_norm or float("inf")
             if train_actor:
+                stats["actor_grad_norm"].append(nn.utils.clip_grad_norm_(actor_params, max_norm).item())
                 actor_opt.step()
+            stats["critic_grad_norm"].append(nn.utils.clip_grad_norm_(critic_params, max_norm).item())
             critic_opt.step()
             stats["pg_loss"].append(pg_loss.item())
             stats["v_loss"].append(v_loss.item())
