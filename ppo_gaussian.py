@@ -208,8 +208,10 @@ def gaussian_ppo_update(policy: GaussianPolicy, critic, batch: dict, args, optim
             [forward(torch.arange(s, min(s + args.minibatch_size, N)))[0] for s in range(0, N, args.minibatch_size)]
         ).cpu()
     actor_opt, critic_opt = optimizers
-    params = [p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad]
-    stats = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "entropy", "ratio_first")}
+    actor_params = [p for p in policy.parameters() if p.requires_grad]
+    critic_params = [p for p in critic.parameters() if p.requires_grad]
+    stats = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "entropy", "ratio_first",
+                             "actor_grad_norm", "critic_grad_norm")}  # fmt: skip
     stop = False
     for epoch in range(args.update_epochs):
         perm = torch.randperm(N)
@@ -233,13 +235,14 @@ def gaussian_ppo_update(policy: GaussianPolicy, critic, batch: dict, args, optim
             actor_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
             loss.backward()
-            grads = [p.grad.norm() for p in params if p.grad is not None]
+            grads = [p.grad.norm() for p in actor_params + critic_params if p.grad is not None]
             if grads and check_finite({"gradient": torch.stack(grads)}):
                 return stats, "gradient"
-            if args.max_grad_norm:
-                nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            max_norm = args.max_grad_norm or float("inf")  # actor and critic clipped apart, as in ppo_diffusion
             if train_actor:
+                stats["actor_grad_norm"].append(nn.utils.clip_grad_norm_(actor_params, max_norm).item())
                 actor_opt.step()
+            stats["critic_grad_norm"].append(nn.utils.clip_grad_norm_(critic_params, max_norm).item())
             critic_opt.step()
             for key, value in (("pg_loss", pg_loss), ("v_loss", v_loss), ("approx_kl", approx_kl),
                                ("entropy", entropy.mean())):  # fmt: skip
