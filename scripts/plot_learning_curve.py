@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("run_dir")
     parser.add_argument("out_png")
     parser.add_argument("--title", default="")
+    parser.add_argument("--smooth", type=int, default=20, help="iterations in the rollout-success running mean")
     args = parser.parse_args()
     rows = read_metrics(args.run_dir)
     evals = [(r["env_steps"], r["eval/success_rate"]) for r in rows if "eval/success_rate" in r]
@@ -36,7 +37,12 @@ def main() -> None:
         raise SystemExit(f"error: {args.run_dir}/metrics.jsonl has no eval/success_rate yet; wait for an evaluation.")
     fig, ax = plt.subplots(figsize=(6, 3.6))
     if train:
-        ax.plot(*zip(*train), color="0.7", lw=1, label="rollout success (stochastic, eta = 1)")
+        steps, rates = zip(*train)
+        ax.plot(steps, rates, color="0.8", lw=0.8, label="rollout success per iteration (stochastic, eta = 1)")
+        w = min(args.smooth, len(rates))
+        windows = [rates[max(0, i - w + 1) : i + 1] for i in range(len(rates))]
+        smooth = [sum(win) / len(win) for win in windows]
+        ax.plot(steps, smooth, color="C1", lw=1.5, label=f"rollout success, mean of last {w} iterations")
     ax.plot(*zip(*evals), "o-", color="C0", label="eval success (deterministic, 50 init states)")
     ax.set_xlabel("environment steps")
     ax.set_ylabel("success rate")
