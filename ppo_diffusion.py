@@ -116,7 +116,7 @@ class Args:
     vf_coef: float = 0.5
     """value-loss weight"""
     max_grad_norm: float = 1.0
-    """gradient clipping (0 disables)"""
+    """gradient-norm clip, applied to the actor and the critic apart (0 disables)"""
     target_kl: Optional[float] = 1.0
     """stop the epochs of an iteration once the approximate KL exceeds this (None: never)"""
     critic_warmup_iters: int = 2
