@@ -19,7 +19,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
@@ -573,37 +572,11 @@ def load_policy(path: str, device="cpu") -> DiffusionPolicy:
 # ================================================================================================================
 # Training helpers
 # ================================================================================================================
-def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """DrQ-style augmentation: replicate-pad by ``pad`` and crop back at a random offset per sample."""
-    if pad <= 0:
-        return images
-    B, _, H, W = images.shape
-    padded = F.pad(images.float(), (pad, pad, pad, pad), mode="replicate")
-    offsets = torch.randint(0, 2 * pad + 1, (B, 2), generator=generator)
-    return torch.stack([padded[i, :, y : y + H, x : x + W] for i, (y, x) in enumerate(offsets.tolist())])
-
-
 def policy_config(args, object_state_dim: int = 0) -> dict:
     cfg = {k: getattr(args, k) for k in ARCH_FIELDS}
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
     cfg["object_state_dim"] = object_state_dim if args.obs_mode == "state" else 0
     return cfg
-
-
-def evaluate(act: Callable, cfg: dict, venv: le.VectorLiberoEnv, episodes: int, seed: int) -> dict:
-    """Protocol rollouts of a deterministic ``act(obs) -> (B, act_steps, 7)``; success rate and mean episode length."""
-    results = le.run_episodes(
-        venv,
-        lambda obs, env_ids: act(obs),
-        range(episodes),
-        seed=seed,
-        replan_steps=cfg["act_steps"],
-        render=cfg["obs_mode"] == "rgb",
-    )
-    return {
-        "success_rate": float(np.mean([r.success for r in results])),
-        "episode_length": float(np.mean([r.length for r in results])),
-    }
 
 
 def check_args(args) -> None:
@@ -708,10 +681,7 @@ if __name__ == "__main__":
     policy.train()
     while step < args.total_steps:
         # ALGO LOGIC: one DDPM denoising-loss step (eq. 1)
-        obs, actions = dataset.sample(args.batch_size, generator)
-        if args.obs_mode == "rgb":
-            for key in le.CAMERAS:
-                obs[key] = random_shift(obs[key].permute(0, 3, 1, 2), args.random_shift, generator)
+        obs, actions = dataset.sample(args.batch_size, generator, shift=args.random_shift)
         t = torch.randint(0, cfg["num_train_timesteps"], (args.batch_size,), generator=generator)
         eps = torch.randn(actions.shape, generator=generator)
         obs = policy.normalize_obs({k: v.to(device) for k, v in obs.items()})
@@ -747,7 +717,7 @@ if __name__ == "__main__":
             if venv is None:
                 venv = le.VectorLiberoEnv(task, args.eval_num_envs, obs_mode=args.obs_mode, image_size=args.image_size)
             act = lambda obs: ema.model.act(obs, "ddim", args.eval_ddim_steps, eta=0.0)  # noqa: E731
-            stats = evaluate(act, cfg, venv, args.eval_episodes, args.seed)
+            stats = le.evaluate_success(venv, act, args.eval_episodes, args.seed, cfg["act_steps"])
             logger.log(step, **{f"eval/{k}": v for k, v in stats.items()})
             print(f"step {step}: eval success {stats['success_rate']:.2f} over {args.eval_episodes} episodes")
         if step % args.save_every == 0 or preemption.requested:

@@ -400,14 +400,34 @@ class ChunkDataset:
         self.episode_end = np.repeat(ends, lengths)  # exclusive end of each sample's episode
         self.num_samples, self.num_demos = int(ends[-1]), len(demos)
 
-    def sample(self, batch_size: int, generator):
-        """(obs dict of tensors (B, ...), action chunks (B, H, 7)); indices drawn from the torch ``generator``."""
+    def sample(self, batch_size: int, generator, shift: int = 0):
+        """A training batch drawn from the torch ``generator``: (obs dict of tensors (B, ...), action chunks
+        (B, H, 7)). Camera images come channels first, (B, 3, H, W), randomly shifted by up to ``shift`` pixels."""
         import torch
+
+        import libero_env as le
 
         idx = torch.randint(0, self.num_samples, (batch_size,), generator=generator).numpy()
         chunk = np.minimum(idx[:, None] + np.arange(self.horizon), self.episode_end[idx, None] - 1)
         obs = {k: torch.from_numpy(v[idx]) for k, v in self.obs.items()}
+        for key in le.CAMERAS:  # fixed order, so the generator's draws do not depend on dict order
+            if key in obs:
+                obs[key] = random_shift(obs[key].permute(0, 3, 1, 2), shift, generator)
         return obs, torch.from_numpy(self.actions[chunk])
+
+
+def random_shift(images, pad: int, generator):
+    """DrQ-style augmentation of (B, C, H, W) images: replicate-pad by ``pad`` and crop back at a random offset
+    per sample (offsets from the torch ``generator``); ``pad`` 0 returns the images unchanged."""
+    import torch
+    import torch.nn.functional as F
+
+    if pad <= 0:
+        return images
+    B, _, H, W = images.shape
+    padded = F.pad(images.float(), (pad, pad, pad, pad), mode="replicate")
+    offsets = torch.randint(0, 2 * pad + 1, (B, 2), generator=generator)
+    return torch.stack([padded[i, :, y : y + H, x : x + W] for i, (y, x) in enumerate(offsets.tolist())])
 
 
 def load_chunk_dataset(paths: list[str], obs_mode: str, image_size: int, horizon: int, num_demos=None):

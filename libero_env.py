@@ -5,7 +5,7 @@ Everything the phase scripts need from the simulator lives here, once:
 * the task registry (130 tasks; global ids 0-129 in the order spatial, object, goal, libero_10, libero_90),
   with the instruction read from each BDDL file's ``:language`` (never parsed from the file name);
 * the evaluation protocol as data (``SUITE_MAX_STEPS``, ``NUM_WAIT_STEPS``, ``WAIT_ACTION``) and as code
-  (:meth:`LiberoEnv.reset`, :func:`run_episodes`);
+  (:meth:`LiberoEnv.reset`, :func:`run_episodes`, and :func:`evaluate_success` for the training scripts);
 * :class:`LiberoEnv`, a single environment with soft resets and rendering only when asked for;
 * :class:`VectorLiberoEnv`, environments in subprocess workers with deterministic init-state assignment and
   worker failures surfaced as :class:`EnvWorkerError` (with the child's traceback);
@@ -698,6 +698,18 @@ def run_episodes(
         if finished:
             start(finished)
     return sorted(results, key=lambda r: r.episode)
+
+
+def evaluate_success(venv: VectorLiberoEnv, act: Callable, episodes: int, seed: int, replan_steps: int) -> dict:
+    """Success rate and mean episode length of a deterministic ``act(obs) -> (B, T, 7)`` over protocol episodes
+    0..episodes-1: the periodic evaluation of the training scripts."""
+    results = run_episodes(
+        venv, lambda obs, env_ids: act(obs), range(episodes), seed, replan_steps, render=venv.obs_mode == "rgb"
+    )
+    return {
+        "success_rate": float(np.mean([r.success for r in results])),
+        "episode_length": float(np.mean([r.length for r in results])),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------

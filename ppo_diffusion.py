@@ -565,7 +565,6 @@ def check_args(args) -> None:
 # ================================================================================================================
 if __name__ == "__main__":
     import run_utils
-    from bc_diffusion import evaluate
     from bc_diffusion import load_policy as load_bc_policy
 
     args = tyro.cli(Args)
@@ -653,7 +652,7 @@ if __name__ == "__main__":
 
     def run_eval() -> dict:
         policy.eval()
-        stats = evaluate(policy.act, cfg, eval_venv, args.eval_episodes, args.seed)
+        stats = le.evaluate_success(eval_venv, policy.act, args.eval_episodes, args.seed, cfg["act_steps"])
         rollout.obs = rollout._reset(list(range(venv.num_envs))) if eval_venv is venv else rollout.obs
         return stats
 
@@ -700,6 +699,9 @@ if __name__ == "__main__":
                 logger.close()
                 sys.exit(f"error: {bad_updates} consecutive updates had non-finite {bad}; stopped with the last good "
                          f"checkpoint in {ckpt_dir}.")  # fmt: skip
+            if preemption.requested:  # no non-finite step was applied, so the weights are safe to save
+                checkpoint("latest.pt")
+                preemption.exit()
             continue
         bad_updates = 0
         n_eps = len(rollout.episode_returns)

@@ -262,7 +262,6 @@ def gaussian_ppo_update(policy: GaussianPolicy, critic, batch: dict, args, optim
 if __name__ == "__main__":
     import demo_hdf5
     import run_utils
-    from bc_diffusion import evaluate, random_shift
     from ppo_diffusion import Critic, Rollout, RunningRewardScaler, bootstrap_values, gae
 
     args = tyro.cli(Args)
@@ -345,10 +344,7 @@ if __name__ == "__main__":
         bar = tqdm(total=args.bc_steps, initial=bc_step, desc="bc", unit="step")
         policy.train()
         while bc_step < args.bc_steps:
-            obs, actions = dataset.sample(args.bc_batch_size, generator)
-            if args.obs_mode == "rgb":
-                for key in le.CAMERAS:
-                    obs[key] = random_shift(obs[key].permute(0, 3, 1, 2), args.random_shift, generator)
+            obs, actions = dataset.sample(args.bc_batch_size, generator, shift=args.random_shift)
             obs = policy.normalize_obs(to_device(obs, device))
             target = policy.normalize_actions(actions.to(device)).flatten(1)
             loss = ((torch.tanh(policy.head(policy.encoder(obs))) - target) ** 2).mean()
@@ -379,7 +375,7 @@ if __name__ == "__main__":
 
     def run_eval() -> dict:
         policy.eval()
-        stats = evaluate(policy.act, cfg, venv, args.eval_episodes, args.seed)
+        stats = le.evaluate_success(venv, policy.act, args.eval_episodes, args.seed, cfg["act_steps"])
         rollout.obs = rollout._reset(list(range(venv.num_envs)))
         return stats
 
@@ -421,6 +417,9 @@ if __name__ == "__main__":
             if bad_updates >= args.max_bad_updates:
                 sys.exit(f"error: {bad_updates} consecutive updates had non-finite {bad}; stopped with the last good "
                          f"checkpoint in {ckpt_dir}.")  # fmt: skip
+            if preemption.requested:  # no non-finite step was applied, so the weights are safe to save
+                checkpoint("latest.pt")
+                preemption.exit()
             continue
         bad_updates = 0
         n_eps = len(rollout.episode_returns)

@@ -209,9 +209,10 @@ class Preemption:
 
     def exit(self, requeue: bool = True) -> None:
         """Requeue the SLURM job this runs in (if any; one process of a multi-process job), then leave."""
-        job = os.environ.get("SLURM_JOB_ID") if requeue else None
-        if os.environ.get("SLURM_ARRAY_JOB_ID"):
-            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        job = None
+        if requeue:  # an array element is requeued by its own id, not the array's
+            array = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID")
         if job:
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             print(

@@ -21,6 +21,7 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bc_diffusion as bc  # noqa: E402
+import demo_hdf5  # noqa: E402
 import run_utils  # noqa: E402
 
 
@@ -69,7 +70,7 @@ def main(args: Args) -> None:
     images = {k: torch.randint(0, 255, (B, S, S, 3), dtype=torch.uint8) for k in ("agentview_rgb", "eye_in_hand_rgb")}
 
     def train_step(step):
-        obs = {k: bc.random_shift(v.permute(0, 3, 1, 2), 8, g) for k, v in images.items()}
+        obs = {k: demo_hdf5.random_shift(v.permute(0, 3, 1, 2), 8, g) for k, v in images.items()}
         obs["proprio"] = torch.randn(B, 8)
         obs = {k: v.to(device) for k, v in obs.items()}
         a0 = torch.rand(B, cfg["horizon"], 7, device=device) * 2 - 1

@@ -209,3 +209,30 @@ def test_noop_mask_counts_planted_noops_with_the_gripper_exception():
     np.testing.assert_array_equal(dh.noop_mask(a), [False, True, True, False, True, True, False, True])
     first_still = np.zeros((2, 7))
     assert dh.noop_mask(first_still).tolist() == [True, True]
+
+
+def test_training_batches_come_channels_first_and_randomly_shifted():
+    import torch
+
+    rng = np.random.default_rng(0)
+    demos = [random_demo(rng, T) for T in (9, 6)]
+    for d in demos:  # policy_obs reads the 8-d proprioception from these keys
+        d["obs"] = {k: d["obs"][k] for k in ("agentview_rgb", "eye_in_hand_rgb", "ee_pos", "ee_ori", "gripper_states")}
+    data = dh.ChunkDataset(demos, "rgb", image_size=16, horizon=4)
+    plain, _ = data.sample(5, torch.Generator().manual_seed(3))
+    shifted, actions = data.sample(5, torch.Generator().manual_seed(3), shift=2)
+    assert actions.shape == (5, 4, 7)
+    pad = 2
+    for key in ("agentview_rgb", "eye_in_hand_rgb"):
+        assert plain[key].shape == shifted[key].shape == (5, 3, 16, 16)
+        padded = torch.nn.functional.pad(plain[key].float(), (pad, pad, pad, pad), mode="replicate")
+        offsets = []
+        for b in range(5):  # each sample is a 16x16 crop of its own replicate-padded image at some offset
+            matches = [(y, x) for y in range(2 * pad + 1) for x in range(2 * pad + 1)
+                       if torch.equal(padded[b, :, y : y + 16, x : x + 16], shifted[key][b])]  # fmt: skip
+            assert matches, f"{key}[{b}] is not a shifted crop of the sampled image"
+            offsets.append(matches[0])
+        assert len(set(offsets)) > 1  # the offset is drawn per sample
+    # the same generator state gives the same draws: indices first, then one offset pair per sample and camera
+    again, _ = data.sample(5, torch.Generator().manual_seed(3), shift=2)
+    assert all(torch.equal(again[k], shifted[k]) for k in shifted)

@@ -94,3 +94,14 @@ def test_libero_imports_and_builds_an_env_with_stdin_closed():
                          text=True, timeout=300, env={**env, "HOME": "/nonexistent-home"})  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "(3,)" in out.stdout
+
+
+def test_a_process_told_not_to_requeue_does_not_requeue_its_array_element():
+    """finetune_vla.py: under torchrun only rank 0 requeues; the other ranks of an array element just leave."""
+    code = "import run_utils; p = run_utils.Preemption(); p.signal_name = 'SIGUSR1'; p.exit(requeue=False)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=script_env({"SLURM_JOB_ID": "424242", "SLURM_ARRAY_JOB_ID": "424240",
+                                         "SLURM_ARRAY_TASK_ID": "2"}))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "requeued" not in out.stdout
+    assert "pre-empted (SIGUSR1): checkpoint written; rerun with --resume auto" in out.stdout
