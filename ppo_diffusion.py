@@ -153,22 +153,16 @@ class Args:
 # Denoising MDP: schedule, sampler, log-probs
 # ================================================================================================================
 class DenoisingSchedule(nn.Module):
-    """Per denoising step k (0 = noisiest): timestep, abar_t, abar_prev, and the rollout sigma (eta)."""
+    """Per denoising step k (0 = noisiest): timestep, abar_t, abar_prev; the step's mean and sigma (DDIM with
+    the rollout eta, or the DDPM posterior)."""
 
     def __init__(self, alphas_cumprod: torch.Tensor, sampler: str, num_steps: int, eta: float):
         super().__init__()
         steps = step_schedule(alphas_cumprod, sampler, num_steps)
         self.sampler, self.K = sampler, len(steps)
         self.register_buffer("t", torch.tensor([s[0] for s in steps]))
-        abar_t = torch.stack([s[1] for s in steps]).float()
-        abar_prev = torch.stack([s[2] for s in steps]).float()
-        self.register_buffer("abar_t", abar_t)
-        self.register_buffer("abar_prev", abar_prev)
-        if sampler == "ddim":
-            sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
-        else:
-            sigma = ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).clamp(min=1e-20).sqrt()
-        self.register_buffer("sigma", sigma)
+        self.register_buffer("abar_t", torch.stack([s[1] for s in steps]).float())
+        self.register_buffer("abar_prev", torch.stack([s[2] for s in steps]).float())
         self.eta = eta
 
     def mean(self, x_k, eps, k: torch.Tensor, deterministic: bool = False):
@@ -177,8 +171,7 @@ class DenoisingSchedule(nn.Module):
         abar_t, abar_prev = self.abar_t[k].view(shape), self.abar_prev[k].view(shape)
         if self.sampler == "ddim":
             return ddim_step(x_k, eps, abar_t, abar_prev, 0.0 if deterministic else self.eta)
-        mean, sigma = ddpm_step(x_k, eps, abar_t, abar_prev)
-        return mean, sigma
+        return ddpm_step(x_k, eps, abar_t, abar_prev)
 
 
 def denoising_logprob(model, sched: DenoisingSchedule, cond, x_k, x_next, k, min_std, act_steps, clip):
