@@ -67,7 +67,7 @@ class Args:
     replan_steps: int = 0
     """actions executed per policy query (0: the policy's default: scripted 1, diffusion act_steps, vla 5)"""
     ddim_steps: int = 5
-    """DDIM steps of a diffusion policy's sampler"""
+    """DDIM steps of a BC diffusion policy's sampler (a ppo_diffusion checkpoint runs its fine-tuned schedule)"""
     scripted_noise: float = 0.0
     """std of Gaussian noise added to the scripted expert's executed arm actions (perturbed, varied demos)"""
     scripted_label: Literal["expert", "executed"] = "expert"
@@ -492,6 +492,7 @@ def load_learned_policy(kind: str, ckpt: str, task: le.Task, deterministic=True,
     import run_utils
 
     device = torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+    generator = torch.Generator().manual_seed(seed)  # the policy's sampling noise
     if kind == "vla":
         from finetune_vla import Pi0Policy
 
@@ -501,7 +502,7 @@ def load_learned_policy(kind: str, ckpt: str, task: le.Task, deterministic=True,
         from ppo_gaussian import load_policy
 
         policy = load_policy(ckpt, device)
-        act = lambda obs: policy.act(obs, deterministic)  # noqa: E731
+        act = lambda obs: policy.act(obs, deterministic, generator)  # noqa: E731
         cfg = policy.cfg
         return LearnedPolicy(
             act, cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], {"ckpt_format": "ppo_gaussian/v1"}
@@ -512,7 +513,6 @@ def load_learned_policy(kind: str, ckpt: str, task: le.Task, deterministic=True,
     else:
         from bc_diffusion import load_policy
     policy = load_policy(ckpt, device)
-    generator = torch.Generator().manual_seed(seed)
     act = lambda obs: policy.act(obs, "ddim", ddim_steps, eta=0.0 if deterministic else 1.0, generator=generator)  # noqa: E731
     cfg = policy.cfg
     return LearnedPolicy(act, cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], {"ckpt_format": fmt})

@@ -69,7 +69,7 @@ class Args:
     replan_steps: int = 0
     """actions executed per policy query (0: the policy's default)"""
     ddim_steps: int = 5
-    """DDIM steps of diffusion policies (deterministic, eta = 0)"""
+    """DDIM steps of BC diffusion policies (deterministic, eta = 0; ppo_diffusion runs its fine-tuned schedule)"""
     image_size: int = 0
     """rendered camera size (0: the policy's input size; 256 for pi0, as its training data)"""
     capture_video: bool = False

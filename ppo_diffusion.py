@@ -189,9 +189,11 @@ class FineTunedDiffusion(nn.Module):
     """The fine-tuned policy: a trainable copy for the last ``ft_steps`` denoising steps, the frozen BC actor for
     the earlier ones (DPPO). With ft_steps = K the frozen copy is never used and not kept."""
 
-    def __init__(self, bc_policy: DiffusionPolicy, sched: DenoisingSchedule, ft_steps: int, cfg: dict):
+    def __init__(self, bc_policy: DiffusionPolicy, sched: DenoisingSchedule, ft_steps: int, cfg: dict,
+                 noise_clip: float = 3.0, min_std: float = 0.1):  # fmt: skip
         super().__init__()
         self.cfg, self.ft_steps, self.sched = dict(cfg), ft_steps, sched
+        self.noise_clip, self.min_std = noise_clip, min_std  # the rollout's, for act()
         self.ft = copy.deepcopy(bc_policy)
         self.frozen = copy.deepcopy(bc_policy).requires_grad_(False) if ft_steps < sched.K else None
 
@@ -225,9 +227,16 @@ class FineTunedDiffusion(nn.Module):
 
     @torch.no_grad()
     def act(self, obs: dict, sampler: str = "ddim", num_steps: int = 5, eta: float = 0.0, generator=None):
-        """Deterministic (eta = 0) or rollout-like (eta > 0) action chunks for collect.py / evaluate.py."""
-        _, actions = self.sample_chain(self.ft.obs_tensors(obs), 3.0, 0.1, deterministic=eta == 0.0)
-        return actions.cpu().numpy()
+        """Action chunks for collect.py / evaluate.py: eta = 0 denoises deterministically, eta > 0 samples as the
+        rollouts did. The chain is always the fine-tuned schedule (``sampler`` and ``num_steps`` are not used); a
+        CPU ``generator`` seeds its noise (x_K and, if sampling, every step), else the global RNG does."""
+        obs_t = self.ft.obs_tensors(obs)
+        if generator is None:
+            return self.sample_chain(obs_t, self.noise_clip, self.min_std, eta == 0.0)[1].cpu().numpy()
+        device = self.sched.t.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            return self.sample_chain(obs_t, self.noise_clip, self.min_std, eta == 0.0)[1].cpu().numpy()
 
 
 class GraphedSampler:
@@ -537,7 +546,8 @@ def load_policy(path: str, device="cpu") -> FineTunedDiffusion:
     cfg, ppo = ckpt["config"], ckpt["ppo_config"]
     bc_policy = DiffusionPolicy(cfg)
     sched = DenoisingSchedule(bc_policy.alphas_cumprod, ppo["sampler"], ppo["denoising_steps"], ppo["eta"])
-    policy = FineTunedDiffusion(bc_policy, sched, ppo["ft_denoising_steps"], cfg)
+    args = ckpt["args"]
+    policy = FineTunedDiffusion(bc_policy, sched, ppo["ft_denoising_steps"], cfg, args["noise_clip"], args["min_std"])
     policy.load_state_dict(ckpt["model"])
     return policy.to(device).eval()
 
@@ -581,7 +591,8 @@ if __name__ == "__main__":
 
     # Networks and optimisers
     sched = DenoisingSchedule(bc_policy.alphas_cumprod, args.sampler, args.denoising_steps, args.eta)
-    policy = FineTunedDiffusion(bc_policy, sched, args.ft_denoising_steps, cfg).to(device)
+    policy = FineTunedDiffusion(bc_policy, sched, args.ft_denoising_steps, cfg, args.noise_clip, args.min_std)
+    policy = policy.to(device)
     critic = Critic(cfg, args.critic_hidden).to(device)
     millions = lambda m: run_utils.count_parameters(m) / 1e6  # noqa: E731
     print(f"actor {millions(policy.ft):.2f}M, critic {millions(critic):.2f}M parameters; "

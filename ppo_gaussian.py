@@ -177,9 +177,11 @@ class GaussianPolicy(PolicyBase):
         return self.unnormalize_actions(a_norm.clamp(-1, 1).view(-1, self.cfg["act_steps"], le.ACTION_DIM))
 
     @torch.no_grad()
-    def act(self, obs: dict, deterministic: bool = True) -> np.ndarray:
+    def act(self, obs: dict, deterministic: bool = True, generator=None) -> np.ndarray:
+        """The mean chunk, or a sample whose noise comes from the CPU ``generator`` (else the global RNG)."""
         d = self.dist(self.obs_tensors(obs))
-        return self.to_actions(d.mean if deterministic else d.sample()).cpu().numpy()
+        a = d.mean if deterministic else d.mean + d.stddev * torch.randn(d.mean.shape, generator=generator).to(d.mean)
+        return self.to_actions(a).cpu().numpy()
 
 
 def load_policy(path: str, device="cpu") -> GaussianPolicy:

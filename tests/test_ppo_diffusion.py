@@ -107,6 +107,33 @@ def test_deterministic_sampling_repeats_exactly_for_the_same_initial_noise():
     assert not torch.equal(stochastic, actions_a)
 
 
+def test_act_takes_its_noise_from_the_generator_and_the_rollout_settings_from_the_checkpoint(tmp_path):
+    """collect.py passes a seeded generator: the same seed gives the same chunks, another seed others, and the
+    global RNG is left as it was. load_policy restores the run's noise clip and std floor."""
+    policy = tiny_finetuned(ft_steps=2).eval()
+    obs = {"ee_pos": np.zeros((3, 3)), "ee_ori": np.zeros((3, 3)), "gripper_states": np.zeros((3, 2)),
+           "object_state": np.linspace(-1, 1, 15).reshape(3, 5)}  # fmt: skip
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    torch.manual_seed(7)
+    expected_global_draw = torch.rand(3)
+    for eta in (0.0, 1.0):
+        torch.manual_seed(7)
+        a = policy.act(obs, eta=eta, generator=gen(1))
+        assert torch.equal(torch.rand(3), expected_global_draw)  # the global RNG was not advanced
+        assert np.array_equal(a, policy.act(obs, eta=eta, generator=gen(1))) and a.shape == (3, 4, 7)
+        assert not np.array_equal(a, policy.act(obs, eta=eta, generator=gen(2)))
+    ckpt = {"format": "ppo_diffusion/v1", "model": policy.state_dict(), "config": TINY,
+            "ppo_config": dict(sampler="ddim", denoising_steps=5, ft_denoising_steps=2, eta=1.0),
+            "args": dict(noise_clip=2.0, min_std=0.05)}  # fmt: skip
+    run_utils.save_checkpoint(str(tmp_path / "final.pt"), ckpt)
+    loaded = ppo.load_policy(str(tmp_path / "final.pt"))
+    assert (loaded.noise_clip, loaded.min_std, loaded.ft_steps, loaded.frozen is not None) == (2.0, 0.05, 2, True)
+    assert not np.array_equal(loaded.act(obs, generator=gen(1)), policy.act(obs, generator=gen(1)))  # x_K clamp
+    policy.noise_clip, policy.min_std = 2.0, 0.05
+    for eta in (0.0, 1.0):
+        assert np.array_equal(loaded.act(obs, eta=eta, generator=gen(1)), policy.act(obs, eta=eta, generator=gen(1)))
+
+
 def ppo_args(**kw):
     base = dict(min_std=0.1, logprob_clip=(-5.0, 2.0), update_epochs=2, minibatch_size=16, gamma_denoising=0.9,
                 clip_coef=0.01, clip_coef_base=0.001, clip_coef_rate=3.0, constant_clip=False, vf_coef=0.5,

@@ -54,6 +54,23 @@ def test_log_prob_is_the_sum_over_the_chunk_of_normal_log_densities():
     assert policy.to_actions(a).shape == (3, 4, 7)
 
 
+def test_act_is_the_mean_or_a_sample_seeded_by_the_generator():
+    torch.manual_seed(0)
+    policy = pg.GaussianPolicy(CFG).eval()
+    obs = {"ee_pos": np.zeros((3, 3)), "ee_ori": np.zeros((3, 3)), "gripper_states": np.zeros((3, 2)),
+           "object_state": np.linspace(-1, 1, 15).reshape(3, 5)}  # fmt: skip
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    mean = policy.act(obs)
+    with torch.no_grad():
+        d = policy.dist(policy.obs_tensors(obs))
+    assert np.array_equal(mean, policy.to_actions(d.mean).numpy()) and mean.shape == (3, 4, 7)
+    sample = policy.act(obs, deterministic=False, generator=gen(1))
+    z = torch.randn(d.mean.shape, generator=gen(1))
+    np.testing.assert_allclose(sample, policy.to_actions(d.mean + d.stddev * z).numpy(), rtol=0, atol=1e-6)
+    assert np.array_equal(sample, policy.act(obs, deterministic=False, generator=gen(1)))
+    assert not np.array_equal(sample, policy.act(obs, deterministic=False, generator=gen(2)))
+
+
 def test_first_minibatch_ratios_are_one_and_nan_advantages_skip():
     torch.manual_seed(0)
     policy, critic = pg.GaussianPolicy(CFG), ppo.Critic(CFG, [16])
