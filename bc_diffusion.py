@@ -528,13 +528,8 @@ class DiffusionPolicy(PolicyBase):
         super().__init__(cfg)
         self.encoder = ObsEncoder(cfg)
         if cfg["denoiser"] == "unet":
-            self.denoiser = ConditionalUnet1D(
-                le.ACTION_DIM,
-                self.encoder.out_dim,
-                cfg["unet_down_dims"],
-                cfg["unet_kernel_size"],
-                cfg["step_embed_dim"],
-            )
+            self.denoiser = ConditionalUnet1D(le.ACTION_DIM, self.encoder.out_dim, cfg["unet_down_dims"],
+                                              cfg["unet_kernel_size"], cfg["step_embed_dim"])  # fmt: skip
         else:
             self.denoiser = MLPDenoiser(
                 le.ACTION_DIM, cfg["horizon"], self.encoder.out_dim, cfg["mlp_dims"], cfg["step_embed_dim"]
@@ -613,10 +608,8 @@ if __name__ == "__main__":
     policy.fit_normalizer(dataset.actions, dataset.obs["proprio"], dataset.obs.get("object_state"))
     policy.to(device)
     millions = lambda m: run_utils.count_parameters(m) / 1e6  # noqa: E731
-    print(
-        f"parameters: {millions(policy):.2f}M (encoder {millions(policy.encoder):.2f}M, "
-        f"denoiser {millions(policy.denoiser):.2f}M)"
-    )
+    print(f"parameters: {millions(policy):.2f}M (encoder {millions(policy.encoder):.2f}M, "
+          f"denoiser {millions(policy.denoiser):.2f}M)")  # fmt: skip
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, run_utils.cosine_with_warmup(args.warmup_steps, args.total_steps)
@@ -642,35 +635,20 @@ if __name__ == "__main__":
     except run_utils.CheckpointError as e:
         sys.exit(f"error: {e}")
     run_utils.write_json(os.path.join(run_dir, "args.json"), asdict(args))
-    logger = run_utils.MetricsLogger(
-        run_dir,
-        asdict(args),
-        args.track,
-        args.wandb_project_name,
-        args.wandb_entity,
-        f"{args.exp_name}__{task.suite}_task{task.local_id:02d}__{args.seed}",
-    )
+    logger = run_utils.MetricsLogger(run_dir, asdict(args), args.track, args.wandb_project_name, args.wandb_entity,
+                                     f"{args.exp_name}__{task.suite}_task{task.local_id:02d}__{args.seed}")  # fmt: skip
 
     def checkpoint(name: str) -> None:
         rng = run_utils.rng_state()
         rng["generator"] = generator.get_state()
         run_utils.save_checkpoint(
             os.path.join(ckpt_dir, name),
-            {
-                "format": "bc_diffusion/v1",
-                "model": policy.state_dict(),
-                "ema": ema.model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "args": asdict(args),
-                "config": cfg,
-                "normalizer": policy.normalizer(),
-                "rng": rng,
-                "task": {"suite": task.suite, "local_id": task.local_id, "name": task.name},
-            },
+            {"format": "bc_diffusion/v1", "model": policy.state_dict(), "ema": ema.model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+             "args": asdict(args), "config": cfg, "normalizer": policy.normalizer(), "rng": rng,
+             "task": {"suite": task.suite, "local_id": task.local_id, "name": task.name}},
             keep_previous=name == "latest.pt",
-        )
+        )  # fmt: skip
 
     loss_fn = torch.compile(ddpm_loss) if args.compile else ddpm_loss
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
@@ -700,14 +678,8 @@ if __name__ == "__main__":
 
         if step % args.log_every == 0 or step == args.total_steps:
             sps = len(window) * args.batch_size / (time.time() - t_window)
-            logger.log(
-                step,
-                loss=float(np.mean(window)),
-                grad_norm=float(grad_norm),
-                lr=scheduler.get_last_lr()[0],
-                ema_decay=decay,
-                samples_per_s=sps,
-            )
+            logger.log(step, loss=float(np.mean(window)), grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0],
+                       ema_decay=decay, samples_per_s=sps)  # fmt: skip
             tqdm_bar.set_postfix(loss=f"{np.mean(window):.4f}")
             window, t_window = [], time.time()
         evaluate_now = args.eval_episodes > 0 and (

@@ -230,13 +230,12 @@ class FineTunedDiffusion(nn.Module):
         """Action chunks for collect.py / evaluate.py: eta = 0 denoises deterministically, eta > 0 samples as the
         rollouts did. The chain is always the fine-tuned schedule (``sampler`` and ``num_steps`` are not used); a
         CPU ``generator`` seeds its noise (x_K and, if sampling, every step), else the global RNG does."""
-        obs_t = self.ft.obs_tensors(obs)
-        if generator is None:
-            return self.sample_chain(obs_t, self.noise_clip, self.min_std, eta == 0.0)[1].cpu().numpy()
         device = self.sched.t.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-            return self.sample_chain(obs_t, self.noise_clip, self.min_std, eta == 0.0)[1].cpu().numpy()
+        with torch.random.fork_rng([device] if device.type == "cuda" else [], enabled=generator is not None):
+            if generator is not None:
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            _, actions = self.sample_chain(self.ft.obs_tensors(obs), self.noise_clip, self.min_std, eta == 0.0)
+        return actions.cpu().numpy()
 
 
 class GraphedSampler:
