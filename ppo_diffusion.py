@@ -160,9 +160,10 @@ class DenoisingSchedule(nn.Module):
         super().__init__()
         steps = step_schedule(alphas_cumprod, sampler, num_steps)
         self.sampler, self.K = sampler, len(steps)
-        self.register_buffer("t", torch.tensor([s[0] for s in steps]))
-        self.register_buffer("abar_t", torch.stack([s[1] for s in steps]).float())
-        self.register_buffer("abar_prev", torch.stack([s[2] for s in steps]).float())
+        # not saved: rebuilt from the checkpoint's ppo_config (buffers only to follow .to(device))
+        self.register_buffer("t", torch.tensor([s[0] for s in steps]), persistent=False)
+        self.register_buffer("abar_t", torch.stack([s[1] for s in steps]).float(), persistent=False)
+        self.register_buffer("abar_prev", torch.stack([s[2] for s in steps]).float(), persistent=False)
         self.eta = eta
 
     def mean(self, x_k, eps, k: torch.Tensor, deterministic: bool = False):
@@ -196,6 +197,11 @@ class FineTunedDiffusion(nn.Module):
         self.noise_clip, self.min_std = noise_clip, min_std  # the rollout's, for act()
         self.ft = copy.deepcopy(bc_policy)
         self.frozen = copy.deepcopy(bc_policy).requires_grad_(False) if ft_steps < sched.K else None
+
+    def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False):
+        # checkpoints written before the schedule stopped being saved hold sched.* entries: they are derived data
+        state = {k: v for k, v in state.items() if not k.startswith("sched.")}
+        return super().load_state_dict(state, strict, assign)
 
     def net(self, k: int) -> DiffusionPolicy:
         return self.ft if k >= self.sched.K - self.ft_steps else self.frozen

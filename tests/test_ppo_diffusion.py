@@ -134,6 +134,18 @@ def test_act_takes_its_noise_from_the_generator_and_the_rollout_settings_from_th
         assert np.array_equal(loaded.act(obs, eta=eta, generator=gen(1)), policy.act(obs, eta=eta, generator=gen(1)))
 
 
+def test_the_schedule_is_rebuilt_not_saved_and_older_checkpoints_with_it_still_load():
+    policy = tiny_finetuned(ft_steps=2)
+    state = policy.state_dict()
+    assert not [k for k in state if k.startswith("sched.")]
+    old = {**state, "sched.t": policy.sched.t, "sched.sigma": torch.zeros(5)}  # as written before this change
+    fresh = tiny_finetuned(ft_steps=2, seed=1)
+    fresh.load_state_dict(old)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # anything else unexpected is still refused
+        fresh.load_state_dict({**state, "ft.extra": torch.zeros(1)})
+
+
 def ppo_args(**kw):
     base = dict(min_std=0.1, logprob_clip=(-5.0, 2.0), update_epochs=2, minibatch_size=16, gamma_denoising=0.9,
                 clip_coef=0.01, clip_coef_base=0.001, clip_coef_rate=3.0, constant_clip=False, vf_coef=0.5,
