@@ -38,7 +38,7 @@ class Args:
     exp_name: str = "collect"
     """name of this run (used in logs only)"""
     seed: int = 0
-    """episode e uses env seed ``seed + e`` (and the scripted expert's noise stream [seed, e])"""
+    """episode e: env seed ``seed + e``; also seeds a learned policy's sampling noise and the scripted expert's"""
     cuda: bool = True
     """run learned policies on CUDA when available"""
 

@@ -46,7 +46,7 @@ class Args:
     exp_name: str = "evaluate"
     """name of this run (logs only)"""
     seed: int = 0
-    """episode e uses env seed seed + e"""
+    """episode e uses env seed seed + e; also seeds the policy's sampling noise (diffusion x_K)"""
     cuda: bool = True
     """run the policy on CUDA when available"""
 
