@@ -603,6 +603,7 @@ if __name__ == "__main__":
     paths = demo_hdf5.find_demo_files(args.demo_paths, args.data_root, args.demo_source, args.suite, args.task_id)
     dataset = demo_hdf5.load_chunk_dataset(paths, args.obs_mode, args.image_size, args.horizon, args.num_demos)
     cfg = policy_config(args, dataset.obs["object_state"].shape[1] if args.obs_mode == "state" else 0)
+    dataset.to(device)  # batches are gathered and augmented on the training device
     print(f"data: {dataset.num_demos} demos, {dataset.num_samples} samples from {paths}")
     policy = DiffusionPolicy(cfg)
     policy.fit_normalizer(dataset.actions, dataset.obs["proprio"], dataset.obs.get("object_state"))
@@ -655,15 +656,16 @@ if __name__ == "__main__":
     preemption = run_utils.Preemption()
     venv = None
     tqdm_bar = __import__("tqdm").tqdm(total=args.total_steps, initial=step, desc="bc", unit="step")
-    window, t_window = [], time.time()
+    # the loss is summed on the device and read back only at logging steps (no host sync per step)
+    loss_sum, n_window, t_window = torch.zeros((), device=device), 0, time.time()
     policy.train()
     while step < args.total_steps:
         # ALGO LOGIC: one DDPM denoising-loss step (eq. 1)
         obs, actions = dataset.sample(args.batch_size, generator, shift=args.random_shift)
         t = torch.randint(0, cfg["num_train_timesteps"], (args.batch_size,), generator=generator)
         eps = torch.randn(actions.shape, generator=generator)
-        obs = policy.normalize_obs({k: v.to(device) for k, v in obs.items()})
-        a0 = policy.normalize_actions(actions.to(device))
+        obs = policy.normalize_obs(obs)
+        a0 = policy.normalize_actions(actions)
         with autocast:
             loss = loss_fn(policy, a0, policy.encode(obs), t.to(device), eps.to(device))
         optimizer.zero_grad(set_to_none=True)
@@ -674,14 +676,16 @@ if __name__ == "__main__":
         decay = ema.update(policy, step)
         step += 1
         tqdm_bar.update(1)
-        window.append(loss.item())
+        loss_sum += loss.detach().float()
+        n_window += 1
 
         if step % args.log_every == 0 or step == args.total_steps:
-            sps = len(window) * args.batch_size / (time.time() - t_window)
-            logger.log(step, loss=float(np.mean(window)), grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0],
+            sps = n_window * args.batch_size / (time.time() - t_window)
+            mean_loss = loss_sum.item() / n_window
+            logger.log(step, loss=mean_loss, grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0],
                        ema_decay=decay, samples_per_s=sps)  # fmt: skip
-            tqdm_bar.set_postfix(loss=f"{np.mean(window):.4f}")
-            window, t_window = [], time.time()
+            tqdm_bar.set_postfix(loss=f"{mean_loss:.4f}")
+            loss_sum, n_window, t_window = torch.zeros((), device=device), 0, time.time()
         evaluate_now = args.eval_episodes > 0 and (
             (args.eval_every > 0 and step % args.eval_every == 0) or step == args.total_steps
         )

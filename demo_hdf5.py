@@ -385,7 +385,10 @@ def find_demo_files(demo_paths, data_root: str, source: str, suite: str, task_id
 
 class ChunkDataset:
     """All demos in memory, observations converted once (libero_env.policy_obs); sample (observation at t,
-    action chunk t..t+H-1) with the last action repeated past an episode's end (Diffusion Policy's padding)."""
+    action chunk t..t+H-1) with the last action repeated past an episode's end (Diffusion Policy's padding).
+
+    ``obs`` and ``actions`` are the numpy arrays; sampling gathers from torch copies of them that :meth:`to` moves
+    to the training device (uint8 images stay uint8 there), so a GPU step copies no images from the host."""
 
     def __init__(self, demos: list[dict], obs_mode: str, image_size: int, horizon: int):
         import libero_env as le
@@ -399,35 +402,51 @@ class ChunkDataset:
         ends = np.cumsum(lengths)
         self.episode_end = np.repeat(ends, lengths)  # exclusive end of each sample's episode
         self.num_samples, self.num_demos = int(ends[-1]), len(demos)
+        self.to("cpu")
+
+    def to(self, device) -> ChunkDataset:
+        import torch
+
+        self.device = torch.device(device)
+        self._obs = {k: torch.from_numpy(v).to(self.device) for k, v in self.obs.items()}
+        self._actions = torch.from_numpy(self.actions).to(self.device)
+        self._episode_end = torch.from_numpy(self.episode_end).to(self.device)
+        return self
 
     def sample(self, batch_size: int, generator, shift: int = 0):
-        """A training batch drawn from the torch ``generator``: (obs dict of tensors (B, ...), action chunks
-        (B, H, 7)). Camera images come channels first, (B, 3, H, W), randomly shifted by up to ``shift`` pixels."""
+        """A training batch drawn from the (CPU) torch ``generator``, on the dataset's device: (obs dict of tensors
+        (B, ...), action chunks (B, H, 7)). Camera images come channels first, (B, 3, H, W) uint8, randomly shifted
+        by up to ``shift`` pixels."""
         import torch
 
         import libero_env as le
 
-        idx = torch.randint(0, self.num_samples, (batch_size,), generator=generator).numpy()
-        chunk = np.minimum(idx[:, None] + np.arange(self.horizon), self.episode_end[idx, None] - 1)
-        obs = {k: torch.from_numpy(v[idx]) for k, v in self.obs.items()}
+        idx = torch.randint(0, self.num_samples, (batch_size,), generator=generator).to(self.device)
+        steps = torch.arange(self.horizon, device=self.device)
+        chunk = torch.minimum(idx[:, None] + steps, self._episode_end[idx, None] - 1)
+        obs = {k: v[idx] for k, v in self._obs.items()}
         for key in le.CAMERAS:  # fixed order, so the generator's draws do not depend on dict order
             if key in obs:
                 obs[key] = random_shift(obs[key].permute(0, 3, 1, 2), shift, generator)
-        return obs, torch.from_numpy(self.actions[chunk])
+        return obs, self._actions[chunk]
 
 
 def random_shift(images, pad: int, generator):
     """DrQ-style augmentation of (B, C, H, W) images: replicate-pad by ``pad`` and crop back at a random offset
-    per sample (offsets from the torch ``generator``); ``pad`` 0 returns the images unchanged."""
+    per sample (offsets from the CPU torch ``generator``); ``pad`` 0 returns the images unchanged.
+
+    Computed as one gather with clamped row/column indices (the replicate padding), on the images' device and in
+    their dtype."""
     import torch
-    import torch.nn.functional as F
 
     if pad <= 0:
         return images
     B, _, H, W = images.shape
-    padded = F.pad(images.float(), (pad, pad, pad, pad), mode="replicate")
-    offsets = torch.randint(0, 2 * pad + 1, (B, 2), generator=generator)
-    return torch.stack([padded[i, :, y : y + H, x : x + W] for i, (y, x) in enumerate(offsets.tolist())])
+    offsets = torch.randint(0, 2 * pad + 1, (B, 2), generator=generator).to(images.device) - pad
+    rows = (offsets[:, :1] + torch.arange(H, device=images.device)).clamp(0, H - 1)  # (B, H)
+    cols = (offsets[:, 1:] + torch.arange(W, device=images.device)).clamp(0, W - 1)  # (B, W)
+    b = torch.arange(B, device=images.device)[:, None, None]
+    return images.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
 def load_chunk_dataset(paths: list[str], obs_mode: str, image_size: int, horizon: int, num_demos=None):

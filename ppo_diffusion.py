@@ -133,6 +133,8 @@ class Args:
     """AdamW weight decay of both optimisers"""
     reward_scale: bool = True
     """divide rewards by a running std of the discounted return"""
+    reward_clip: float = 10.0
+    """clip the scaled rewards to +-this (DPPO)"""
     critic_hidden: tuple[int, ...] = (256, 256)
     """critic MLP head"""
     max_bad_updates: int = 5
@@ -303,21 +305,32 @@ def gae(rewards, values, next_values, terminated, truncated, gamma: float, lam: 
 
 
 class RunningRewardScaler:
-    """Rewards divided by a running std of the discounted return (per env), as in DPPO/CleanRL's normalisation."""
+    """Rewards divided by the running std of the per-env discounted return and clipped to +-``clip`` (DPPO, after
+    OpenAI baselines' VecNormalize). The statistics are updated once per iteration, over all of its T x E returns,
+    so every reward of an iteration is scaled by the same number (a step-by-step update scaled a run's first
+    successes ~3x more than later ones)."""
 
-    def __init__(self, num_envs: int, gamma: float):
-        self.gamma, self.ret = gamma, np.zeros(num_envs)
+    def __init__(self, num_envs: int, gamma: float, clip: float = 10.0):
+        self.gamma, self.clip, self.ret = gamma, clip, np.zeros(num_envs)
         self.count, self.mean, self.var = 1e-4, 0.0, 1.0
 
     def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
-        self.ret = self.ret * self.gamma + rewards
-        batch_mean, batch_var, n = self.ret.mean(), self.ret.var(), len(self.ret)
+        """``rewards``, ``dones`` (T, E) of one iteration -> scaled rewards (T, E)."""
+        returns = np.zeros(rewards.shape)
+        for t in range(len(rewards)):
+            returns[t] = self.ret = self.ret * self.gamma + rewards[t]
+            self.ret = np.where(dones[t], 0.0, self.ret)  # an episode's return ends with it
+        # merge the batch's mean and variance into the running ones (Chan et al.'s parallel update)
+        batch_mean, batch_var, n = returns.mean(), returns.var(), returns.size
         delta, total = batch_mean - self.mean, self.count + n
         self.mean += delta * n / total
         self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
         self.count = total
-        self.ret[dones] = 0.0
-        return rewards / math.sqrt(self.var + 1e-8)
+        return np.clip(rewards / math.sqrt(self.var + 1e-8), -self.clip, self.clip)
+
+    def reset(self) -> None:
+        """Zero the running returns: every env's episode was cut (an evaluation reset the shared workers)."""
+        self.ret[:] = 0.0
 
     def state_dict(self) -> dict:
         return {"ret": torch.from_numpy(self.ret), "stats": torch.tensor([self.count, self.mean, self.var])}
@@ -349,7 +362,8 @@ def index_obs(obs: dict, idx) -> dict:
 
 @torch.no_grad()
 def batched(fn: Callable, obs: dict, size: int, device) -> torch.Tensor:
-    """Apply ``fn`` to CPU observation tensors in device-sized pieces; results concatenated on the CPU."""
+    """Apply ``fn`` to observation tensors (CPU or already on ``device``) in pieces; results concatenated on the
+    CPU."""
     n = len(next(iter(obs.values())))
     return torch.cat(
         [fn(to_device(index_obs(obs, slice(i, i + size)), device)).float().cpu() for i in range(0, n, size)]
@@ -419,11 +433,11 @@ class Rollout:
         }
 
 
-def bootstrap_values(batch: dict, critic: Callable, preprocess: Callable, size: int, device):
-    """V(s) of every step, V of the next observation (truncations: the final one before the reset)."""
+def bootstrap_values(batch: dict, obs: dict, critic: Callable, preprocess: Callable, size: int, device):
+    """V(s) of every step (``obs``: the batch's observations flattened to (T E, ...)), V of the next observation
+    (truncations: the final one before the reset)."""
     T, E = batch["rewards"].shape
-    flat = {k: v.flatten(0, 1) for k, v in batch["obs"].items()}
-    values = batched(critic, flat, size, device).view(T, E)
+    values = batched(critic, obs, size, device).view(T, E)
     next_values = torch.zeros(T, E)
     next_values[:-1] = values[1:]
     next_values[-1] = batched(critic, batch["next_obs"], size, device)
@@ -451,6 +465,20 @@ def clip_schedule(k: torch.Tensor, ft_steps: int, base: float, final: float, rat
     return base + (final - base) * (torch.exp(rate * x) - 1) / (math.exp(rate) - 1)
 
 
+def minibatches(n: int, size: int, device) -> list[torch.Tensor]:
+    """One epoch's minibatches: a random permutation of 0..n-1 cut into ``n // size`` full minibatches (at least
+    one), the remainder dropped as in DPPO, so that no minibatch is too small to normalise its advantages over."""
+    perm = torch.randperm(n).to(device)
+    return [perm[s : s + size] for s in range(0, max(n - size, 0) + 1, size)]
+
+
+def normalize_advantages(adv: torch.Tensor) -> torch.Tensor:
+    """(A - mean) / std over a minibatch; a single element (std undefined) becomes 0."""
+    if adv.numel() < 2:
+        return adv - adv.mean()
+    return (adv - adv.mean()) / (adv.std() + 1e-8)
+
+
 # ================================================================================================================
 # PPO update
 # ================================================================================================================
@@ -464,25 +492,25 @@ def ppo_update(policy: FineTunedDiffusion, critic: Critic, batch: dict, args, op
     bad = check_finite({"advantages": batch["advantages"], "returns": batch["returns"]})
     if bad:
         return {}, bad
-    N = len(batch["advantages"])
-    ks = torch.arange(K - ft, K)  # fine-tuned denoising indices
-    pairs_i = torch.arange(N).repeat_interleave(ft)
-    pairs_k = ks.repeat(N)
-    chains, act_steps = batch["chains"], policy.cfg["act_steps"]
+    # the whole iteration goes to the device once (not once per minibatch); minibatches are gathered there
+    obs, chains = to_device(batch["obs"], device), batch["chains"].to(device)
+    advantages, returns = batch["advantages"].to(device), batch["returns"].to(device)
+    N, act_steps = len(advantages), policy.cfg["act_steps"]
+    pairs_i = torch.arange(N, device=device).repeat_interleave(ft)
+    pairs_k = torch.arange(K - ft, K, device=device).repeat(N)  # fine-tuned denoising indices
 
     def logprob(i, k):
-        obs_t = to_device(index_obs(batch["obs"], i), device)
+        obs_t = index_obs(obs, i)
         cond = policy.ft.encode(obs_t)
-        k_d = k.to(device)
-        x_k, x_next = chains[i, k].to(device), chains[i, k + 1].to(device)
+        x_k, x_next = chains[i, k], chains[i, k + 1]
         return denoising_logprob(
-            policy.ft, sched, cond, x_k, x_next, k_d, args.min_std, act_steps, args.logprob_clip
+            policy.ft, sched, cond, x_k, x_next, k, args.min_std, act_steps, args.logprob_clip
         ), obs_t
 
     with torch.no_grad():
         mbs = range(0, len(pairs_i), args.minibatch_size)
         logp_old = torch.cat([logprob(pairs_i[s : s + args.minibatch_size], pairs_k[s : s + args.minibatch_size])[0]
-                              for s in mbs]).cpu()  # fmt: skip
+                              for s in mbs])  # fmt: skip
     stats = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "ratio_first", "actor_grad_norm",
                              "critic_grad_norm")}  # fmt: skip
     actor_opt, critic_opt = optimizers
@@ -490,30 +518,26 @@ def ppo_update(policy: FineTunedDiffusion, critic: Critic, batch: dict, args, op
     critic_params = [p for p in critic.parameters() if p.requires_grad]
     stop = False
     for epoch in range(args.update_epochs):
-        perm = torch.randperm(len(pairs_i))
-        for s in range(0, len(perm), args.minibatch_size):
-            mb = perm[s : s + args.minibatch_size]
+        for j, mb in enumerate(minibatches(len(pairs_i), args.minibatch_size, device)):
             i, k = pairs_i[mb], pairs_k[mb]
             logp_new, obs_t = logprob(i, k)
-            ratio = (logp_new - logp_old[mb].to(device)).exp()
+            ratio = (logp_new - logp_old[mb]).exp()
             # normalise over the minibatch, then weigh by the denoising discount (the action-emitting step most)
-            adv = batch["advantages"][i]
-            adv = ((adv - adv.mean()) / (adv.std() + 1e-8)) * args.gamma_denoising ** (K - 1 - k).float()
-            adv = adv.to(device)
+            adv = normalize_advantages(advantages[i]) * args.gamma_denoising ** (K - 1 - k).float()
             clip = clip_schedule(k - (K - ft), ft, args.clip_coef_base, args.clip_coef, args.clip_coef_rate,
-                                 args.constant_clip).to(device)  # fmt: skip
+                                 args.constant_clip)  # fmt: skip
             pg_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
-            v_loss = 0.5 * ((critic(obs_t) - batch["returns"][i].to(device)) ** 2).mean()
+            v_loss = 0.5 * ((critic(obs_t) - returns[i]) ** 2).mean()
             loss = (pg_loss if train_actor else 0.0) + args.vf_coef * v_loss
             with torch.no_grad():
                 log_ratio = ratio.log()
                 approx_kl = ((ratio - 1) - log_ratio).mean()
-                stats["clipfrac"].append(((ratio - 1).abs() > clip).float().mean().item())
-            if epoch == 0 and s == 0:
-                stats["ratio_first"].append((ratio - 1).abs().max().item())
+                stats["clipfrac"].append(((ratio - 1).abs() > clip).float().mean())
+            if epoch == 0 and j == 0:
+                stats["ratio_first"].append((ratio - 1).abs().max())
             bad = check_finite({"loss": loss, "ratio": ratio})
             if bad:
-                return stats, bad
+                return mean_stats(stats), bad
             actor_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -522,25 +546,29 @@ def ppo_update(policy: FineTunedDiffusion, critic: Critic, batch: dict, args, op
             if bad:
                 actor_opt.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
-                return stats, bad
+                return mean_stats(stats), bad
             # actor and critic are clipped apart: the critic's larger gradient must not shrink the actor's step
             max_norm = args.max_grad_norm or float("inf")
             if train_actor:
-                stats["actor_grad_norm"].append(nn.utils.clip_grad_norm_(actor_params, max_norm).item())
+                stats["actor_grad_norm"].append(nn.utils.clip_grad_norm_(actor_params, max_norm))
                 actor_opt.step()
-            stats["critic_grad_norm"].append(nn.utils.clip_grad_norm_(critic_params, max_norm).item())
+            stats["critic_grad_norm"].append(nn.utils.clip_grad_norm_(critic_params, max_norm))
             critic_opt.step()
-            stats["pg_loss"].append(pg_loss.item())
-            stats["v_loss"].append(v_loss.item())
-            stats["approx_kl"].append(approx_kl.item())
+            stats["pg_loss"].append(pg_loss.detach())
+            stats["v_loss"].append(v_loss.detach())
+            stats["approx_kl"].append(approx_kl)
+            # the NaN guards and the KL check are the loop's host syncs; the stats are read back once, below
             if args.target_kl is not None and train_actor and approx_kl.item() > args.target_kl:
                 stop = True
                 break
         if stop:
             break
-    out = {k: float(np.mean(v)) for k, v in stats.items() if v}
-    out["epochs"] = epoch + 1
-    return out, None
+    return {**mean_stats(stats), "epochs": epoch + 1}, None
+
+
+def mean_stats(stats: dict) -> dict:
+    """Per-minibatch 0-d tensors -> their means as Python floats, read back from the device at once."""
+    return {k: torch.stack(v).double().mean().item() for k, v in stats.items() if v}
 
 
 def load_policy(path: str, device="cpu") -> FineTunedDiffusion:
@@ -561,13 +589,20 @@ def ppo_config(args) -> dict:
     return {k: getattr(args, k) for k in ("sampler", "denoising_steps", "ft_denoising_steps", "eta")}
 
 
-def check_args(args) -> None:
+def check_args(args, bc_cfg: dict) -> None:
+    """The arguments against each other and against the BC checkpoint's config (its K fixes DDPM's chain)."""
     le.check_task_args(args.suite, args.task_id)
-    K = 100 if args.sampler == "ddpm" else args.denoising_steps
+    K_train = bc_cfg["num_train_timesteps"]
+    if args.sampler == "ddim" and (not 1 <= args.denoising_steps <= K_train or K_train % args.denoising_steps):
+        raise ValueError(f"--denoising-steps must divide the BC checkpoint's {K_train} diffusion steps.")
+    K = K_train if args.sampler == "ddpm" else args.denoising_steps
     if not 1 <= args.ft_denoising_steps <= K:
-        raise ValueError(f"--ft-denoising-steps must be in 1..{K} for --sampler {args.sampler}.")
+        raise ValueError(f"--ft-denoising-steps must be in 1..{K} for --sampler {args.sampler} (the BC checkpoint "
+                         f"has {K_train} diffusion steps).")  # fmt: skip
     if args.num_envs < 1 or args.batch_chunks < args.num_envs:
         raise ValueError("--num-envs must be >= 1 and --batch-chunks >= --num-envs.")
+    if args.minibatch_size < 1:
+        raise ValueError("--minibatch-size must be >= 1.")
 
 
 # ================================================================================================================
@@ -577,11 +612,12 @@ if __name__ == "__main__":
 
     args = tyro.cli(Args)
     try:
-        check_args(args)
+        le.check_task_args(args.suite, args.task_id)
         task = le.resolve_task(args.suite, args.task_id)
         bc_dir = run_utils.task_run_dir(args.run_root, "bc_diffusion", task.suite, task.local_id, args.seed)
         args.bc_ckpt = args.bc_ckpt or os.path.join(bc_dir, "checkpoints", "final.pt")
         bc_policy = load_bc_policy(args.bc_ckpt)
+        check_args(args, bc_policy.cfg)
     except (ValueError, run_utils.CheckpointError) as e:
         sys.exit(f"error: {e}")
     num_steps = args.num_steps or max(1, args.batch_chunks // args.num_envs)
@@ -610,7 +646,7 @@ if __name__ == "__main__":
         actor_sched = torch.optim.lr_scheduler.CosineAnnealingLR(
             actor_opt, args.num_iterations, eta_min=args.actor_lr_min
         )
-    scaler = RunningRewardScaler(args.num_envs, args.gamma)
+    scaler = RunningRewardScaler(args.num_envs, args.gamma, args.reward_clip)
     iteration, env_steps, bad_updates = 0, 0, 0
 
     try:
@@ -662,7 +698,9 @@ if __name__ == "__main__":
     def run_eval() -> dict:
         policy.eval()
         stats = le.evaluate_success(eval_venv, policy.act, args.eval_episodes, args.seed, cfg["act_steps"])
-        rollout.obs = rollout._reset(list(range(venv.num_envs))) if eval_venv is venv else rollout.obs
+        if eval_venv is venv:  # the evaluation cut the training episodes short
+            rollout.obs = rollout._reset(list(range(venv.num_envs)))
+            scaler.reset()
         return stats
 
     if iteration == 0 and args.eval_episodes > 0:
@@ -679,17 +717,17 @@ if __name__ == "__main__":
         raw_rewards = batch["rewards"].clone()
         if args.reward_scale:
             dones = (batch["terminated"] + batch["truncated"]).clamp(max=1).numpy().astype(bool)
-            batch["rewards"] = torch.stack([torch.as_tensor(scaler(r.numpy(), d), dtype=torch.float32)
-                                            for r, d in zip(batch["rewards"], dones)])  # fmt: skip
+            batch["rewards"] = torch.as_tensor(scaler(batch["rewards"].numpy(), dones), dtype=torch.float32)
         # ALGO LOGIC: GAE at chunk level, truncations bootstrapped from V(final observation)
         t0 = time.perf_counter()
-        values, next_values = bootstrap_values(batch, critic, preprocess, args.minibatch_size, device)
+        obs = to_device({k: v.flatten(0, 1) for k, v in batch["obs"].items()}, device)  # once per iteration
+        values, next_values = bootstrap_values(batch, obs, critic, preprocess, args.minibatch_size, device)
         advantages, returns = gae(batch["rewards"], values, next_values, batch["terminated"], batch["truncated"],
                                   args.gamma, args.gae_lambda)  # fmt: skip
         # ALGO LOGIC: PPO update over (env step, denoising step) pairs
         policy.train()
         flat = {
-            "obs": {k: v.flatten(0, 1) for k, v in batch["obs"].items()},
+            "obs": obs,
             "chains": batch["extras"]["chains"].flatten(0, 1),
             "advantages": advantages.flatten(),
             "returns": returns.flatten(),

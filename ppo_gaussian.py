@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import libero_env as le
 from bc_diffusion import ObsEncoder, PolicyBase, mlp
-from ppo_diffusion import check_finite, index_obs, to_device
+from ppo_diffusion import check_finite, index_obs, mean_stats, minibatches, normalize_advantages, to_device
 
 ARCH_FIELDS = (
     "obs_mode", "image_size", "encoder", "encoder_head", "shared_encoder", "num_keypoints", "feature_dim",
@@ -142,6 +142,8 @@ class Args:
     """critic learning rate"""
     reward_scale: bool = True
     """divide rewards by a running std of the discounted return"""
+    reward_clip: float = 10.0
+    """clip the scaled rewards to +-this (DPPO)"""
     critic_hidden: tuple[int, ...] = (256, 256)
     """critic MLP head"""
     max_bad_updates: int = 5
@@ -198,17 +200,19 @@ def gaussian_ppo_update(policy: GaussianPolicy, critic, batch: dict, args, optim
     bad = check_finite({"advantages": batch["advantages"], "returns": batch["returns"]})
     if bad:
         return {}, bad
-    N = len(batch["advantages"])
+    # the whole iteration goes to the device once (not once per minibatch); minibatches are gathered there
+    obs, actions = to_device(batch["obs"], device), batch["actions"].to(device)
+    advantages, returns = batch["advantages"].to(device), batch["returns"].to(device)
+    N = len(advantages)
 
     def forward(idx):
-        obs_t = to_device(index_obs(batch["obs"], idx), device)
+        obs_t = index_obs(obs, idx)
         d = policy.dist(obs_t)
-        return d.log_prob(batch["actions"][idx].to(device)).sum(-1), d.entropy().sum(-1), obs_t
+        return d.log_prob(actions[idx]).sum(-1), d.entropy().sum(-1), obs_t
 
     with torch.no_grad():
-        logp_old = torch.cat(
-            [forward(torch.arange(s, min(s + args.minibatch_size, N)))[0] for s in range(0, N, args.minibatch_size)]
-        ).cpu()
+        logp_old = torch.cat([forward(torch.arange(s, min(s + args.minibatch_size, N), device=device))[0]
+                              for s in range(0, N, args.minibatch_size)])  # fmt: skip
     actor_opt, critic_opt = optimizers
     actor_params = [p for p in policy.parameters() if p.requires_grad]
     critic_params = [p for p in critic.parameters() if p.requires_grad]
@@ -216,48 +220,43 @@ def gaussian_ppo_update(policy: GaussianPolicy, critic, batch: dict, args, optim
                              "actor_grad_norm", "critic_grad_norm")}  # fmt: skip
     stop = False
     for epoch in range(args.update_epochs):
-        perm = torch.randperm(N)
-        for s in range(0, N, args.minibatch_size):
-            mb = perm[s : s + args.minibatch_size]
+        for j, mb in enumerate(minibatches(N, args.minibatch_size, device)):
             logp_new, entropy, obs_t = forward(mb)
-            log_ratio = logp_new - logp_old[mb].to(device)
+            log_ratio = logp_new - logp_old[mb]
             ratio = log_ratio.exp()
-            adv = batch["advantages"][mb]
-            adv = ((adv - adv.mean()) / (adv.std() + 1e-8)).to(device)
+            adv = normalize_advantages(advantages[mb])
             pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-            v_loss = 0.5 * ((critic(obs_t) - batch["returns"][mb].to(device)) ** 2).mean()
+            v_loss = 0.5 * ((critic(obs_t) - returns[mb]) ** 2).mean()
             loss = (pg_loss - args.ent_coef * entropy.mean() if train_actor else 0.0) + args.vf_coef * v_loss
             with torch.no_grad():
                 approx_kl = ((ratio - 1) - log_ratio).mean()
-            if epoch == 0 and s == 0:
-                stats["ratio_first"].append((ratio - 1).abs().max().item())
+            if epoch == 0 and j == 0:
+                stats["ratio_first"].append((ratio - 1).abs().max())
             bad = check_finite({"loss": loss, "ratio": ratio})
             if bad:
-                return stats, bad
+                return mean_stats(stats), bad
             actor_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
             loss.backward()
             grads = [p.grad.norm() for p in actor_params + critic_params if p.grad is not None]
             if grads and check_finite({"gradient": torch.stack(grads)}):
-                return stats, "gradient"
+                return mean_stats(stats), "gradient"
             max_norm = args.max_grad_norm or float("inf")  # actor and critic clipped apart, as in ppo_diffusion
             if train_actor:
-                stats["actor_grad_norm"].append(nn.utils.clip_grad_norm_(actor_params, max_norm).item())
+                stats["actor_grad_norm"].append(nn.utils.clip_grad_norm_(actor_params, max_norm))
                 actor_opt.step()
-            stats["critic_grad_norm"].append(nn.utils.clip_grad_norm_(critic_params, max_norm).item())
+            stats["critic_grad_norm"].append(nn.utils.clip_grad_norm_(critic_params, max_norm))
             critic_opt.step()
             for key, value in (("pg_loss", pg_loss), ("v_loss", v_loss), ("approx_kl", approx_kl),
                                ("entropy", entropy.mean())):  # fmt: skip
-                stats[key].append(value.item())
-            stats["clipfrac"].append(((ratio - 1).abs() > args.clip_coef).float().mean().item())
+                stats[key].append(value.detach())
+            stats["clipfrac"].append(((ratio - 1).abs() > args.clip_coef).float().mean().detach())
             if args.target_kl is not None and train_actor and approx_kl.item() > args.target_kl:
                 stop = True
                 break
         if stop:
             break
-    out = {k: float(np.mean(v)) for k, v in stats.items() if v}
-    out["epochs"] = epoch + 1
-    return out, None
+    return {**mean_stats(stats), "epochs": epoch + 1}, None
 
 
 # ================================================================================================================
@@ -285,6 +284,7 @@ if __name__ == "__main__":
     cfg["horizon"] = args.act_steps  # BC chunks are exactly the executed chunk
     paths = demo_hdf5.find_demo_files(args.demo_paths, args.data_root, args.demo_source, args.suite, args.task_id)
     dataset = demo_hdf5.load_chunk_dataset(paths, args.obs_mode, args.image_size, args.act_steps, args.num_demos)
+    dataset.to(device)  # BC batches are gathered and augmented on the training device
     cfg["object_state_dim"] = dataset.obs["object_state"].shape[1] if args.obs_mode == "state" else 0
     policy = GaussianPolicy(cfg, args.init_log_std)
     policy.fit_normalizer(dataset.actions, dataset.obs["proprio"], dataset.obs.get("object_state"))
@@ -303,7 +303,7 @@ if __name__ == "__main__":
         if args.constant_lr
         else torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, args.num_iterations, eta_min=args.actor_lr_min)
     )
-    scaler = RunningRewardScaler(args.num_envs, args.gamma)
+    scaler = RunningRewardScaler(args.num_envs, args.gamma, args.reward_clip)
     generator = torch.Generator().manual_seed(args.seed)
     bc_step, iteration, env_steps, bad_updates = 0, 0, 0, 0
     modules = {"model": policy, "critic": critic, "bc_optimizer": bc_opt, "bc_scheduler": bc_sched,
@@ -347,8 +347,8 @@ if __name__ == "__main__":
         policy.train()
         while bc_step < args.bc_steps:
             obs, actions = dataset.sample(args.bc_batch_size, generator, shift=args.random_shift)
-            obs = policy.normalize_obs(to_device(obs, device))
-            target = policy.normalize_actions(actions.to(device)).flatten(1)
+            obs = policy.normalize_obs(obs)
+            target = policy.normalize_actions(actions).flatten(1)
             loss = ((torch.tanh(policy.head(policy.encoder(obs))) - target) ** 2).mean()
             bc_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -378,7 +378,8 @@ if __name__ == "__main__":
     def run_eval() -> dict:
         policy.eval()
         stats = le.evaluate_success(venv, policy.act, args.eval_episodes, args.seed, cfg["act_steps"])
-        rollout.obs = rollout._reset(list(range(venv.num_envs)))
+        rollout.obs = rollout._reset(list(range(venv.num_envs)))  # the evaluation cut the training episodes short
+        scaler.reset()
         return stats
 
     rollout = Rollout(venv, preprocess, args.seed + iteration, render)
@@ -396,13 +397,13 @@ if __name__ == "__main__":
         raw_rewards = batch["rewards"].clone()
         if args.reward_scale:
             dones = (batch["terminated"] + batch["truncated"]).clamp(max=1).numpy().astype(bool)
-            batch["rewards"] = torch.stack([torch.as_tensor(scaler(r.numpy(), d), dtype=torch.float32)
-                                            for r, d in zip(batch["rewards"], dones)])  # fmt: skip
+            batch["rewards"] = torch.as_tensor(scaler(batch["rewards"].numpy(), dones), dtype=torch.float32)
         t0 = time.perf_counter()
-        values, next_values = bootstrap_values(batch, critic, preprocess, args.minibatch_size, device)
+        obs = to_device({k: v.flatten(0, 1) for k, v in batch["obs"].items()}, device)  # once per iteration
+        values, next_values = bootstrap_values(batch, obs, critic, preprocess, args.minibatch_size, device)
         advantages, returns = gae(batch["rewards"], values, next_values, batch["terminated"], batch["truncated"],
                                   args.gamma, args.gae_lambda)  # fmt: skip
-        flat = {"obs": {k: v.flatten(0, 1) for k, v in batch["obs"].items()},
+        flat = {"obs": obs,
                 "actions": batch["extras"]["actions"].flatten(0, 1), "advantages": advantages.flatten(),
                 "returns": returns.flatten()}  # fmt: skip
         policy.train()

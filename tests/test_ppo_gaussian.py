@@ -75,10 +75,21 @@ def test_first_minibatch_ratios_are_one_and_nan_advantages_skip():
     torch.manual_seed(0)
     policy, critic = pg.GaussianPolicy(CFG), ppo.Critic(CFG, [16])
     stats, bad = pg.gaussian_ppo_update(policy, critic, batch(policy), args(), opts(policy, critic), True, "cpu")
-    assert bad is None and stats["ratio_first"] == 0.0 and stats["epochs"] == 2
+    # 0 up to float rounding: old and new log-probs come from different batch compositions, whose kernels round
+    # differently on different CPUs (see test_ppo_diffusion.py)
+    assert bad is None and stats["ratio_first"] < 1e-5 and stats["epochs"] == 2
     b = batch(policy)
     b["advantages"][3] = float("nan")
     assert pg.gaussian_ppo_update(policy, critic, b, args(), opts(policy, critic), True, "cpu") == ({}, "advantages")
+
+
+def test_a_last_minibatch_of_one_chunk_is_dropped_not_a_skipped_update():
+    """13 chunks in minibatches of 4 leave one over, whose advantage std is NaN: full minibatches only."""
+    torch.manual_seed(0)
+    policy, critic = pg.GaussianPolicy(CFG), ppo.Critic(CFG, [16])
+    b = batch(policy, N=13)
+    stats, bad = pg.gaussian_ppo_update(policy, critic, b, args(minibatch_size=4), opts(policy, critic), True, "cpu")
+    assert bad is None and np.isfinite(stats["pg_loss"]) and stats["epochs"] == 2
 
 
 @pytest.mark.sim
