@@ -15,6 +15,7 @@ Listing several data roots mixes sources (the paper's "human + RL").
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
@@ -450,22 +451,117 @@ def lr_factor(step: int, args) -> float:
     return (args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))) / args.lr
 
 
-def save(ckpt_dir: str, model, tokenizer, stats, state: dict, info: dict, rank: int, model_state=None) -> None:
-    """``<ckpt_dir>`` = save_pretrained model + tokenizer, norm_stats.json, train_info.json and the training state
-    (optimiser, scheduler, step, RNG) in training_state.pt; written to a temp dir and renamed."""
+def freeze(model, freeze_vision: bool, freeze_vlm: bool) -> None:
+    """The user's freeze flags, and the parameters pi0's training forward never uses, which are frozen so that
+    DDP neither fails on them nor all-reduces them every step (checked against a backward pass in the tests):
+
+    * the action expert's token embedding (``model.dit.embed_tokens``): the expert is fed ``inputs_embeds``;
+    * the VLM's final norm and, in its last layer, the query and output projections, the MLP and the
+      post-attention norm: the VLM's output is only its KV cache, and of the last layer only the keys and values
+      (and the input norm before them) reach the action expert.
+    """
+    lm = model.model.vlm.language_model
+    last = lm.layers[-1]
+    for module in (model.model.dit.embed_tokens, lm.norm, last.self_attn.q_proj, last.self_attn.o_proj, last.mlp,
+                   last.post_attention_layernorm):  # fmt: skip
+        module.requires_grad_(False)
+    if freeze_vlm:
+        model.model.vlm.requires_grad_(False)
+    elif freeze_vision:
+        model.model.vlm.vision_tower.requires_grad_(False)
+
+
+def shard(model) -> None:
+    """FSDP2: one unit per transformer layer, the rest in the root unit. The VLM's last layer stays in the root:
+    its hidden-state output is unused (only its keys and values reach the expert), so the pre-backward hook that
+    would re-gather a resharded layer never fires, and its key/value projections' backward found freed weights."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    # FSDP2 warns that the root returns views (the loss, the logits): harmless here, nothing modifies them in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for layer in [*model.model.vlm.language_model.layers[:-1], *model.model.dit.layers]:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This process's micro-batches of every global batch, so that the data seen at each optimiser step depend on
+    the seed and the step only, not on the number of processes or on where a run was resumed.
+
+    Global batch ``s`` is ``batch_size`` indices of the epoch's permutation (seeded by ``seed + epoch``; the last
+    partial batch of an epoch is dropped); process ``rank`` takes its contiguous share and cuts it into
+    ``grad_accum`` micro-batches. :meth:`positions` gives the position of each sample in the global batch.
+    """
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, grad_accum: int, seed: int, start_step: int):
+        self.n, self.B, self.world, self.rank, self.accum = n, batch_size, world, rank, grad_accum
+        self.seed, self.start_step, self.steps_per_epoch = seed, start_step, n // batch_size
+        self.micro = batch_size // (world * grad_accum)
+
+    def positions(self, micro_index: int) -> slice:
+        start = (self.rank * self.accum + micro_index) * self.micro
+        return slice(start, start + self.micro)
+
+    def __iter__(self):
+        step, perm, perm_epoch = self.start_step, None, -1
+        while True:
+            epoch, within = divmod(step, self.steps_per_epoch)
+            if epoch != perm_epoch:
+                perm, perm_epoch = (
+                    torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)),
+                    epoch,
+                )
+            batch = perm[within * self.B : (within + 1) * self.B]
+            for a in range(self.accum):
+                yield batch[self.positions(a)].tolist()
+            step += 1
+
+
+def flow_noise(config, batch_size: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pi0's training draws for a whole global batch, seeded by (seed, step): flow-matching time (Beta, as pi0's
+    own forward draws it) and noise. Each process slices its share, so that the draws do not depend on how many
+    processes share the batch."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + step)
+        beta = torch.distributions.Beta(config.time_sampling_beta_alpha, config.time_sampling_beta_beta)
+        time = beta.sample((batch_size,)) * config.time_sampling_scale + config.time_sampling_offset
+        noise = torch.randn(batch_size, config.chunk_size, config.max_action_dim)
+    return time.float(), noise
+
+
+def full_state(model, tensors=None) -> dict:
+    """The full (unsharded) CPU state dict of ``model``, or of ``tensors`` (name -> tensor, e.g. the EMA) laid out
+    like its parameters. Collective under FSDP: every process calls it."""
+    from torch.distributed.tensor import DTensor
+
+    source = model.state_dict() if tensors is None else tensors
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in source.items()}
+
+
+def save(ckpt_dir: str, model, model_state: dict, tokenizer, stats, state: dict, optim: dict, info: dict) -> None:
+    """``<ckpt_dir>`` = the model in the HF format (``model/``: config, weights, tokenizer), norm_stats.json,
+    train_info.json, the training state (step, scheduler, EMA, RNG, freeze flags) in training_state.pt and the
+    optimiser state (full, keyed by parameter name) in optimizer.pt; written to a temp dir and renamed."""
     import shutil
 
     import run_utils
 
-    if rank != 0:
-        return
     tmp = ckpt_dir.rstrip("/") + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(os.path.join(tmp, "model"), state_dict=model_state)
+    from transformers import PI0ForConditionalGeneration
+
+    # a plain (not FSDP-wrapped) model class writes the weights, so transformers maps the names the same way for
+    # every launch mode; a meta-device skeleton costs no memory, the weights are ``model_state``
+    with torch.device("meta"):
+        skeleton = PI0ForConditionalGeneration(model.config)
+    skeleton.save_pretrained(os.path.join(tmp, "model"), state_dict=model_state)
     tokenizer.save_pretrained(os.path.join(tmp, "model"))
     save_stats(os.path.join(tmp, "norm_stats.json"), stats)
     run_utils.write_json(os.path.join(tmp, "train_info.json"), info)
     run_utils.save_checkpoint(os.path.join(tmp, "training_state.pt"), state)
+    run_utils.save_checkpoint(os.path.join(tmp, "optimizer.pt"), optim)
     old = ckpt_dir.rstrip("/") + ".old"
     if os.path.exists(ckpt_dir):
         shutil.rmtree(old, ignore_errors=True)
@@ -474,72 +570,82 @@ def save(ckpt_dir: str, model, tokenizer, stats, state: dict, info: dict, rank: 
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_args(args, world: int, distributed: bool) -> None:
+    if args.batch_size % (world * args.grad_accum):
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by processes x --grad-accum "
+                         f"({world * args.grad_accum}).")  # fmt: skip
+    if args.fsdp and not distributed:
+        raise ValueError("--fsdp shards over the processes of a torchrun launch: run it under torchrun.")
+
+
 if __name__ == "__main__":
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
     from tqdm import tqdm
 
     import run_utils
 
     args = tyro.cli(Args)
     distributed = "RANK" in os.environ
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        check_args(args, world, distributed)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        dist.init_process_group("nccl" if args.cuda and torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if distributed else 0
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if args.cuda and torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if args.batch_size % (world * args.grad_accum):
-        sys.exit(
-            f"error: --batch-size {args.batch_size} must be divisible by processes x --grad-accum "
-            f"({world * args.grad_accum})."
-        )
     micro = args.batch_size // (world * args.grad_accum)
-    try:
-        paths = find_files(args.data, args.suites, args.task_names)
-        dataset = TrajectoryDataset(paths, args.chunk_size, args.filter_noops)
-        model, tokenizer = load_model(args, dataset.instructions)
-    except (FileNotFoundError, ValueError, demo_hdf5.TrajectoryFileError) as e:
-        sys.exit(f"error: {e}")
-    run_utils.seed_everything(args.seed + rank, deterministic=False)
     run_dir = os.path.join(args.run_root, "finetune_vla", f"{args.exp_name}__seed{args.seed}")
     ckpt_root = os.path.join(run_dir, "checkpoints")
-    if rank == 0:
-        print(
-            f"data: {len(paths)} files, {len(dataset.entries)} demos, {len(dataset)} samples; {world} process(es), "
-            f"micro-batch {micro} x {args.grad_accum} accumulation"
-        )
-    stats = dataset.stats
-    if args.freeze_vlm:
-        model.model.vlm.requires_grad_(False)
-    elif args.freeze_vision:
-        model.model.vlm.vision_tower.requires_grad_(False)
-    model.to(device)
-    step = 0
     resume = (
-        None
-        if args.resume == "never"
-        else (os.path.join(ckpt_root, "latest") if args.resume == "auto" else args.resume)
+        None if args.resume == "never" else os.path.join(ckpt_root, "latest") if args.resume == "auto" else args.resume
     )
-    if resume and os.path.exists(os.path.join(resume, "training_state.pt")):
-        from transformers import AutoTokenizer, PI0ForConditionalGeneration
+    resuming = resume is not None and os.path.exists(os.path.join(resume, "training_state.pt"))
+    run_utils.seed_everything(args.seed, deterministic=False)  # before the model: every process builds the same
+    try:
+        if args.resume not in ("auto", "never") and not resuming:
+            raise ValueError(
+                f"--resume {args.resume} holds no training_state.pt; pass auto, never or a checkpoint dir."
+            )
+        paths = find_files(args.data, args.suites, args.task_names)
+        dataset = TrajectoryDataset(paths, args.chunk_size, args.filter_noops)
+        if len(dataset) < args.batch_size:
+            raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(dataset)} samples of the data.")
+        state = None
+        if resuming:  # the model, tokenizer and statistics of the checkpoint, with the run's freeze flags
+            from transformers import AutoTokenizer, PI0ForConditionalGeneration
 
-        model = PI0ForConditionalGeneration.from_pretrained(os.path.join(resume, "model")).to(device)
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(os.path.join(resume, "model")), model)
-        stats = load_stats(os.path.join(resume, "norm_stats.json"))
-    elif args.resume not in ("auto", "never"):
-        sys.exit(f"error: --resume {args.resume} holds no training_state.pt; pass auto, never or a checkpoint dir.")
-    ema = None
-    if args.ema_decay > 0:
-        import copy
-
-        ema = copy.deepcopy(model).eval().requires_grad_(False)
+            state = run_utils.load_checkpoint(os.path.join(resume, "training_state.pt"), ("finetune_vla/v1",))
+            saved = state.get("freeze", {"freeze_vision": False, "freeze_vlm": False})
+            if saved != {"freeze_vision": args.freeze_vision, "freeze_vlm": args.freeze_vlm}:
+                raise ValueError(f"{resume} was trained with {saved}; resume with the same --freeze-vision/"
+                                 "--freeze-vlm flags or start a new run (--exp-name or --resume never).")  # fmt: skip
+            model = PI0ForConditionalGeneration.from_pretrained(os.path.join(resume, "model"))
+            tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(os.path.join(resume, "model")), model)
+            stats = load_stats(os.path.join(resume, "norm_stats.json"))
+        else:
+            model, tokenizer = load_model(args, dataset.instructions)
+            stats = dataset.stats
+    except (FileNotFoundError, ValueError, demo_hdf5.TrajectoryFileError, run_utils.CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    step = state["step"] if state else 0
+    if rank == 0:
+        print(f"data: {len(paths)} files, {len(dataset.entries)} demos, {len(dataset)} samples; {world} process(es), "
+              f"micro-batch {micro} x {args.grad_accum} accumulation{', FSDP' if args.fsdp else ''}")  # fmt: skip
+    freeze(model, args.freeze_vision, args.freeze_vlm)
+    model.to(device)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
     train_model = model
     if distributed and args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in [*model.model.vlm.language_model.layers, *model.model.dit.layers]:
-            fully_shard(layer)
-        train_model = fully_shard(model)
+        shard(model)  # parameters become DTensor shards in place
     elif distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None
@@ -547,14 +653,20 @@ if __name__ == "__main__":
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
-    if resume and os.path.exists(os.path.join(resume, "training_state.pt")):
-        state = run_utils.load_checkpoint(os.path.join(resume, "training_state.pt"), ("finetune_vla/v1",))
-        if state["optimizer"]:
-            optimizer.load_state_dict(state["optimizer"])
+    # EMA of the trainable weights, laid out as the weights (sharded like them under FSDP)
+    ema = {n: p.detach().clone() for n, p in zip(names, params)} if args.ema_decay > 0 else None
+    # process 0 reads the full optimiser state and broadcasts it (sharded under FSDP): one copy in host memory
+    full_options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=distributed)
+    if resuming:
+        optim_state = torch.load(os.path.join(resume, "optimizer.pt"), weights_only=True) if rank == 0 else {}
+        set_optimizer_state_dict(model, optimizer, optim_state, options=full_options)
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        step = state["step"]
+            from torch.distributed.tensor import DTensor, distribute_tensor
+
+            for n, t in ema.items():
+                saved = state["ema"][n].to(device)
+                t.copy_(distribute_tensor(saved, t.device_mesh, t.placements) if isinstance(t, DTensor) else saved)
         run_utils.set_rng_state(state["rng"])
         if rank == 0:
             print(f"resumed from {resume} at step {step}")
@@ -568,100 +680,83 @@ if __name__ == "__main__":
         "config_only": args.config_only,
         "model_path": None if args.config_only else args.model_path,
     }
+    logger = None
     if rank == 0:
         run_utils.write_json(os.path.join(run_dir, "args.json"), asdict(args))
-    logger = (
-        run_utils.MetricsLogger(
-            run_dir, asdict(args), args.track and rank == 0, args.wandb_project_name, args.wandb_entity, args.exp_name
-        )
-        if rank == 0
-        else None
-    )
-    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=args.seed) if distributed else None
+        logger = run_utils.MetricsLogger(run_dir, asdict(args), args.track, args.wandb_project_name,
+                                         args.wandb_entity, args.exp_name)  # fmt: skip
+    batches = GlobalBatchSampler(len(dataset), args.batch_size, world, rank, args.grad_accum, args.seed, step)
     loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=micro,
-        shuffle=sampler is None,
-        sampler=sampler,
-        num_workers=args.num_workers,
-        collate_fn=collate,
-        drop_last=True,
+        dataset, batch_sampler=batches, num_workers=args.num_workers, collate_fn=collate,
         persistent_workers=args.num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed + step),
-    )
+    )  # fmt: skip
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
     preemption = run_utils.Preemption()
 
     def checkpoint(name: str) -> None:
-        model_state = None
-        if distributed and args.fsdp:  # every rank joins the gather; rank 0 writes the full weights
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        # FSDP shards the optimiser state: a resumed FSDP run restarts the optimiser moments (documented)
-        optim_state = {} if (distributed and args.fsdp) else optimizer.state_dict()
-        state = {
-            "format": "finetune_vla/v1",
-            "optimizer": optim_state,
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "args": asdict(args),
-            "rng": run_utils.rng_state(),
-            "ema": ema.state_dict() if ema is not None else None,
-        }
-        save(
-            os.path.join(ckpt_root, name),
-            ema if (ema is not None and name == "final") else model,
-            tokenizer,
-            stats,
-            state,
-            {**info, "step": step},
-            rank,
-            model_state,
-        )
+        """Collective: every process joins the gathers; process 0 writes."""
+        model_state = full_state(model)
+        if ema is not None:
+            ema_full = full_state(model, ema)
+            if name == "final":  # the evaluation model is the EMA
+                model_state = {**model_state, **ema_full}
+        optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                    cpu_offload=True))  # fmt: skip
+        if rank == 0:
+            state = {"format": "finetune_vla/v1", "scheduler": scheduler.state_dict(), "step": step,
+                     "args": asdict(args), "rng": run_utils.rng_state(), "ema": ema_full if ema is not None else None,
+                     "freeze": {"freeze_vision": args.freeze_vision, "freeze_vlm": args.freeze_vlm}}  # fmt: skip
+            save(os.path.join(ckpt_root, name), model, model_state, tokenizer, stats, state, optim,
+                 {**info, "step": step})  # fmt: skip
+        if distributed:
+            dist.barrier()
 
     bar = tqdm(total=args.total_steps, initial=step, desc="pi0", unit="step", disable=rank != 0)
-    epoch, batches, t_log, losses = step, None, time.time(), []
+    data_iter, t_log = iter(loader), time.time()
+    loss_sum, n_logged = torch.zeros((), device=device), 0
     train_model.train()
     while step < args.total_steps:
-        for _ in range(args.grad_accum):
-            try:
-                batch = next(batches)
-            except (StopIteration, TypeError):
-                if sampler is not None:
-                    sampler.set_epoch(epoch)
-                epoch += 1
-                batches = iter(loader)
-                batch = next(batches)
+        time_g, noise_g = flow_noise(model.config, args.batch_size, args.seed, step)
+        for a in range(args.grad_accum):
+            batch = next(data_iter)
             inputs = {
                 k: v.to(device) for k, v in training_batch(model, tokenizer, stats, batch, args.image_size).items()
             }
-            with autocast:
-                loss = train_model(**inputs).loss / args.grad_accum
-            loss.backward()
-            losses.append(loss.item() * args.grad_accum)
+            share = batches.positions(a)
+            inputs["timestep"], inputs["noise"] = time_g[share].to(device), noise_g[share].to(device)
+            # gradients are reduced across processes on the last micro-batch only
+            last = a == args.grad_accum - 1
+            if distributed and args.fsdp:
+                model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if last or not (distributed and not args.fsdp) else train_model.no_sync()
+            with sync:
+                with autocast:
+                    loss = train_model(**inputs).loss / args.grad_accum
+                loss.backward()
+            loss_sum += loss.detach().float()
+        n_logged += 1
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             with torch.no_grad():
-                for pe, p in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(p.detach(), 1 - args.ema_decay)
+                for n, p in zip(names, params):
+                    ema[n].lerp_(p.detach(), 1 - args.ema_decay)
         step += 1
         bar.update(1)
-        if rank == 0 and (step % args.log_every == 0 or step == args.total_steps):
-            logger.log(
-                step,
-                loss=float(np.mean(losses)),
-                grad_norm=float(grad_norm),
-                lr=scheduler.get_last_lr()[0],
-                samples_per_s=len(losses) * micro * world / (time.time() - t_log),
-            )
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-            t_log, losses = time.time(), []
+        if step % args.log_every == 0 or step == args.total_steps:
+            if distributed:  # the global batch's loss: the mean over processes
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            mean_loss = loss_sum.item() / n_logged
+            if rank == 0:
+                samples_per_s = n_logged * args.batch_size / (time.time() - t_log)
+                logger.log(step, loss=mean_loss, grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0],
+                           samples_per_s=samples_per_s)  # fmt: skip
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+            t_log, loss_sum, n_logged = time.time(), torch.zeros((), device=device), 0
         stop = preemption.requested
-        if distributed:  # every rank stops at the same step (checkpointing is collective under FSDP)
+        if distributed:  # every process stops at the same step (checkpointing is collective)
             flag = torch.tensor([float(stop)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
