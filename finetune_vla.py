@@ -762,8 +762,8 @@ if __name__ == "__main__":
             stop = bool(flag.item())
         if step % args.save_every == 0 or stop:
             checkpoint("latest")
-        if stop:
-            preemption.exit(requeue=rank == 0)
+        if stop:  # process 0 requeues the SLURM job (if any) and says so; the others just leave
+            preemption.exit() if rank == 0 else sys.exit(0)
     bar.close()
     checkpoint("latest")
     checkpoint("final")

@@ -96,3 +96,29 @@ def test_preemption_signal_checkpoints_requeues_and_resumes_to_the_same_result(c
     assert final["step"] == expected["step"] == 600
     for name, tensor in expected["model"].items():
         assert torch.equal(tensor, final["model"][name]), name
+
+
+def test_two_process_pi0_job_is_preempted_requeued_and_resumed(cluster, tmp_path):
+    """slurm/finetune_vla.sbatch with 2 torchrun processes (DDP on gloo; GPUS sets the process count): SLURM's
+    warning signal reaches the workers as SIGTERM, both checkpoint at the same step, process 0 requeues the job,
+    and the requeued job resumes from that step to the end."""
+    root = tmp_path / "data" / "scripted" / "libero_object"
+    write_tiny_demo_file(str(root / "a_demo.hdf5"), num_demos=3, T=20, image_size=32)
+    runs = tmp_path / "runs"
+    latest = runs / "finetune_vla" / "pi0__seed0" / "checkpoints" / "latest" / "training_state.pt"
+    cli = ("--config-only tiny --image-size 32 --batch-size 4 --num-workers 0 --total-steps 600 --save-every 20 "
+           "--log-every 100").split()  # fmt: skip
+    env = {**cluster, "GPUS": "2"}
+    job = sbatch(env, [*SMALL_NODE, "--cpus-per-task=2", f"--output={tmp_path}/log.txt", "slurm/finetune_vla.sbatch",
+                       *cli, "--data", str(tmp_path / "data"), "--run-root", str(runs)])  # fmt: skip
+    wait_for(latest.exists, 300, "the first checkpoint")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+    wait_for(lambda: job_state(cluster, job) == "COMPLETED", 600, "the requeued job to complete")
+    log = (tmp_path / "log.txt").read_text()
+    assert "2 process(es)" in log and "pre-empted (SIGTERM): checkpoint written, requeued" in log
+    resumed = [line for line in log.splitlines() if line.startswith("resumed from")]
+    assert "(restart 1)" in log and len(resumed) == 1 and "done: 600 steps" in log
+    killed_at = int(resumed[0].rsplit(" ", 1)[1])
+    assert 0 < killed_at < 600
+    final = torch.load(latest.parent.parent / "final" / "training_state.pt", weights_only=True)
+    assert final["step"] == 600
