@@ -48,6 +48,9 @@ class Args:
     """checkpoint of a learned policy (default: the path convention of its phase)"""
     ckpt_phase: str = "ppo"
     """for --policy diffusion without --ckpt: load the 'ppo' (ppo_diffusion) or 'bc' (bc_diffusion) checkpoint"""
+    instruction: Optional[Literal["bddl", "benchmark"]] = None
+    """prompt of a vla policy: bddl (the BDDL :language) or benchmark (LIBERO's task.language); default: the
+    convention its checkpoint was trained with"""
     suite: str = "all"
     """libero_spatial | libero_object | libero_goal | libero_10 | libero_90 | all (then --task-id is global)"""
     task_id: int = 10
@@ -484,9 +487,11 @@ class LearnedPolicy:
         return self.act(obs)
 
 
-def load_learned_policy(kind: str, ckpt: str, task: le.Task, deterministic=True, ddim_steps=5, seed=0, cuda=True):
+def load_learned_policy(kind: str, ckpt: str, task: le.Task, deterministic=True, ddim_steps=5, seed=0, cuda=True,
+                        instruction: Optional[str] = None):  # fmt: skip
     """A checkpoint of bc_diffusion / ppo_diffusion (``diffusion``), ppo_gaussian (``gaussian``) or finetune_vla
-    (``vla``) as a :class:`LearnedPolicy`; deterministic (DDIM eta = 0 / Gaussian mean) unless asked otherwise."""
+    (``vla``) as a :class:`LearnedPolicy`; deterministic (DDIM eta = 0 / Gaussian mean) unless asked otherwise.
+    A vla policy is prompted in the instruction convention its checkpoint was trained with, or ``instruction``."""
     import torch
 
     import run_utils
@@ -494,10 +499,12 @@ def load_learned_policy(kind: str, ckpt: str, task: le.Task, deterministic=True,
     device = torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
     generator = torch.Generator().manual_seed(seed)  # the policy's sampling noise
     if kind == "vla":
-        from finetune_vla import Pi0Policy
+        from finetune_vla import Pi0Policy, vla_prompt
 
-        policy = Pi0Policy(ckpt, task.instruction, device)
-        return LearnedPolicy(policy.act, policy.cfg["act_steps"], "rgb", 256, policy.info)  # 256: its training data
+        prompt, convention = vla_prompt(ckpt, task, instruction)
+        policy = Pi0Policy(ckpt, prompt, device)
+        info = {**policy.info, "prompt": prompt, "prompt_convention": convention}
+        return LearnedPolicy(policy.act, policy.cfg["act_steps"], "rgb", 256, info)  # 256: its training data
     if kind == "gaussian":
         from ppo_gaussian import load_policy
 
@@ -546,6 +553,7 @@ def file_info(args: Args, task: le.Task, source: str, checkpoint: str) -> demo_h
     }
     return demo_hdf5.FileInfo(
         instruction=task.instruction,
+        benchmark_instruction=task.language,
         problem_name=problem,
         bddl_file_name=task.bddl_file,
         source=source,
@@ -572,9 +580,8 @@ if __name__ == "__main__":
         task = le.resolve_task(args.suite, args.task_id)
         policy = None
         if args.policy != "scripted":
-            policy = load_learned_policy(
-                args.policy, args.ckpt, task, args.deterministic, args.ddim_steps, args.seed, args.cuda
-            )
+            policy = load_learned_policy(args.policy, args.ckpt, task, args.deterministic, args.ddim_steps,
+                                         args.seed, args.cuda, args.instruction)  # fmt: skip
     except (ValueError, FileNotFoundError, le.TaskError) as e:
         sys.exit(f"error: {e}")
     if policy is not None and policy.obs_mode == "rgb" and args.obs_mode == "state":

@@ -3,7 +3,8 @@
 One HDF5 file per task, in LIBERO's layout so that LIBERO's own human demos load unchanged::
 
     data/                                   group; its attributes describe the file:
-        problem_info (JSON: language_instruction, problem_name, domain_name), env_args (JSON), bddl_file_name,
+        problem_info (JSON: language_instruction, problem_name, domain_name; ours add benchmark_instruction),
+        env_args (JSON), bddl_file_name,
         total (samples), num_demos; files written here add obs_alignment="pre_action", source, image_size,
         checkpoint, suite, task_name and the collection statistics.
       demo_<k>/                             attributes num_samples; ours add init_state_index, seed, success
@@ -16,6 +17,11 @@ Alignment. In our files observation t is the one action t was chosen from (``obs
 LIBERO's original files record observation t *after* action t (while ``states[t]`` is the state before it),
 so the reader re-aligns them: sample t pairs ``obs[t-1]`` with ``actions[t]``, dropping the first action, whose
 pre-action observation was never stored.
+
+Instructions. ``language_instruction`` is the BDDL ``:language`` text, as in LIBERO's files ("Pick the bbq sauce
+and place it in the basket"); ours also store LIBERO's file-name-derived ``task.language`` ("pick up the bbq sauce
+and place it in the basket"), the text OpenVLA, openpi and LeRobot prompt with, as ``benchmark_instruction``. For
+LIBERO's files the reader derives it from the task name with LIBERO's rule (:func:`benchmark_language`).
 
 Writers write ``<name>.partial`` beside the final file, flush after every demo and rename on commit, so a killed
 job never leaves a partial file under the final name and a rerun can continue from the ``.partial``.
@@ -112,6 +118,10 @@ class DemoFile:
         self.aligned = self.attrs.get("obs_alignment") == OBS_ALIGNMENT
         self.problem_info = json.loads(self.attrs["problem_info"])
         self.instruction = " ".join(str(self.problem_info.get("language_instruction", "")).split())
+        self.task_name = str(self.attrs.get("task_name", os.path.basename(self.path).removesuffix("_demo.hdf5")))
+        self.benchmark_instruction = self.problem_info.get("benchmark_instruction") or benchmark_language(
+            self.task_name
+        )
         self.source = str(self.attrs.get("source", "human"))
         for key in self.demo_keys:
             group = data[key]
@@ -189,7 +199,7 @@ class DemoFile:
 class FileInfo:
     """What a trajectory file says about itself (the ``data`` group attributes)."""
 
-    instruction: str
+    instruction: str  # the BDDL :language
     problem_name: str
     bddl_file_name: str
     source: str
@@ -197,6 +207,7 @@ class FileInfo:
     task_name: str
     image_size: int
     checkpoint: str = ""
+    benchmark_instruction: str = ""  # LIBERO's task.language
     domain_name: str = "robosuite"
     env_kwargs: Optional[dict] = None
 
@@ -212,6 +223,7 @@ class FileInfo:
             "problem_name": self.problem_name,
             "domain_name": self.domain_name,
             "language_instruction": self.instruction,
+            "benchmark_instruction": self.benchmark_instruction or benchmark_language(self.task_name),
         }
         return {
             "problem_info": json.dumps(problem),
@@ -343,6 +355,15 @@ class DemoWriter:
         """Close without committing (the ``.partial`` stays for a later resume)."""
         if self._f.id.valid:
             self._f.close()
+
+
+def benchmark_language(task_name: str) -> str:
+    """LIBERO's ``task.language`` of a task (``libero.libero.benchmark.grab_language_from_filename``): the task
+    name's words, after the scene prefix of LIBERO-90/-10 names ("KITCHEN_SCENE3_turn_on_the_stove"). Written out
+    here so that reading a file needs no LIBERO install (GPU nodes); tested against LIBERO for all 130 tasks."""
+    if task_name[:1].isupper():
+        task_name = task_name[task_name.find("SCENE") + (8 if "SCENE10" in task_name else 7) :]
+    return " ".join(task_name.split("_"))
 
 
 def read_instruction(path: str) -> str:

@@ -56,6 +56,9 @@ class Args:
     """checkpoint (file, or finetune_vla directory); default: the path convention for diffusion/gaussian"""
     ckpt_phase: str = "ppo"
     """diffusion without --ckpt: 'ppo' (ppo_diffusion) or 'bc' (bc_diffusion)"""
+    instruction: Optional[Literal["bddl", "benchmark"]] = None
+    """prompt of a vla policy: bddl (the BDDL :language) or benchmark (LIBERO's task.language); default: the
+    convention its checkpoint was trained with"""
     tag: Optional[str] = None
     """name of the results directory (default: scripted | diffusion_ppo | diffusion_bc | gaussian | <vla run name>)"""
     suite: str = "libero_object"
@@ -96,7 +99,8 @@ def make_policy(args: Args, task: le.Task, venv_factory):
         venv = venv_factory("state" if not args.capture_video else "rgb", args.image_size or 128, privileged=True)
         geometry = venv.call("geometry", env_ids=[0])[0]
         return collect.ScriptedPolicy(goal, geometry, 0.0, args.seed), venv, {"train_task": None}
-    policy = collect.load_learned_policy(args.policy, args.ckpt, task, True, args.ddim_steps, args.seed, args.cuda)
+    policy = collect.load_learned_policy(args.policy, args.ckpt, task, True, args.ddim_steps, args.seed, args.cuda,
+                                         args.instruction)  # fmt: skip
     obs_mode = "rgb" if args.capture_video else policy.obs_mode
     venv = venv_factory(obs_mode, args.image_size or policy.image_size, privileged=False)
     return policy, venv, policy.info
@@ -177,6 +181,7 @@ def evaluate_task(args: Args, task: le.Task, tag: str) -> dict:
             "global_id": task.global_id,
             "name": task.name,
             "instruction": task.instruction,
+            "benchmark_instruction": task.language,
         },
         "protocol": {
             "max_steps": task.max_steps,

@@ -77,6 +77,10 @@ class Args:
     """actions per predicted chunk"""
     filter_noops: bool = True
     """drop no-op steps (OpenVLA's rule, demo_hdf5.noop_mask)"""
+    instruction: Literal["benchmark", "bddl"] = "benchmark"
+    """prompt text: LIBERO's file-name-derived task.language (OpenVLA's, openpi's and LeRobot's training and
+    evaluation text, as in the public LIBERO training sets) or the BDDL :language the demo files store. Recorded
+    in the checkpoint; evaluate.py prompts with the same"""
     num_workers: int = 2
     """DataLoader workers (each opens its own HDF5 handles)"""
 
@@ -345,13 +349,13 @@ class TrajectoryDataset(torch.utils.data.Dataset):
     last action repeats.
     """
 
-    def __init__(self, paths: list[str], chunk: int, filter_noops: bool):
+    def __init__(self, paths: list[str], chunk: int, filter_noops: bool, instruction: str = "benchmark"):
         self.paths, self.chunk, self._files = paths, chunk, {}
         self.entries, self.instructions = [], []  # entries: (file index, demo key, kept stored indices)
         actions, states = [], []
         for fi, path in enumerate(paths):
             with demo_hdf5.DemoFile(path) as f:
-                self.instructions.append(f.instruction)
+                self.instructions.append(f.benchmark_instruction if instruction == "benchmark" else f.instruction)
                 for key in f.demo_keys:
                     d = f.read(key, ["ee_pos", "ee_ori", "gripper_states"])
                     keep = (
@@ -413,6 +417,15 @@ def training_batch(model, tokenizer, stats, batch: dict, image_size: int) -> dic
 # ================================================================================================================
 # Policy wrapper for evaluate.py / collect.py
 # ================================================================================================================
+def vla_prompt(ckpt_dir: str, task: le.Task, convention: Optional[str] = None) -> tuple[str, str]:
+    """(prompt text, convention) for ``task``: the instruction convention the checkpoint was trained with, unless
+    ``convention`` overrides it (e.g. to evaluate a pi0 trained elsewhere on the public LIBERO data: benchmark).
+    Checkpoints from before the choice was recorded were trained on the BDDL text."""
+    with open(os.path.join(ckpt_dir, "train_info.json")) as f:
+        convention = convention or json.load(f).get("instruction", "bddl")
+    return task.prompt(convention), convention
+
+
 class Pi0Policy:
     """A fine-tuned pi0 as a rollout policy: ``act(obs) -> (B, chunk, 7)``; the caller executes ``replan_steps``.
     ``sample_actions`` computes the prefix (images + prompt) once per query and reuses its KV cache over all
@@ -616,7 +629,7 @@ if __name__ == "__main__":
                 f"--resume {args.resume} holds no training_state.pt; pass auto, never or a checkpoint dir."
             )
         paths = find_files(args.data, args.suites, args.task_names)
-        dataset = TrajectoryDataset(paths, args.chunk_size, args.filter_noops)
+        dataset = TrajectoryDataset(paths, args.chunk_size, args.filter_noops, args.instruction)
         if len(dataset) < args.batch_size:
             raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(dataset)} samples of the data.")
         state = None
@@ -624,6 +637,9 @@ if __name__ == "__main__":
             from transformers import AutoTokenizer, PI0ForConditionalGeneration
 
             state = run_utils.load_checkpoint(os.path.join(resume, "training_state.pt"), ("finetune_vla/v1",))
+            if state.get("instruction", "bddl") != args.instruction:
+                raise ValueError(f"{resume} was trained with --instruction {state.get('instruction', 'bddl')}; "
+                                 "resume with the same or start a new run (--exp-name or --resume never).")  # fmt: skip
             saved = state.get("freeze", {"freeze_vision": False, "freeze_vlm": False})
             if saved != {"freeze_vision": args.freeze_vision, "freeze_vlm": args.freeze_vlm}:
                 raise ValueError(f"{resume} was trained with {saved}; resume with the same --freeze-vision/"
@@ -658,8 +674,13 @@ if __name__ == "__main__":
     # process 0 reads the full optimiser state and broadcasts it (sharded under FSDP): one copy in host memory
     full_options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=distributed)
     if resuming:
-        optim_state = torch.load(os.path.join(resume, "optimizer.pt"), weights_only=True) if rank == 0 else {}
-        set_optimizer_state_dict(model, optimizer, optim_state, options=full_options)
+        if os.path.exists(os.path.join(resume, "optimizer.pt")):
+            optim_state = torch.load(os.path.join(resume, "optimizer.pt"), weights_only=True) if rank == 0 else {}
+            set_optimizer_state_dict(model, optimizer, optim_state, options=full_options)
+        elif state.get("optimizer") and not args.fsdp:  # written before optimizer.pt existed (same parameter order)
+            optimizer.load_state_dict(state["optimizer"])
+        elif rank == 0:
+            print(f"warning: {resume} holds no optimiser state; AdamW's moments restart from zero")
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
             from torch.distributed.tensor import DTensor, distribute_tensor
@@ -679,6 +700,7 @@ if __name__ == "__main__":
         "chunk_size": args.chunk_size,
         "config_only": args.config_only,
         "model_path": None if args.config_only else args.model_path,
+        "instruction": args.instruction,
     }
     logger = None
     if rank == 0:
@@ -705,7 +727,8 @@ if __name__ == "__main__":
         if rank == 0:
             state = {"format": "finetune_vla/v1", "scheduler": scheduler.state_dict(), "step": step,
                      "args": asdict(args), "rng": run_utils.rng_state(), "ema": ema_full if ema is not None else None,
-                     "freeze": {"freeze_vision": args.freeze_vision, "freeze_vlm": args.freeze_vlm}}  # fmt: skip
+                     "freeze": {"freeze_vision": args.freeze_vision, "freeze_vlm": args.freeze_vlm},
+                     "instruction": args.instruction}  # fmt: skip
             save(os.path.join(ckpt_root, name), model, model_state, tokenizer, stats, state, optim,
                  {**info, "step": step})  # fmt: skip
         if distributed:

@@ -43,6 +43,7 @@ import numpy as np
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 SUITE_SIZES = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
 # Steps allowed after the wait steps. LeRobot's wrapper uses 280 for spatial; we follow OpenVLA/openpi (220).
+INSTRUCTION_CONVENTIONS = ("bddl", "benchmark")  # see Task.prompt
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
 NUM_WAIT_STEPS = 10  # objects settle after set_init_state; these steps do not count toward the limit
 WAIT_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)  # hold still, gripper open
@@ -70,9 +71,17 @@ class Task:
     suite: str
     local_id: int  # index within the suite (LIBERO's task order 0)
     name: str  # BDDL file stem; also the HDF5 file stem of LIBERO's demos
-    instruction: str  # the BDDL ``:language`` text
+    instruction: str  # the BDDL ``:language`` text (what LIBERO's demo files and ours store)
     bddl_file: str
     max_steps: int  # protocol step limit after the wait steps
+    language: str = ""  # LIBERO's ``task.language``, derived from the file name: OpenVLA's/openpi's prompt
+
+    def prompt(self, convention: str) -> str:
+        """The instruction text of a convention: ``bddl`` (the BDDL ``:language``) or ``benchmark`` (LIBERO's
+        file-name-derived ``task.language``, which OpenVLA, openpi and LeRobot train and evaluate with)."""
+        if convention not in INSTRUCTION_CONVENTIONS:
+            raise ValueError(f"Unknown instruction convention '{convention}'; choose bddl or benchmark.")
+        return self.instruction if convention == "bddl" else self.language
 
 
 def bddl_language(path: str) -> str:
@@ -106,6 +115,7 @@ def task_registry() -> tuple[Task, ...]:
                     instruction=bddl_language(bddl),
                     bddl_file=bddl,
                     max_steps=SUITE_MAX_STEPS[suite_name],
+                    language=suite.get_task(local_id).language,
                 )
             )
     return tuple(tasks)

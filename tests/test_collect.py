@@ -76,6 +76,7 @@ def test_collect_cli_writes_a_valid_file(tmp_path):
     with demo_hdf5.DemoFile(path) as f:
         assert len(f) == 2 and f.aligned and f.attrs["obs_alignment"] == "pre_action"
         assert f.instruction == task.instruction and f.source == "scripted" and f.attrs["image_size"] == 256
+        assert f.benchmark_instruction == task.language and f.problem_info["benchmark_instruction"] == task.language
         assert 0 < f.attrs["success_rate"] <= 1
         for key in f.demo_keys:
             d, attrs = f.read(key), f.demo_attrs(key)

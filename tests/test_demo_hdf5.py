@@ -9,7 +9,7 @@ import textwrap
 import h5py
 import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import ROOT, write_tiny_demo_file
 
 import demo_hdf5 as dh
 
@@ -125,6 +125,17 @@ def test_original_libero_layout_is_realigned_to_pre_action_observations(tmp_path
             # ... and applying action t to it gives the next sample's observation.
             np.testing.assert_allclose(d["obs"]["ee_pos"][:-1] + 0.01 * d["actions"][:-1, :3], d["obs"]["ee_pos"][1:])
             assert d["dones"][-1] == 1 and d["rewards"].sum() == 1
+
+
+def test_libero_files_get_the_benchmark_instruction_derived_from_their_task_name(tmp_path):
+    """LIBERO's own files store only the BDDL text; the reader derives task.language from the file name."""
+    name = "KITCHEN_SCENE10_put_the_butter_at_the_back_in_the_top_drawer_of_the_cabinet_and_close_it"
+    path = write_tiny_demo_file(str(tmp_path / f"{name}_demo.hdf5"), layout="libero", instruction="Put the butter")
+    with dh.DemoFile(path) as f:
+        assert f.instruction == "Put the butter"
+        assert f.benchmark_instruction == "put the butter at the back in the top drawer of the cabinet and close it"
+    assert dh.benchmark_language("LIVING_ROOM_SCENE2_pick_up_the_ketchup") == "pick up the ketchup"
+    assert dh.benchmark_language("open_the_microwave") == "open the microwave"
 
 
 def test_truncated_file_gives_one_sentence_naming_the_file(tmp_path):

@@ -126,3 +126,35 @@ def test_cli_checkpoint_reload_resume_and_normalisation_round_trip(data, tmp_pat
     assert torch.load(ckpt / "training_state.pt", weights_only=True)["step"] == 7
     rows = [json.loads(line) for line in open(os.path.join(runs, "finetune_vla", "pi0__seed0", "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [2, 4, 6, 7] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.sim
+def test_the_instruction_convention_is_recorded_checked_on_resume_and_used_by_evaluation(tmp_path):
+    """--instruction benchmark (the default) trains on LIBERO's task.language and records it; a resume with the
+    other convention is refused; evaluate.py prompts a vla checkpoint with its own convention unless overridden."""
+    import libero_env as le
+
+    task = le.resolve_task("libero_object", 0)
+    data = tmp_path / "data" / "scripted" / "libero_object"
+    write_tiny_demo_file(str(data / f"{task.name}_demo.hdf5"), num_demos=2, T=12, image_size=32,
+                         instruction=task.instruction)  # fmt: skip
+    ds = fv.TrajectoryDataset(fv.find_files([str(data)]), 50, True, instruction="benchmark")
+    assert ds.instructions == [task.language] != fv.TrajectoryDataset(ds.paths, 50, True, "bddl").instructions
+    runs = str(tmp_path / "runs")
+    cli = ["finetune_vla.py", "--config-only", "tiny", "--data", str(data), "--image-size", "32", "--batch-size", "2",
+           "--num-workers", "0", "--run-root", runs]  # fmt: skip
+    run_script([*cli, "--total-steps", "2"], cwd=ROOT)
+    ckpt = tmp_path / "runs" / "finetune_vla" / "pi0__seed0" / "checkpoints" / "final"
+    with open(ckpt / "train_info.json") as f:
+        assert json.load(f)["instruction"] == "benchmark"
+    proc = run_script([*cli, "--total-steps", "3", "--instruction", "bddl"], cwd=ROOT, check=False)
+    assert proc.returncode != 0 and "was trained with --instruction benchmark" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    for override, expected in ((None, task.language), ("bddl", task.instruction)):
+        extra = ["--instruction", override] if override else []
+        run_script(["evaluate.py", "--policy", "vla", "--ckpt", str(ckpt), "--suite", "libero_object", "--task-id", "0",
+                    "--num-episodes", "1", "--num-envs", "1", "--results-root", str(tmp_path / "results"),
+                    "--tag", "t", *extra], cwd=ROOT, timeout=900)  # fmt: skip
+        with open(tmp_path / "results" / "eval" / "t" / "libero_object" / "task00.json") as f:
+            info = json.load(f)["policy_info"]
+        assert info["prompt"] == expected and info["prompt_convention"] == (override or "benchmark")

@@ -39,6 +39,25 @@ def test_task_ids_and_step_limits():
         assert t.instruction == le.bddl_language(t.bddl_file) and os.path.isfile(t.bddl_file)
 
 
+def test_both_instruction_conventions_and_the_benchmark_rule_without_libero():
+    """Task.language is LIBERO's file-name-derived text; demo_hdf5.benchmark_language re-derives it without
+    importing LIBERO (for GPU nodes reading LIBERO's files): it must agree on all 130 tasks."""
+    from libero.libero.benchmark import grab_language_from_filename
+
+    import demo_hdf5
+
+    for t in le.task_registry():
+        assert t.language == grab_language_from_filename(t.name + ".bddl") == demo_hdf5.benchmark_language(t.name)
+        assert t.prompt("bddl") == t.instruction and t.prompt("benchmark") == t.language
+    task = le.resolve_task("libero_object", 0)
+    assert task.prompt("benchmark") == "pick up the alphabet soup and place it in the basket" != task.instruction
+    assert le.resolve_task("libero_90", 0).language == demo_hdf5.benchmark_language(
+        le.resolve_task("libero_90", 0).name
+    )
+    with pytest.raises(ValueError, match="choose bddl or benchmark"):
+        task.prompt("openvla")
+
+
 @pytest.mark.parametrize(
     "suite, task_id, message",
     [
