@@ -2,10 +2,12 @@
 
 A head maps the observation features to the mean of the executed action chunk (act_steps x 7, tanh-squashed in
 the normalised action space), with a learned state-independent log-std. It is warm-started by behaviour cloning
-on the same demos (MSE on the mean, ``--bc-steps``), then fine-tuned with standard PPO at the chunk level
-(CleanRL's continuous-action PPO): one likelihood ratio per chunk, r = exp(log pi(a|s) - log pi_old(a|s)),
-log pi summed over the chunk. Rollouts, GAE, the critic, reward scaling and evaluation are ppo_diffusion.py's.
-Its data is the paper's "Gaussian RL data".
+on the same demos with bc_diffusion.py's recipe (MSE on the mean; the same optimiser, schedule, EMA and steps),
+then fine-tuned with PPO at the chunk level: one likelihood ratio per chunk, r = exp(log pi(a|s) - log pi_old(a|s)),
+with log pi clamped per element and averaged over the chunk exactly as ppo_diffusion.py's denoising log-probs, the
+same clip, optimiser settings and gradient steps per iteration. Rollouts, GAE, the critic, reward scaling and
+evaluation are ppo_diffusion.py's ("the same architecture and training procedure"; tests/test_ppo_gaussian.py fails
+if the two scripts' shared defaults drift apart). Its data is the paper's "Gaussian RL data".
 
     python ppo_gaussian.py --suite libero_object --task-id 0 --obs-mode state --num-envs 50
 """
@@ -95,13 +97,25 @@ class Args:
     init_log_std: float = -2.3
     """initial log-std of the normalised action (exp(-2.3) = 0.1, the diffusion policy's std floor)"""
 
-    # BC warm start
+    # BC warm start: bc_diffusion.py's recipe (its --total-steps, --batch-size, --lr, --betas, ...)
     bc_steps: int = 20_000
     """gradient steps of the BC warm start (MSE on the mean)"""
     bc_batch_size: int = 64
     """BC batch size"""
     bc_lr: float = 1e-4
-    """BC learning rate (AdamW, cosine with warm-up)"""
+    """BC peak learning rate (AdamW, cosine with warm-up)"""
+    bc_betas: tuple[float, float] = (0.95, 0.999)
+    """BC AdamW betas"""
+    bc_weight_decay: float = 1e-6
+    """BC AdamW weight decay"""
+    bc_warmup_steps: int = 500
+    """BC linear warm-up steps"""
+    bc_grad_clip: float = 1.0
+    """BC max gradient norm (0 disables)"""
+    bc_ema_power: float = 0.75
+    """EMA decay ramp 1 - (1 + step)^-power; PPO starts from the EMA weights, as ppo_diffusion from BC's"""
+    bc_ema_max_decay: float = 0.9999
+    """EMA decay ceiling"""
 
     # PPO (rollout machinery and defaults as ppo_diffusion.py)
     num_envs: int = 50
@@ -120,8 +134,11 @@ class Args:
     """PPO clip (small, as for the diffusion policy's action step: fine-tuning, not learning from scratch)"""
     update_epochs: int = 10
     """epochs per iteration"""
-    minibatch_size: int = 500
-    """chunks per gradient step"""
+    minibatch_size: int = 200
+    """chunks per gradient step: ppo_diffusion's 1000 (env step, denoising step) pairs over its 5 fine-tuned steps,
+    so both take the same number of gradient steps per iteration"""
+    logprob_clip: tuple[float, float] = (-5.0, 2.0)
+    """per-element clamp of the log-probs (averaged over the chunk, as the denoising log-probs)"""
     vf_coef: float = 0.5
     """value-loss weight"""
     ent_coef: float = 0.0
@@ -140,6 +157,8 @@ class Args:
     """keep the actor learning rate constant"""
     critic_lr: float = 1e-3
     """critic learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay of both PPO optimisers"""
     reward_scale: bool = True
     """divide rewards by a running std of the discounted return"""
     reward_clip: float = 10.0
@@ -156,7 +175,7 @@ class Args:
     """protocol episodes per evaluation (0 disables)"""
     save_every: int = 1
     """iterations between latest.pt checkpoints"""
-    log_every: int = 500
+    log_every: int = 100
     """BC steps between metrics lines"""
 
 
@@ -186,6 +205,13 @@ class GaussianPolicy(PolicyBase):
         return self.to_actions(a).cpu().numpy()
 
 
+def chunk_logprob(d: torch.distributions.Normal, a: torch.Tensor, clip: tuple[float, float]) -> torch.Tensor:
+    """log pi(a | s) of a flattened chunk, clamped per element and averaged over its act_steps x 7 elements: the
+    scale of ppo_diffusion's denoising log-probs, so the same PPO clip and target KL bind alike (a sum over the 56
+    elements made the log-ratio 56x larger)."""
+    return d.log_prob(a).clamp(*clip).mean(-1)  # (B,)
+
+
 def load_policy(path: str, device="cpu") -> GaussianPolicy:
     import run_utils
 
@@ -208,7 +234,7 @@ def gaussian_ppo_update(policy: GaussianPolicy, critic, batch: dict, args, optim
     def forward(idx):
         obs_t = index_obs(obs, idx)
         d = policy.dist(obs_t)
-        return d.log_prob(actions[idx]).sum(-1), d.entropy().sum(-1), obs_t
+        return chunk_logprob(d, actions[idx], args.logprob_clip), d.entropy().mean(-1), obs_t
 
     with torch.no_grad():
         logp_old = torch.cat([forward(torch.arange(s, min(s + args.minibatch_size, N), device=device))[0]
@@ -292,12 +318,16 @@ if __name__ == "__main__":
     critic = Critic(cfg, args.critic_hidden).to(device)
     print(f"data: {dataset.num_demos} demos from {paths}; policy {run_utils.count_parameters(policy) / 1e6:.2f}M, "
           f"critic {run_utils.count_parameters(critic) / 1e6:.2f}M parameters")  # fmt: skip
-    bc_opt = torch.optim.AdamW(policy.parameters(), lr=args.bc_lr, weight_decay=1e-6)
-    bc_sched = torch.optim.lr_scheduler.LambdaLR(
-        bc_opt, run_utils.cosine_with_warmup(min(500, args.bc_steps // 10), args.bc_steps)
+    # BC: bc_diffusion.py's optimiser, schedule and EMA
+    bc_opt = torch.optim.AdamW(
+        policy.parameters(), lr=args.bc_lr, betas=args.bc_betas, weight_decay=args.bc_weight_decay
     )
-    actor_opt = torch.optim.AdamW(policy.parameters(), lr=args.actor_lr)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr)
+    bc_sched = torch.optim.lr_scheduler.LambdaLR(
+        bc_opt, run_utils.cosine_with_warmup(args.bc_warmup_steps, args.bc_steps)
+    )
+    ema = run_utils.EMA(policy, args.bc_ema_power, args.bc_ema_max_decay)
+    actor_opt = torch.optim.AdamW(policy.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
     actor_sched = (
         torch.optim.lr_scheduler.LambdaLR(actor_opt, lambda it: 1.0)
         if args.constant_lr
@@ -306,7 +336,7 @@ if __name__ == "__main__":
     scaler = RunningRewardScaler(args.num_envs, args.gamma, args.reward_clip)
     generator = torch.Generator().manual_seed(args.seed)
     bc_step, iteration, env_steps, bad_updates = 0, 0, 0, 0
-    modules = {"model": policy, "critic": critic, "bc_optimizer": bc_opt, "bc_scheduler": bc_sched,
+    modules = {"model": policy, "ema": ema.model, "critic": critic, "bc_optimizer": bc_opt, "bc_scheduler": bc_sched,
                "optimizer": actor_opt, "critic_optimizer": critic_opt, "scheduler": actor_sched,
                "reward_scaler": scaler}  # fmt: skip
 
@@ -316,7 +346,8 @@ if __name__ == "__main__":
             ckpt = run_utils.load_checkpoint(resume, ("ppo_gaussian/v1",))
             run_utils.check_same_architecture(resume, ckpt["config"], cfg)
             for name, module in modules.items():
-                module.load_state_dict(ckpt[name])
+                if ckpt.get(name) is not None:  # (runs from before the BC EMA hold none)
+                    module.load_state_dict(ckpt[name])
             bc_step, iteration, env_steps = ckpt["bc_step"], ckpt["step"], ckpt["env_steps"]
             run_utils.set_rng_state(ckpt["rng"])
             generator.set_state(ckpt["rng"]["generator"])
@@ -333,7 +364,7 @@ if __name__ == "__main__":
         state = {k: m.state_dict() for k, m in modules.items()}
         run_utils.save_checkpoint(
             os.path.join(ckpt_dir, name),
-            {"format": "ppo_gaussian/v1", **state, "ema": None, "step": iteration, "bc_step": bc_step,
+            {"format": "ppo_gaussian/v1", **state, "step": iteration, "bc_step": bc_step,
              "env_steps": env_steps, "args": asdict(args), "config": cfg, "normalizer": policy.normalizer(),
              "rng": rng},
             keep_previous=name == "latest.pt",
@@ -352,9 +383,10 @@ if __name__ == "__main__":
             loss = ((torch.tanh(policy.head(policy.encoder(obs))) - target) ** 2).mean()
             bc_opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            nn.utils.clip_grad_norm_(policy.parameters(), args.bc_grad_clip or float("inf"))
             bc_opt.step()
             bc_sched.step()
+            ema.update(policy, bc_step)
             bc_step += 1
             bar.update(1)
             if bc_step % args.log_every == 0 or bc_step == args.bc_steps:
@@ -364,6 +396,7 @@ if __name__ == "__main__":
                 checkpoint("latest.pt")
                 preemption.exit()
         bar.close()
+        policy.load_state_dict(ema.model.state_dict())  # PPO starts from the EMA weights, as ppo_diffusion does
         checkpoint("latest.pt")
 
     venv = le.VectorLiberoEnv(task, args.num_envs, obs_mode=args.obs_mode, image_size=args.image_size)

@@ -32,7 +32,7 @@ def batch(policy, N=12, seed=0):
 
 def args(**kw):
     base = dict(minibatch_size=5, update_epochs=2, clip_coef=0.01, vf_coef=0.5, ent_coef=0.0, max_grad_norm=1.0,
-                target_kl=None)  # fmt: skip
+                target_kl=None, logprob_clip=(-5.0, 2.0))  # fmt: skip
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -41,17 +41,52 @@ def opts(policy, critic):
     return torch.optim.AdamW(policy.parameters(), lr=1e-4), torch.optim.AdamW(critic.parameters(), lr=1e-3)
 
 
-def test_log_prob_is_the_sum_over_the_chunk_of_normal_log_densities():
+def test_chunk_log_prob_is_clamped_per_element_and_averaged_like_the_denoising_log_probs():
     torch.manual_seed(0)
     policy = pg.GaussianPolicy(CFG, init_log_std=-1.0)
     obs = policy.normalize_obs({"proprio": torch.randn(3, 8), "object_state": torch.randn(3, 5)})
     d = policy.dist(obs)
-    a = torch.randn(3, 28)
+    a = torch.randn(3, 28) * 2
     mean = torch.tanh(policy.head(policy.encoder(obs)))
-    ref = (-((a - mean) ** 2) / (2 * np.exp(-2.0)) - (-1.0) - 0.5 * np.log(2 * np.pi)).sum(-1)
-    torch.testing.assert_close(d.log_prob(a).sum(-1), ref, atol=1e-5, rtol=1e-5)
+    per_element = -((a - mean) ** 2) / (2 * np.exp(-2.0)) - (-1.0) - 0.5 * np.log(2 * np.pi)
+    assert (per_element < -5).any()  # some elements are clamped
+    torch.testing.assert_close(pg.chunk_logprob(d, a, (-5.0, 2.0)), per_element.clamp(-5, 2).mean(-1),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
     # executed actions are the clamped chunk in environment units
     assert policy.to_actions(a).shape == (3, 4, 7)
+
+
+def test_the_gaussian_baseline_shares_every_default_with_the_diffusion_scripts():
+    """The paper's Gaussian agent uses "the same architecture and training procedure": every field ppo_gaussian.py
+    shares with ppo_diffusion.py (PPO) or bc_diffusion.py (BC warm start, data, encoder) has the same default, except
+    the differences listed here with their reason. Fails when either script's defaults drift."""
+    import dataclasses
+
+    import bc_diffusion as bc
+
+    fields = lambda cls: {f.name: f.default for f in dataclasses.fields(cls)}  # noqa: E731
+    gauss, diff, bcd = fields(pg.Args), fields(ppo.Args), fields(bc.Args)
+    deliberate = {
+        "exp_name": "the run's name",
+        "minibatch_size": "chunks here, (chunk, denoising step) pairs there: checked below to give equal steps",
+        "task_id": None,
+    }
+    shared_ppo = (set(gauss) & set(diff)) - set(deliberate)
+    assert len(shared_ppo) > 30
+    assert {k: gauss[k] for k in shared_ppo} == {k: diff[k] for k in shared_ppo}
+    # the same gradient steps per iteration: N chunks / 200 = N x 5 pairs / 1000
+    assert gauss["minibatch_size"] * diff["ft_denoising_steps"] == diff["minibatch_size"]
+    # the BC warm start is bc_diffusion.py's recipe under bc_* names
+    renamed = {"bc_steps": "total_steps", "bc_batch_size": "batch_size", "bc_lr": "lr", "bc_betas": "betas",
+               "bc_weight_decay": "weight_decay", "bc_warmup_steps": "warmup_steps", "bc_grad_clip": "grad_clip",
+               "bc_ema_power": "ema_power", "bc_ema_max_decay": "ema_max_decay"}  # fmt: skip
+    assert {k: gauss[k] for k in renamed} == {k: bcd[v] for k, v in renamed.items()}
+    # the PPO phase's own weight decay, evaluation and checkpoint cadence were compared with ppo_diffusion above
+    shared_bc = (
+        (set(gauss) & set(bcd)) - set(deliberate) - {"weight_decay", "eval_every", "eval_episodes", "save_every"}
+    )
+    assert {"obs_mode", "random_shift", "feature_dim", "state_encoder_dims", "demo_source", "act_steps"} <= shared_bc
+    assert {k: gauss[k] for k in shared_bc} == {k: bcd[k] for k in shared_bc}
 
 
 def test_act_is_the_mean_or_a_sample_seeded_by_the_generator():
