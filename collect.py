@@ -41,6 +41,9 @@ class Args:
     """episode e: env seed ``seed + e``; also seeds a learned policy's sampling noise and the scripted expert's"""
     cuda: bool = True
     """run learned policies on CUDA when available"""
+    fast_step: bool = True
+    """step the simulator on libero_env's fast path (same dynamics up to MuJoCo's solver tolerance; --no-fast-step:
+    robosuite's own loop)"""
 
     policy: Literal["scripted", "diffusion", "gaussian", "vla"] = "scripted"
     """which policy generates the data"""
@@ -619,6 +622,7 @@ if __name__ == "__main__":
         obs_mode=args.obs_mode,
         image_size=args.image_size,
         privileged=args.policy == "scripted",
+        fast_step=args.fast_step,
     )
     if policy is None:
         policy = ScriptedPolicy(goal, venv.call("geometry", env_ids=[0])[0], args.scripted_noise, args.seed)

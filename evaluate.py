@@ -49,6 +49,9 @@ class Args:
     """episode e uses env seed seed + e; also seeds the policy's sampling noise (diffusion x_K)"""
     cuda: bool = True
     """run the policy on CUDA when available"""
+    fast_step: bool = False
+    """step the simulator on libero_env's fast path (not the protocol's exact dynamics: states differ from
+    robosuite's loop at MuJoCo's solver tolerance); the default is robosuite's own loop"""
 
     policy: Literal["diffusion", "gaussian", "vla", "scripted"] = "diffusion"
     """what to evaluate"""
@@ -136,7 +139,8 @@ def evaluate_task(args: Args, task: le.Task, tag: str) -> dict:
     import run_utils
 
     def venv_factory(obs_mode, image_size, privileged):
-        return le.VectorLiberoEnv(task, args.num_envs, obs_mode=obs_mode, image_size=image_size, privileged=privileged)
+        return le.VectorLiberoEnv(task, args.num_envs, obs_mode=obs_mode, image_size=image_size, privileged=privileged,
+                                  fast_step=args.fast_step)  # fmt: skip
 
     policy, venv, info = make_policy(args, task, venv_factory)
     replan = args.replan_steps or policy.replan_steps

@@ -93,6 +93,9 @@ class Args:
     """per-element clamp of the denoising log-probs"""
     cuda_graph: bool = True
     """replay the rollout sampler as a CUDA graph per batch size (CUDA only; eager otherwise)"""
+    fast_step: bool = True
+    """step the simulator on libero_env's fast path (same dynamics up to MuJoCo's solver tolerance; --no-fast-step:
+    robosuite's own loop). The in-training evaluations use it too; evaluate.py's protocol runs do not"""
 
     # PPO
     gamma: float = 0.999
@@ -689,9 +692,10 @@ if __name__ == "__main__":
         chain, actions = sampler(obs_t)
         return actions.cpu().numpy(), {"chains": chain.cpu()}
 
-    venv = le.VectorLiberoEnv(task, args.num_envs, obs_mode=cfg["obs_mode"], image_size=cfg["image_size"])
+    env_kwargs = dict(obs_mode=cfg["obs_mode"], image_size=cfg["image_size"], fast_step=args.fast_step)
+    venv = le.VectorLiberoEnv(task, args.num_envs, **env_kwargs)
     eval_venv = venv if args.eval_num_envs in (0, args.num_envs) else le.VectorLiberoEnv(
-        task, args.eval_num_envs, obs_mode=cfg["obs_mode"], image_size=cfg["image_size"])  # fmt: skip
+        task, args.eval_num_envs, **env_kwargs)  # fmt: skip
     rollout = Rollout(venv, preprocess, args.seed + iteration, render)
     preemption = run_utils.Preemption()
 

@@ -46,6 +46,8 @@ class Args:
     """cudnn deterministic mode"""
     cuda: bool = True
     """use CUDA when available"""
+    fast_step: bool = True
+    """step the simulator on libero_env's fast path (as ppo_diffusion.py; --no-fast-step: robosuite's own loop)"""
     track: bool = False
     """log to wandb (metrics.jsonl is always written)"""
     wandb_project_name: str = "diffusion-rl-libero"
@@ -399,7 +401,8 @@ if __name__ == "__main__":
         policy.load_state_dict(ema.model.state_dict())  # PPO starts from the EMA weights, as ppo_diffusion does
         checkpoint("latest.pt")
 
-    venv = le.VectorLiberoEnv(task, args.num_envs, obs_mode=args.obs_mode, image_size=args.image_size)
+    venv = le.VectorLiberoEnv(task, args.num_envs, obs_mode=args.obs_mode, image_size=args.image_size,
+                              fast_step=args.fast_step)  # fmt: skip
     render = args.obs_mode == "rgb"
     preprocess = policy.obs_tensors
 
