@@ -2,7 +2,11 @@
 
 * reset: soft (``hard_reset=False`` + ``set_init_state``) vs hard (model reload), protocol wait steps excluded;
 * steps/s of one env: rendering both cameras every step vs only every 8th step (a chunked policy) vs never;
-* vector env steps/s with 1 and 2 subprocess workers (physics only, and rendering every 8th step).
+* vector env steps/s with 1 and 2 subprocess workers (physics only, and rendering every 8th step);
+* robosuite's step loop vs libero_env's fast step path (``make_env(fast_step=True)``), side by side: one env
+  physics only for each fast ``physics`` variant, against the raw ``mj_step`` floor of the same model; rendering
+  every 8th step; the vector env with 1 and 2 workers; and one PPO iteration (state mode, 2 envs, 105 chunk steps:
+  rollout with the sampler, then the update) of ppo_diffusion.py's machinery.
 
     python benchmarks/env_speed.py --task-id 10 --image-size 128
 """
@@ -31,6 +35,10 @@ class Args:
     """resets timed per reset mode"""
     num_steps: int = 240
     """steps timed per rendering mode (a multiple of 8)"""
+    ppo_steps: int = 105
+    """chunk steps per env of the timed PPO iteration"""
+    only_fast: bool = False
+    """time only the stock-vs-fast comparison"""
 
 
 def timed(fn, n):
@@ -45,7 +53,12 @@ def main(args: Args) -> None:
     print(f"task: {task.suite} {task.local_id} '{task.instruction}', image {args.image_size}, cpus {os.cpu_count()}")
     rng = np.random.default_rng(0)
     actions = rng.uniform(-0.3, 0.3, (args.num_steps, 7))
+    if not args.only_fast:
+        stock_speeds(args, task, rng, actions)
+    fast_vs_stock(args, task, actions)
 
+
+def stock_speeds(args: Args, task: le.Task, rng, actions: np.ndarray) -> None:
     # -- resets ----------------------------------------------------------------------------------------------------
     rows = []
     for hard in (False, True):
@@ -101,6 +114,117 @@ def main(args: Args) -> None:
     for render_every in (None, 8):
         label = "physics only" if render_every is None else "render every 8th"
         print(f"2 workers / 1 worker ({label}): {vec[(2, render_every)] / vec[(1, render_every)]:.2f}x")
+
+
+def env_steps_per_s(env: le.LiberoEnv, actions: np.ndarray, render_every) -> float:
+    env.reset(0, 0, render=False)
+    env.step_chunk(actions[:8], render=render_every is not None)  # warm-up
+    start = time.perf_counter()
+    chunk = render_every or 8
+    for i in range(0, len(actions), chunk):
+        env.step_chunk(actions[i : i + chunk], render=render_every is not None)
+    return len(actions) / (time.perf_counter() - start)
+
+
+def mj_step_floor(task: le.Task, n: int = 2000) -> float:
+    """Env steps/s if a step were only its physics substeps (``mj_step`` with a fixed control), same model."""
+    import mujoco
+
+    env = le.make_env(task, obs_mode="state")
+    env.reset(0, 0, render=False)
+    model, data = env.env.sim.model._model, env.env.sim.data._data
+    start = time.perf_counter()
+    for _ in range(n):
+        mujoco.mj_step(model, data)
+    sec = (time.perf_counter() - start) / n
+    substeps = env._substeps
+    env.close()
+    return 1.0 / (sec * substeps)
+
+
+def ppo_iteration_s(task: le.Task, fast: bool, steps: int) -> tuple[float, float]:
+    """Seconds of one PPO iteration (rollout of 2 envs x ``steps`` chunks, then ppo_update) with an untrained
+    state-mode diffusion policy (DPPO's MLP denoiser, as the learning check); (rollout s, update s)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import bc_diffusion as bc
+    import ppo_diffusion as ppo
+
+    torch.manual_seed(0)
+    bc_args = bc.Args(obs_mode="state", denoiser="mlp")
+    with le.VectorLiberoEnv(task, 2, obs_mode="state", fast_step=fast) as venv:
+        obs = venv.reset([0, 1], [0, 1], [0, 1], render=False)
+        cfg = bc.policy_config(bc_args, len(obs[0]["object_state"]))
+        policy = bc.DiffusionPolicy(cfg)
+        g = np.random.default_rng(0)
+        policy.fit_normalizer(
+            g.uniform(-1, 1, (100, 7)), g.normal(size=(100, 8)), g.normal(size=(100, cfg["object_state_dim"]))
+        )
+        sched = ppo.DenoisingSchedule(policy.alphas_cumprod, "ddim", 5, 1.0)
+        ft = ppo.FineTunedDiffusion(policy, sched, 5, cfg)
+        critic = ppo.Critic(cfg, (256, 256))
+        sampler = ppo.GraphedSampler(ft, 3.0, 0.1, enabled=False)
+
+        def act(obs_t):
+            chain, actions = sampler(obs_t)
+            return actions.numpy(), {"chains": chain}
+
+        rollout = ppo.Rollout(venv, ft.ft.obs_tensors, 0, render=False)
+        start = time.perf_counter()
+        batch = rollout.collect(steps, act, {"env": 0.0, "policy": 0.0})
+        t_rollout = time.perf_counter() - start
+    T, E = batch["rewards"].shape
+    flat = {"obs": {k: v.flatten(0, 1) for k, v in batch["obs"].items()}, "advantages": torch.randn(T * E),
+            "chains": batch["extras"]["chains"].flatten(0, 1), "returns": torch.randn(T * E)}  # fmt: skip
+    args = SimpleNamespace(min_std=0.1, logprob_clip=(-5.0, 2.0), update_epochs=10, minibatch_size=525,
+                           gamma_denoising=0.9, clip_coef=0.01, clip_coef_base=0.001, clip_coef_rate=3.0,
+                           constant_clip=False, vf_coef=0.5, max_grad_norm=1.0, target_kl=None)  # fmt: skip
+    opts = (torch.optim.AdamW(ft.ft.parameters(), lr=1e-6), torch.optim.AdamW(critic.parameters(), lr=1e-6))
+    start = time.perf_counter()
+    ppo.ppo_update(ft, critic, flat, args, opts, True, "cpu")
+    return t_rollout, time.perf_counter() - start
+
+
+def fast_vs_stock(args: Args, task: le.Task, actions: np.ndarray) -> None:
+    print("\nrobosuite's step loop vs the fast step path (fast_step=True), env-steps/s")
+    floor = mj_step_floor(task)
+    stock = env_steps_per_s(le.make_env(task, obs_mode="state"), actions, None)
+    print(f"one env, physics only, stock            {stock:7.1f}")
+    for physics in le.FAST_PHYSICS:
+        sps = env_steps_per_s(le.make_env(task, obs_mode="state", fast_step=True, physics=physics), actions, None)
+        ratios = f"({sps / stock:.2f}x stock, {sps / floor:.2f} of floor)"
+        print(f"one env, physics only, fast '{physics:<9}'  {sps:7.1f}   {ratios}")
+    print(f"raw mj_step floor (25 substeps)         {floor:7.1f}   ({floor / stock:.2f}x stock)")
+    for fast in (False, True):
+        env = le.make_env(task, obs_mode="rgb", image_size=args.image_size, fast_step=fast)
+        sps = env_steps_per_s(env, actions, 8)
+        env.close()
+        print(f"one env, render every 8th, {'fast ' if fast else 'stock'}        {sps:7.1f}")
+    for num_envs in (1, 2):
+        for render_every in (None, 8):
+            row = []
+            for fast in (False, True):
+                with le.VectorLiberoEnv(task, num_envs, obs_mode="rgb" if render_every else "state",
+                                        image_size=args.image_size, fast_step=fast) as venv:  # fmt: skip
+                    ids = list(range(num_envs))
+                    venv.reset(ids, ids, ids, render=False)
+                    venv.step_chunk(ids, np.stack([actions[:8]] * num_envs), render=render_every is not None)
+                    start = time.perf_counter()
+                    for i in range(0, len(actions), 8):
+                        venv.step_chunk(ids, np.stack([actions[i : i + 8]] * num_envs), render=render_every is not None)
+                    row.append(num_envs * len(actions) / (time.perf_counter() - start))
+            label = "physics only" if render_every is None else "render every 8th"
+            speeds = f"stock {row[0]:7.1f}  fast {row[1]:7.1f}  ({row[1] / row[0]:.2f}x)"
+            print(f"vector env, {num_envs} worker(s), {label:<17} {speeds}")
+    times = {fast: ppo_iteration_s(task, fast, args.ppo_steps) for fast in (False, True)}
+    for fast, (rollout, update) in times.items():
+        path = "fast " if fast else "stock"
+        print(f"PPO iteration (2 envs x {args.ppo_steps} chunks), {path}: rollout {rollout:5.1f} s + update "
+              f"{update:5.1f} s = {rollout + update:5.1f} s")  # fmt: skip
+    total = {fast: sum(t) for fast, t in times.items()}
+    print(f"PPO iteration: fast / stock = {total[False] / total[True]:.2f}x faster")
 
 
 if __name__ == "__main__":
