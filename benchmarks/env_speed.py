@@ -39,6 +39,8 @@ class Args:
     """chunk steps per env of the timed PPO iteration"""
     only_fast: bool = False
     """time only the stock-vs-fast comparison"""
+    profile: bool = False
+    """also print where the fast path's time goes (cProfile of one env, physics only, top functions)"""
 
 
 def timed(fn, n):
@@ -56,6 +58,8 @@ def main(args: Args) -> None:
     if not args.only_fast:
         stock_speeds(args, task, rng, actions)
     fast_vs_stock(args, task, actions)
+    if args.profile:
+        profile_fast_path(task, actions)
 
 
 def stock_speeds(args: Args, task: le.Task, rng, actions: np.ndarray) -> None:
@@ -225,6 +229,22 @@ def fast_vs_stock(args: Args, task: le.Task, actions: np.ndarray) -> None:
               f"{update:5.1f} s = {rollout + update:5.1f} s")  # fmt: skip
     total = {fast: sum(t) for fast, t in times.items()}
     print(f"PPO iteration: fast / stock = {total[False] / total[True]:.2f}x faster")
+
+
+def profile_fast_path(task: le.Task, actions: np.ndarray, top: int = 14) -> None:
+    import cProfile
+    import pstats
+
+    env = le.make_env(task, obs_mode="state", fast_step=True)
+    env.reset(0, 0, render=False)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(0, len(actions), 8):
+        env.step_chunk(actions[i : i + 8], render=False)
+    profiler.disable()
+    env.close()
+    print(f"\nwhere the fast path's time goes ({len(actions)} steps, physics only; by own time):")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
 
 
 if __name__ == "__main__":
