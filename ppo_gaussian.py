@@ -399,6 +399,7 @@ if __name__ == "__main__":
                 preemption.exit()
         bar.close()
         policy.load_state_dict(ema.model.state_dict())  # PPO starts from the EMA weights, as ppo_diffusion does
+        checkpoint("bc.pt")  # the BC start, for evaluate.py (ppo_diffusion's is bc_diffusion's final.pt)
         checkpoint("latest.pt")
 
     venv = le.VectorLiberoEnv(task, args.num_envs, obs_mode=args.obs_mode, image_size=args.image_size,

@@ -144,6 +144,8 @@ def test_cli_bc_ppo_then_collect_with_the_checkpoint(tmp_path):
     assert updates[-1]["approx_kl"] > 0  # the actor moved after the critic warm-up
     ckpt = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)
     assert ckpt["format"] == "ppo_gaussian/v1" and ckpt["bc_step"] == 30 and ckpt["step"] == 3
+    bc_start = torch.load(run_dir / "checkpoints" / "bc.pt", weights_only=True)
+    assert bc_start["bc_step"] == 30 and bc_start["step"] == 0
     # collect.py --policy gaussian finds the checkpoint by convention and stores the data as gaussian_rl
     data = str(tmp_path / "data")
     out = run_script("collect.py --policy gaussian --obs-mode state --max-episodes 2 --num-success 2".split()
