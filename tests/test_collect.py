@@ -72,7 +72,7 @@ def test_collect_cli_writes_a_valid_file(tmp_path):
     task = le.resolve_task("libero_object", 0)
     path = demo_hdf5.demo_path(str(tmp_path), "scripted", "libero_object", task.name)
     assert "success rate" in out and os.path.exists(path) and not os.path.exists(path + ".partial")
-    env = le.make_env(task, obs_mode="state")
+    env = le.make_env(task, obs_mode="state", fast_step=True)  # the step path collect.py uses by default
     with demo_hdf5.DemoFile(path) as f:
         assert len(f) == 2 and f.aligned and f.attrs["obs_alignment"] == "pre_action"
         assert f.instruction == task.instruction and f.source == "scripted" and f.attrs["image_size"] == 256
