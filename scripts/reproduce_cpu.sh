@@ -22,10 +22,13 @@ EVAL_SEEDS=${EVAL_SEEDS:-"0 100 200 300"}  # 4 x 50 protocol episodes per checkp
 EVAL_EPISODES=${EVAL_EPISODES:-50}
 MAX_EPISODES=${MAX_EPISODES:-400}    # attempts allowed to collect DEMOS successes from a final policy
 STUDENT_DEMOS=${STUDENT_DEMOS:-50}   # trajectories per source for the downstream student
+FAST_EVAL=${FAST_EVAL:-1}            # 1: evaluate on libero_env's fast step (same success and length as stock, ~1.5x)
 TASKS=("$@")
 [ ${#TASKS[@]} -gt 0 ] || TASKS=(libero_object:0 libero_spatial:0 libero_object:1)
 D=$ROOT/data R=$ROOT/runs E=$ROOT/results
 export PYTHONUNBUFFERED=1
+fast_eval=""
+[ "$FAST_EVAL" = 1 ] && fast_eval="--fast-step"
 
 step() { echo "=== [$(date +%H:%M:%S)] $*"; }
 bc_recipe="--obs-mode state --denoiser mlp --batch-size 256 --lr 3e-4 --total-steps $BC_STEPS --eval-episodes 0"
@@ -38,7 +41,7 @@ evaluate() {  # evaluate POLICY CKPT TAG SUITE ID: deterministic success over 4 
     local out="$E/eval/${tag}_seed$seed/$suite/task$(printf %02d "$id").json"
     [ -f "$out" ] && continue
     $PY evaluate.py --policy "$policy" --ckpt "$ckpt" --suite "$suite" --task-id "$id" --num-episodes "$EVAL_EPISODES" \
-      --seed "$seed" --tag "${tag}_seed$seed" --results-root "$E" | tail -1
+      --seed "$seed" --tag "${tag}_seed$seed" --results-root "$E" $fast_eval | tail -1
   done
 }
 
@@ -48,6 +51,12 @@ for spec in "${TASKS[@]}"; do
   name=$($PY -c "import libero_env as le; print(le.resolve_task('$suite', $id).name)" 2>/dev/null | tail -1)
   file() { echo "$D/$1/$suite/${name}_demo.hdf5"; }
   step "$suite $id: $name"
+  budget="$E/budget/${suite}_task$nn.env"  # the budget this task's study started with (kept on resume)
+  if [ ! -f "$budget" ]; then
+    mkdir -p "$E/budget"
+    printf 'DEMOS=%s\nBC_STEPS=%s\nPPO_ITERS=%s\nEVAL_SEEDS="%s"\nEVAL_EPISODES=%s\nMAX_EPISODES=%s\nSTUDENT_DEMOS=%s\n' \
+      "$DEMOS" "$BC_STEPS" "$PPO_ITERS" "$EVAL_SEEDS" "$EVAL_EPISODES" "$MAX_EPISODES" "$STUDENT_DEMOS" >"$budget"
+  fi
 
   # 1. demonstrations: DEMOS DART-noised (the BC start uses the first 10) and DEMOS clean, state mode
   [ -f "$(file scripted_dart)" ] || $PY collect.py --policy scripted --suite "$suite" --task-id "$id" \
