@@ -96,12 +96,13 @@ class Args:
 def make_policy(args: Args, task: le.Task, venv_factory):
     """(policy, venv, info) for one task; the venv renders what the policy needs."""
     import collect
+    import scripted_expert
 
     if args.policy == "scripted":
-        goal = collect.parse_pick_place_goal(task)
+        steps = scripted_expert.plan(task)
         venv = venv_factory("state" if not args.capture_video else "rgb", args.image_size or 128, privileged=True)
         geometry = venv.call("geometry", env_ids=[0])[0]
-        return collect.ScriptedPolicy(goal, geometry, 0.0, args.seed), venv, {"train_task": None}
+        return scripted_expert.ScriptedPolicy(steps, geometry, 0.0, args.seed), venv, {"train_task": None}
     policy = collect.load_learned_policy(args.policy, args.ckpt, task, True, args.ddim_steps, args.seed, args.cuda,
                                          args.instruction)  # fmt: skip
     obs_mode = "rgb" if args.capture_video else policy.obs_mode
@@ -298,10 +299,10 @@ def check_args(args: Args) -> list[le.Task]:
     if args.num_episodes < 1 or args.num_envs < 1:
         raise ValueError("--num-episodes and --num-envs must be at least 1.")
     if args.policy == "scripted":
-        import collect
+        import scripted_expert
 
         for task in tasks:
-            collect.parse_pick_place_goal(task)
+            scripted_expert.plan(task)
     elif args.policy == "vla" and args.ckpt is None:
         raise ValueError("--policy vla needs --ckpt (a finetune_vla.py checkpoint directory).")
     if args.policy in ("diffusion", "gaussian") and args.ckpt is None and len(tasks) > 1:

@@ -52,6 +52,7 @@ NUM_INIT_STATES = 50  # fixed init states per task; episode e uses init state e
 CONTROL_HZ = 20
 ACTION_DIM = 7
 PROPRIO_DIM = 8  # eef pos (3), eef axis-angle (3), gripper qpos (2)
+PRIVILEGED_KEYS = ("poses", "articulation", "goal_atoms")  # observations only the scripted expert may see
 CAMERAS = {"agentview_rgb": "agentview", "eye_in_hand_rgb": "robot0_eye_in_hand"}  # HDF5 key -> MuJoCo camera
 
 
@@ -313,7 +314,8 @@ class LiberoEnv:
     Observations use the HDF5 naming of demo_hdf5.py: ``ee_pos, ee_ori, ee_states, gripper_states, joint_states,
     robot_states, object_state, sim_state`` every step, and the *raw* camera images ``agentview_rgb,
     eye_in_hand_rgb`` (upside down, as LIBERO stores them) only when rendered. ``privileged=True`` adds
-    ``poses``: ground-truth poses of every object and site (for the scripted expert only).
+    ``poses`` (ground-truth poses of every object and site), ``articulation`` (the fixtures' joints) and
+    ``goal_atoms`` (LIBERO's predicate for each goal atom): for the scripted expert only.
     """
 
     def __init__(
@@ -386,7 +388,14 @@ class LiberoEnv:
             obs.update(self.render())
         if self.privileged:
             obs["poses"] = self.poses()
+            obs["articulation"] = self.articulation()
+            obs["goal_atoms"] = self.goal_atoms()
         return obs
+
+    def goal_atoms(self) -> np.ndarray:
+        """Whether each atom of the BDDL goal holds now, by LIBERO's own predicates (``goal_state`` order)."""
+        env = self.env
+        return np.array([bool(env._eval_predicate(atom)) for atom in env.parsed_problem["goal_state"]])
 
     def poses(self) -> dict:
         """Ground-truth world poses ``name -> (pos(3), quat wxyz(4))`` of every object, fixture and site."""
@@ -405,23 +414,66 @@ class LiberoEnv:
     def geometry(self) -> dict:
         """Collision-geometry bounding boxes ``name -> (lo(3), hi(3))`` of every object and fixture, in the
         object's body frame (static; combine with ``poses`` for world coordinates)."""
-        model, data = self.env.sim.model._model, self.env.sim.data._data
         out = {}
         for name in list(self.env.objects_dict) + list(self.env.fixtures_dict):
-            root = self.env.obj_body_id[name]
-            bodies = {b for b in range(model.nbody) if self._descends_from(model, b, root)}
-            rot, pos = data.xmat[root].reshape(3, 3), data.xpos[root]
-            corners = []
-            for g in range(model.ngeom):
-                if model.geom_bodyid[g] in bodies and (model.geom_contype[g] or model.geom_conaffinity[g]):
-                    center, half = model.geom_aabb[g][:3], model.geom_aabb[g][3:]
-                    signs = np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T
-                    local = center + signs * half  # 8 corners in the geom frame
-                    world = data.geom_xpos[g] + local @ data.geom_xmat[g].reshape(3, 3).T
-                    corners.append((world - pos) @ rot)  # into the object's body frame
-            pts = np.concatenate(corners) if corners else np.zeros((1, 3))
-            out[name] = (pts.min(0), pts.max(0))
+            boxes = self._part_boxes(self.env.obj_body_id[name]) or [(np.zeros(3), np.zeros(3))]
+            out[name] = (np.min([lo for lo, _ in boxes], 0), np.max([hi for _, hi in boxes], 0))
         return out
+
+    def articulation(self) -> dict:
+        """Every articulated fixture the goal can name (a cabinet's drawer regions, a microwave, a stove's knob):
+        ``name -> dict`` of its joint, read from the simulator. Static: ``kind`` ("slide" or "hinge"), ``range``,
+        LIBERO's predicate thresholds ``ranges`` (``default_open_ranges`` ... of the fixture, keys open, close,
+        turnon, turnoff where the fixture has them), ``parts`` (body-frame boxes (lo, hi) of the moving body's
+        collision geoms, its handle or knob among them). Now: ``qpos``, the world ``anchor`` and ``axis`` of the
+        joint and the moving body's world ``pose`` (pos, quat wxyz)."""
+        if not hasattr(self, "_articulated"):
+            self._articulated = self._articulated_joints()
+        data, out = self.env.sim.data._data, {}
+        for name, static in self._articulated.items():
+            j, b = static["joint_id"], static["body_id"]
+            out[name] = dict(static, qpos=float(data.qpos[static["qpos_adr"]]), anchor=data.xanchor[j].copy(),
+                             axis=data.xaxis[j].copy(), pose=np.concatenate([data.xpos[b], data.xquat[b]]))  # fmt: skip
+        return out
+
+    def _articulated_joints(self) -> dict:
+        import mujoco
+
+        env = self.env
+        model = env.sim.model._model
+        named = [(n, s.joints, env.get_object(s.parent_name)) for n, s in env.object_sites_dict.items()
+                 if getattr(s, "joints", None)]  # fmt: skip
+        named += [(n, o.joints, o) for n, o in {**env.fixtures_dict, **env.objects_dict}.items()
+                  if len(getattr(o, "joints", None) or []) == 1]  # fmt: skip
+        kinds = {mujoco.mjtJoint.mjJNT_SLIDE: "slide", mujoco.mjtJoint.mjJNT_HINGE: "hinge"}
+        out = {}
+        for name, joints, owner in named:
+            props = (getattr(owner, "object_properties", None) or {}).get("articulation")
+            joint = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_JOINT, joints[0])
+            if joint < 0 or props is None or model.jnt_type[joint] not in kinds:
+                continue
+            body = int(model.jnt_bodyid[joint])
+            ranges = {k[len("default_") : -len("_ranges")]: tuple(v) for k, v in props.items() if v}
+            out[name] = dict(joint=joints[0], joint_id=joint, body_id=body, qpos_adr=int(model.jnt_qposadr[joint]),
+                             kind=kinds[model.jnt_type[joint]], range=tuple(model.jnt_range[joint]), ranges=ranges,
+                             parts=self._part_boxes(body))  # fmt: skip
+        return out
+
+    def _part_boxes(self, root: int) -> list:
+        """Body-frame boxes (lo, hi) of the collision geoms of body ``root`` and its descendants."""
+        model, data = self.env.sim.model._model, self.env.sim.data._data
+        rot, pos = data.xmat[root].reshape(3, 3), data.xpos[root]
+        signs = np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T
+        boxes = []
+        for g in range(model.ngeom):
+            if self._descends_from(model, model.geom_bodyid[g], root) and (
+                model.geom_contype[g] or model.geom_conaffinity[g]
+            ):
+                local = model.geom_aabb[g][:3] + signs * model.geom_aabb[g][3:]  # 8 corners in the geom frame
+                world = data.geom_xpos[g] + local @ data.geom_xmat[g].reshape(3, 3).T
+                body_frame = (world - pos) @ rot
+                boxes.append((body_frame.min(0), body_frame.max(0)))
+        return boxes
 
     @staticmethod
     def _descends_from(model, body: int, root: int) -> bool:

@@ -60,9 +60,9 @@ def test_summarize_builds_table_one_and_two_and_flags_missing_tasks(tmp_path):
 
 
 def test_bad_selection_fails_before_any_environment(tmp_path):
-    proc = run_script(["evaluate.py", "--policy", "scripted", "--suite", "libero_goal", "--task-id", "0",
+    proc = run_script(["evaluate.py", "--policy", "scripted", "--suite", "libero_goal", "--task-id", "9",
                        "--results-root", str(tmp_path)], cwd=ROOT, check=False)  # fmt: skip
-    assert proc.returncode != 0 and "The scripted expert handles single" in proc.stderr
+    assert proc.returncode != 0 and "The scripted expert cannot do task" in proc.stderr
     proc = run_script(["evaluate.py", "--suite", "all", "--task-id", "130"], cwd=ROOT, check=False)
     assert "Task id 130 is out of range" in proc.stderr
     proc = run_script(["evaluate.py", "--policy", "diffusion", "--task-id", "0", "--run-root", str(tmp_path)], cwd=ROOT,

@@ -1,0 +1,156 @@
+"""scripted_expert.py: goal parsing and ordering, the measured list, the simulator's joint state, and one real
+episode per primitive family (pick and place, drawer, knob) and for a two-step goal."""
+
+import numpy as np
+import pytest
+from helpers import ROOT, run_script
+
+import demo_hdf5
+import libero_env as le
+import scripted_expert as se
+
+
+def steps_of(suite, local_id):
+    return [(str(s.atom), s.primitive) for s in se.plan(le.resolve_task(suite, local_id))]
+
+
+def test_goal_atoms_become_ordered_primitives():
+    assert steps_of("libero_object", 7) == [("(in milk_1 basket_1_contain_region)", "pick_place")]
+    assert steps_of("libero_goal", 0) == [("(open wooden_cabinet_1_middle_region)", "drawer")]
+    assert steps_of("libero_90", 39) == [("(turnoff flat_stove_1)", "knob")]
+    # BDDL order is kept where nothing depends on it (turn the stove on first, then the pot) ...
+    assert [p for _, p in steps_of("libero_10", 2)] == ["knob", "pick_place"]
+    # ... and changed where it does: the bowl that is stacked on goes into the tray first (BDDL lists it second)
+    atoms, _, regions = se.parse_goal(le.resolve_task("libero_90", 63))
+    assert [str(a) for a in atoms] == ["(on akita_black_bowl_1 akita_black_bowl_2)",
+                                       "(in akita_black_bowl_2 wooden_tray_1_contain_region)"]  # fmt: skip
+    assert se.order_atoms(atoms, regions) == [1, 0]
+    # a drawer opens before something goes in and closes after, whatever the BDDL order
+    open_, put, close = (se.Atom("open", ("c_1_top_region",)), se.Atom("in", ("bowl_1", "c_1_top_region")),
+                         se.Atom("close", ("c_1_top_region",)))  # fmt: skip
+    assert se.order_atoms([close, put, open_], {"c_1_top_region": "c_1"}) == [2, 1, 0]
+
+
+@pytest.mark.parametrize(
+    "suite, local_id, reason",
+    [
+        ("libero_goal", 9, "a place it cannot reach from above"),  # the wine rack
+        ("libero_goal", 3, "placing inside a drawer is not implemented"),
+        ("libero_90", 35, "no primitive for open on a microwave"),
+    ],
+)
+def test_tasks_without_a_primitive_are_refused_with_the_reason(suite, local_id, reason):
+    task = le.resolve_task(suite, local_id)
+    with pytest.raises(se.UnsupportedTask, match=reason) as err:
+        se.plan(task)
+    assert f"cannot do task '{task.name}'" in str(err.value) and "--list-scripted-tasks" in str(err.value)
+
+
+def test_the_listed_tasks_are_the_ones_measured_at_80_percent():
+    table = se.measured_table()
+    assert len(table) >= 20 and all(n == 50 for _, n in table.values())  # every row over the 50 init states
+    listed = {(t.suite, t.local_id) for t in se.listed_tasks()}
+    assert listed == {k for k, (s, n) in table.items() if s >= 0.8 * n}
+    out = run_script(["collect.py", "--list-scripted-tasks"], cwd=ROOT).stdout
+    assert out.startswith(f"{len(listed)} tasks measured at >= 80%")
+    below = [k for k, (s, n) in table.items() if s < 0.8 * n]
+    if below:  # a measured task under 80 % is attempted only when asked for
+        suite, local_id = below[0]
+        proc = run_script(["collect.py", "--suite", suite, "--task-id", str(local_id), "--no-save"], cwd=ROOT,
+                          check=False)  # fmt: skip
+        assert proc.returncode != 0 and "pass --scripted-unlisted to attempt it anyway" in proc.stderr
+
+
+def test_rotation_helpers_round_trip():
+    rng = np.random.default_rng(0)
+    for v in [*rng.normal(size=(10, 3)), np.array([np.pi, 0, 0]), np.array([0, 0, np.pi - 1e-9])]:
+        R = se.axisangle_to_mat(v)
+        np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-9)
+        np.testing.assert_allclose(se.axisangle_to_mat(se.mat_to_axisangle(R)), R, atol=1e-6)
+
+
+@pytest.mark.sim
+def test_joint_state_and_goal_atoms_come_from_the_simulator():
+    env = le.make_env(le.resolve_task("libero_goal", 0), obs_mode="state", privileged=True)
+    try:
+        obs = env.reset(0, 0, render=False)
+        drawer, knob = obs["articulation"]["wooden_cabinet_1_middle_region"], obs["articulation"]["flat_stove_1"]
+        assert drawer["kind"] == "slide" and knob["kind"] == "hinge"
+        # LIBERO's own thresholds (WoodenCabinet / FlatStove object properties) and MuJoCo's joint range
+        assert drawer["ranges"]["open"] == (-0.16, -0.14) and drawer["ranges"]["close"] == (0.0, 0.005)
+        assert knob["ranges"]["turnon"] == (0.5, 2.1)
+        np.testing.assert_allclose(drawer["range"], (-0.16, 0.01), atol=1e-6)
+        assert abs(np.linalg.norm(drawer["axis"]) - 1) < 1e-9 and drawer["parts"]
+        assert obs["goal_atoms"].tolist() == [False]  # the middle drawer starts closed
+        # move the joint past LIBERO's threshold by hand: the atom holds, as LIBERO's success check says
+        sim = env.env.sim
+        sim.data.qpos[drawer["qpos_adr"]] = -0.15
+        sim.forward()
+        assert env.goal_atoms().tolist() == [True] and env.env._check_success()
+        assert abs(env.articulation()["wooden_cabinet_1_middle_region"]["qpos"] + 0.15) < 1e-12
+    finally:
+        env.close()
+
+
+def run_expert(suite, local_id, episode):
+    task = le.resolve_task(suite, local_id)
+    env = le.make_env(task, obs_mode="state", privileged=True, fast_step=True)
+    try:
+        obs = env.reset(episode, episode, render=False)
+        expert = se.ScriptedExpert(se.plan(task), env.geometry())
+        while True:
+            result = env.step_chunk(expert.act(obs)[None], render=False)
+            obs = result.obs
+            if result.done or result.truncated:
+                return result, expert, obs
+    finally:
+        env.close()
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize(
+    "suite, local_id, max_len",
+    [
+        ("libero_goal", 0, 160),  # open the middle drawer (front grasp, pull)
+        ("libero_90", 0, 120),  # close the top drawer (push)
+        ("libero_goal", 7, 130),  # turn on the stove (knob)
+        ("libero_90", 39, 130),  # turn off the stove
+    ],
+)
+def test_articulation_primitives_solve_their_task(suite, local_id, max_len):
+    result, expert, obs = run_expert(suite, local_id, episode=3)
+    assert result.done and result.t <= max_len and obs["goal_atoms"].all()
+
+
+@pytest.mark.sim
+def test_a_two_step_goal_is_done_atom_by_atom():
+    """Close the top drawer, then put the bowl on the cabinet: the first atom is checked with LIBERO's predicate
+    before the second starts, and the episode succeeds with both."""
+    result, expert, obs = run_expert("libero_90", 1, episode=3)
+    assert result.done and obs["goal_atoms"].tolist() == [True, True]
+    assert expert.log == [("(close wooden_cabinet_1_top_region)", "holds")]
+    assert isinstance(expert.current, se.PickPlace)
+
+
+@pytest.mark.sim
+def test_articulated_and_two_step_demos_train_a_policy(tmp_path):
+    """collect.py writes 5 successful image episodes of an articulated task (turn on the stove) and a two-step one
+    (both soups into the basket), and bc_diffusion.py trains on them."""
+    data = str(tmp_path / "data")
+    for suite, local_id in [("libero_goal", 7), ("libero_10", 0)]:
+        task = le.resolve_task(suite, local_id)
+        run_script(["collect.py", "--policy", "scripted", "--suite", suite, "--task-id", str(local_id),
+                    "--num-success", "5", "--max-episodes", "10", "--image-size", "32", "--num-envs", "2",
+                    "--data-root", data, "--scripted-unlisted"], cwd=ROOT)  # fmt: skip
+        path = demo_hdf5.demo_path(data, "scripted", suite, task.name)
+        with demo_hdf5.DemoFile(path) as f:
+            assert len(f) == 5
+            demo = f.read(f.demo_keys[0], ["agentview_rgb", "ee_pos"])
+            assert demo["obs"]["agentview_rgb"].shape[1:] == (32, 32, 3)
+            assert not set(f.obs_keys()) & set(le.PRIVILEGED_KEYS)  # the expert's privileged state is not stored
+        tiny = "--feature-dim 16 --state-encoder-dims 32 --unet-down-dims 16 32 --step-embed-dim 16"
+        out = run_script(["bc_diffusion.py", *tiny.split(), "--obs-mode", "state", "--demo-paths", path,
+                          "--suite", suite, "--task-id", str(local_id),
+                          "--run-root", str(tmp_path / "runs"), "--total-steps", "3", "--batch-size", "8",
+                          "--eval-episodes", "0"], cwd=ROOT).stdout  # fmt: skip
+        assert "done: 3 steps" in out
