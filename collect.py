@@ -289,8 +289,8 @@ if __name__ == "__main__":
         fast_step=args.fast_step,
     )
     if policy is None:
-        geometry = venv.call("geometry", env_ids=[0])[0]
-        policy = scripted_expert.ScriptedPolicy(steps, geometry, args.scripted_noise, args.seed)
+        scene = venv.call("scene", env_ids=[0])[0]
+        policy = scripted_expert.ScriptedPolicy(steps, scene, args.scripted_noise, args.seed)
     replan = args.replan_steps or policy.replan_steps
     bar = tqdm(total=args.num_success, initial=successes, desc="successes", unit="demo")
     state = {"attempts": attempts, "successes": successes, "started": first_episode}

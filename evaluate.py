@@ -101,8 +101,8 @@ def make_policy(args: Args, task: le.Task, venv_factory):
     if args.policy == "scripted":
         steps = scripted_expert.plan(task)
         venv = venv_factory("state" if not args.capture_video else "rgb", args.image_size or 128, privileged=True)
-        geometry = venv.call("geometry", env_ids=[0])[0]
-        return scripted_expert.ScriptedPolicy(steps, geometry, 0.0, args.seed), venv, {"train_task": None}
+        scene = venv.call("scene", env_ids=[0])[0]
+        return scripted_expert.ScriptedPolicy(steps, scene, 0.0, args.seed), venv, {"train_task": None}
     policy = collect.load_learned_policy(args.policy, args.ckpt, task, True, args.ddim_steps, args.seed, args.cuda,
                                          args.instruction)  # fmt: skip
     obs_mode = "rgb" if args.capture_video else policy.obs_mode

@@ -392,6 +392,13 @@ class LiberoEnv:
             obs["goal_atoms"] = self.goal_atoms()
         return obs
 
+    def scene(self) -> dict:
+        """Static scene facts for the scripted expert: ``geometry`` (:meth:`geometry`) and ``regions``, the
+        half-sizes of every region site (LIBERO's ``in_box`` tests ``|R @ size|`` around the site)."""
+        regions = {n: np.asarray(s.size, dtype=float) for n, s in self.env.object_sites_dict.items()
+                   if s.size is not None}  # fmt: skip
+        return {"geometry": self.geometry(), "regions": regions}
+
     def goal_atoms(self) -> np.ndarray:
         """Whether each atom of the BDDL goal holds now, by LIBERO's own predicates (``goal_state`` order)."""
         env = self.env

@@ -31,6 +31,7 @@ import numpy as np
 import libero_env as le
 
 MAX_ATTEMPTS = 3  # per atom, the first one included
+SETTLE_STEPS = 10  # after a primitive, steps its atom may take to hold before the attempt counts as failed
 TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "scripted_expert_table.md")
 LISTED_RATE = 0.8  # --list-scripted-tasks: tasks measured at >= 80 % over the 50 init states
 
@@ -53,9 +54,22 @@ class Atom:
 
 @dataclass(frozen=True)
 class Step:
-    index: int  # position of the atom in the BDDL goal (= in obs["goal_atoms"])
+    index: int  # position of the atom in the BDDL goal (= in obs["goal_atoms"]); -1: a precondition the goal omits
     atom: Atom
     primitive: str  # "pick_place", "drawer" or "knob"
+
+    def holds(self, obs: dict) -> bool:
+        """LIBERO's predicate for a goal atom; for a precondition (an unlisted drawer opening) the same test on the
+        joint (past the end of LIBERO's open range nearest to closed)."""
+        if self.index >= 0:
+            return bool(obs["goal_atoms"][self.index])
+        return drawer_is_open(obs["articulation"][self.atom.args[0]])
+
+
+def drawer_is_open(info: dict) -> bool:
+    open_q, close_q = np.mean(info["ranges"]["open"]), np.mean(info["ranges"]["close"])
+    threshold = min(info["ranges"]["open"], key=lambda q: abs(q - close_q))
+    return (info["qpos"] - threshold) * np.sign(open_q - close_q) >= 0
 
 
 def _bddl_regions(text: str) -> dict[str, str]:
@@ -96,8 +110,8 @@ def primitive_for(atom: Atom, types: dict, regions: dict) -> str:
             return "pick_place"
         if pred == "on" and owner_type.endswith("table"):  # a table region
             return "pick_place"
-        if owner_type.endswith("cabinet"):
-            raise UnsupportedTask(f"{atom}: placing inside a drawer is not implemented")
+        if pred == "in" and owner_type.endswith("cabinet"):  # a drawer, opened first if the goal does not say so
+            return "pick_place"
         raise UnsupportedTask(f"{atom}: a place it cannot reach from above ({owner_type or target})")
     if pred in ("open", "close") and owner_type.endswith("cabinet"):
         return "drawer"
@@ -136,12 +150,17 @@ def plan(task: le.Task) -> list[Step]:
     steps = []
     for i in order_atoms(atoms, regions):
         try:
-            steps.append(Step(i, atoms[i], primitive_for(atoms[i], types, regions)))
+            step = Step(i, atoms[i], primitive_for(atoms[i], types, regions))
         except UnsupportedTask as e:
             raise UnsupportedTask(
                 f"The scripted expert cannot do task '{task.name}': {e}. "
                 "Run `python collect.py --list-scripted-tasks` for the measured tasks."
             ) from None
+        region = step.atom.args[-1]
+        into_drawer = step.atom.predicate == "in" and types.get(regions.get(region, ""), "").endswith("cabinet")
+        if into_drawer and Atom("open", (region,)) not in atoms:  # "put the bowl in the drawer" with it closed
+            steps.append(Step(-1, Atom("open", (region,)), "drawer"))
+        steps.append(step)
     return steps
 
 
@@ -318,6 +337,11 @@ class Primitive:
         reached = np.linalg.norm(eef[:2] - hover[:2]) < 0.01 and abs(eef[2] - hover[2]) < 0.03
         return target, reached
 
+    @staticmethod
+    def parts_world(info: dict) -> list:
+        """World boxes of the parts of an articulated fixture's moving body."""
+        return [world_box(info["pose"], box) for box in info["parts"]]
+
     def act(self, obs: dict) -> np.ndarray:
         raise NotImplementedError
 
@@ -336,12 +360,28 @@ class PickPlace(Primitive):
     CLEARANCE, FINGER_REACH = 0.03, 0.05  # m
     MAX_REGRASPS = 2
 
-    def __init__(self, atom: Atom, geometry: dict):
+    def __init__(self, atom: Atom, scene: dict):
         super().__init__(atom)
         self.relation, (self.obj, self.target) = atom.predicate, atom.args
-        self.geometry, self.plan, self.regrasps, self.grasp_dz = geometry, None, 0, 0.0
+        self.geometry, self.regions = scene["geometry"], scene["regions"]
+        self.plan, self.regrasps, self.grasp_dz = None, 0, 0.0
 
-    def make_plan(self, poses: dict) -> dict:
+    def drawer_target(self, obs: dict) -> tuple[np.ndarray, float]:
+        """Into an open drawer: the middle of its part that is out of the cabinet (between the cabinet's front,
+        where the drawer's front panel is when closed, and the panel now), and the bottom of the region."""
+        info, pose = obs["articulation"][self.target], obs["poses"][self.target]
+        d_open = Drawer(Atom("open", (self.target,))).directions(info)[0]
+        handle_front = Drawer.handle(info, d_open)[2][:2] @ d_open
+        reach = [max(lo[:2] @ d_open, hi[:2] @ d_open) for lo, hi in Primitive.parts_world(info)]
+        panel = max(r for r in reach if r < handle_front - 0.005)  # the front panel, without the handle
+        out = abs(info["qpos"] - np.mean(info["ranges"]["close"]))  # slide joints: metres out of the cabinet
+        middle = panel - 0.01 - out / 2
+        xy = pose[:2] + d_open * (middle - pose[:2] @ d_open)
+        half = np.abs(quat_wxyz_to_mat(pose[3:]) @ self.regions[self.target])
+        return xy, pose[2] - half[2]
+
+    def make_plan(self, obs: dict) -> dict:
+        poses = obs["poses"]
         geom, obj, target = self.geometry, self.obj, self.target
         lo, hi = world_box(poses[obj], geom[obj])
         center, short_dir, short_half, long_half = footprint(poses[obj], geom[obj])
@@ -351,7 +391,10 @@ class PickPlace(Primitive):
         else:  # by the rim facing the robot (the robot's base is at -x), fingers closing radially
             close_dir = np.array([-1.0, 0.0])
             grasp_xy, grasp_z = center[:2] + close_dir * (short_half - 0.012), hi[2] - 0.02
-        if target in geom:  # on top of another object: body centres within LIBERO's 3 cm
+        if target in obs.get("articulation", {}):  # into a drawer
+            target_xy, place_bottom = self.drawer_target(obs)
+            target_top = place_bottom
+        elif target in geom:  # on top of another object: body centres within LIBERO's 3 cm
             target_xy = poses[target][:2]
             place_bottom = target_top = world_box(poses[target], geom[target])[1][2]
             place_bottom += 0.01
@@ -386,7 +429,7 @@ class PickPlace(Primitive):
         poses, eef = obs["poses"], obs["ee_pos"]
         R_cur, wrist = axisangle_to_mat(obs["ee_ori"]), obs["joint_states"][6]
         if self.plan is None:
-            self.plan = self.make_plan(poses)
+            self.plan = self.make_plan(obs)
             self.choose_yaw(R_cur, self.plan["close_dir"], wrist)
         p, obj_pos = self.plan, poses[self.obj][:3]
         carry_z = p["carry_bottom"] + p["bottom_offset"] - self.grasp_dz
@@ -408,7 +451,7 @@ class PickPlace(Primitive):
         elif self.phase == "lift":
             grip, target = 1.0, np.array([eef[0], eef[1], carry_z])
             if obj_pos[2] - eef[2] < self.grasp_dz - 0.03:  # the object stayed behind: grasp again
-                self.regrasp(poses, R_cur, wrist)
+                self.regrasp(obs, R_cur, wrist)
             elif eef[2] > carry_z - 0.02:
                 self.go("transport")
         elif self.phase in ("transport", "lower"):
@@ -417,7 +460,7 @@ class PickPlace(Primitive):
             if self.phase == "transport":
                 target = np.array([eef[0] + err_xy[0], eef[1] + err_xy[1], carry_z])
                 if obj_pos[2] - eef[2] < self.grasp_dz - 0.03:
-                    self.regrasp(poses, R_cur, wrist)
+                    self.regrasp(obs, R_cur, wrist)
                 elif np.linalg.norm(err_xy) < 0.01:
                     self.go("lower")
             else:
@@ -435,10 +478,10 @@ class PickPlace(Primitive):
         R_des = self.rotation(R_cur, wrist, may_switch=self.phase in ("approach", "descend"))
         return self.action(eef, target, R_cur, R_des, grip, speed)
 
-    def regrasp(self, poses: dict, R_cur: np.ndarray, wrist: float) -> None:
+    def regrasp(self, obs: dict, R_cur: np.ndarray, wrist: float) -> None:
         if self.regrasps < self.MAX_REGRASPS:
             self.regrasps += 1
-            self.plan = self.make_plan(poses)
+            self.plan = self.make_plan(obs)
             self.choose_yaw(R_cur, self.plan["close_dir"], wrist)
             self.yaw_switched = False
             self.go("approach")
@@ -453,10 +496,6 @@ class _Articulated(Primitive):
 
     def joint(self, obs: dict) -> dict:
         return obs["articulation"][self.name]
-
-    @staticmethod
-    def parts_world(info: dict) -> list:
-        return [world_box(info["pose"], box) for box in info["parts"]]
 
 
 class Drawer(_Articulated):
@@ -487,9 +526,10 @@ class Drawer(_Articulated):
         threshold = min(info["ranges"]["open"], key=lambda q: abs(q - close_q)) if self.opening else close_q
         return d, float(threshold + (opens * 0.01 if self.opening else 0.0)), opens  # a margin past the threshold
 
-    def handle(self, info: dict, d_open: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @staticmethod
+    def handle(info: dict, d_open: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """World (centre, lo, hi) of the handle: the parts furthest along the opening direction."""
-        boxes = self.parts_world(info)
+        boxes = Primitive.parts_world(info)
         reach = [max(lo[:2] @ d_open, hi[:2] @ d_open) for lo, hi in boxes]
         front = max(reach)
         lo, hi = union_box([b for b, r in zip(boxes, reach) if r > front - 0.005])
@@ -517,6 +557,9 @@ class Drawer(_Articulated):
         standoff = bar + np.array([*(d_open * self.STANDOFF), 0.0])
         reached_q = (info["qpos"] - goal_q) * opens * (1 if self.opening else -1) >= 0
         R_des = self.front_rotation(R_cur, d_open)
+        if self.phase == "approach" and abs(obs["joint_states"][6]) > self.WRIST_SWITCH and not self.yaw_switched:
+            self.R_front = R_des = R_des @ np.diag([-1.0, -1.0, 1.0])  # the other roll: the wrist is at its limit
+            self.yaw_switched = True
         width, still = self.observe(obs)
         grip, target, speed = (-1.0 if self.opening else 1.0), eef.copy(), 1.0
         if self.phase == "approach":  # to the standoff point, at or above the handle's height until close
@@ -619,37 +662,40 @@ class ScriptedExpert:
     LIBERO's predicate when its motion ends and attempted again (at most MAX_ATTEMPTS times) if the atom does not
     hold. Records the noise-free action of every step (``labels``, the DART labels of noisy demos)."""
 
-    def __init__(self, steps: list[Step], geometry: dict, noise: float = 0.0, rng=None):
-        self.steps, self.geometry, self.noise = steps, geometry, noise
+    def __init__(self, steps: list[Step], scene: dict, noise: float = 0.0, rng=None):
+        self.steps, self.scene, self.noise = steps, scene, noise
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.current: Optional[Primitive] = None
         self.step: Optional[Step] = None
-        self.attempts: dict[int, int] = {}
+        self.attempts: dict[Step, int] = {}
+        self.settle = 0
         self.labels: list[np.ndarray] = []
         self.log: list[tuple[str, str]] = []  # (atom, outcome) per attempt, for debugging and tests
 
     def make(self, step: Step) -> Primitive:
         if step.primitive == "pick_place":
-            return PickPlace(step.atom, self.geometry)
+            return PickPlace(step.atom, self.scene)
         return {"drawer": Drawer, "knob": Knob}[step.primitive](step.atom)
 
-    def next_step(self, holds: np.ndarray) -> Optional[Step]:
+    def next_step(self, obs: dict) -> Optional[Step]:
         for step in self.steps:
-            if not holds[step.index] and self.attempts.get(step.index, 0) < MAX_ATTEMPTS:
+            if not step.holds(obs) and self.attempts.get(step, 0) < MAX_ATTEMPTS:
                 return step
         return None
 
     def act(self, obs: dict) -> np.ndarray:
-        holds = obs["goal_atoms"]
         if self.current is not None and self.current.finished:
-            self.log.append((str(self.step.atom), "holds" if holds[self.step.index] else "failed"))
-            self.current = None
+            # the atom may take a moment to hold (an object settling into a basket): wait a little before a retry
+            self.settle += 1
+            if self.step.holds(obs) or self.settle > SETTLE_STEPS:
+                self.log.append((str(self.step.atom), "holds" if self.step.holds(obs) else "failed"))
+                self.current, self.settle = None, 0
         if self.current is None:
-            self.step = self.next_step(holds)
+            self.step = self.next_step(obs)
             if self.step is not None:
-                self.attempts[self.step.index] = self.attempts.get(self.step.index, 0) + 1
+                self.attempts[self.step] = self.attempts.get(self.step, 0) + 1
                 self.current = self.make(self.step)
-        if self.current is None:  # everything holds (the episode ends) or every attempt is spent: stay still
+        if self.current is None or self.current.finished:  # settling; or all done / every attempt spent: stay still
             action = np.array([0, 0, 0, 0, 0, 0, -1.0])
         else:
             action = self.current.act(obs)
@@ -665,15 +711,15 @@ class ScriptedPolicy:
 
     replan_steps, image_size, needs_privileged = 1, None, True
 
-    def __init__(self, steps: list[Step], geometry: dict, noise: float, seed: int):
-        self.steps, self.geometry, self.noise, self.seed = steps, geometry, noise, seed
+    def __init__(self, steps: list[Step], scene: dict, noise: float, seed: int):
+        self.steps, self.scene, self.noise, self.seed = steps, scene, noise, seed
         self.experts: dict[int, ScriptedExpert] = {}
         self.by_episode: dict[int, ScriptedExpert] = {}
 
     def reset(self, env_ids, episodes) -> None:
         for i, e in zip(env_ids, episodes):
             rng = np.random.default_rng([self.seed, e])
-            self.experts[i] = self.by_episode[e] = ScriptedExpert(self.steps, self.geometry, self.noise, rng)
+            self.experts[i] = self.by_episode[e] = ScriptedExpert(self.steps, self.scene, self.noise, rng)
 
     def expert_labels(self, episode: int) -> np.ndarray:
         """The noise-free actions of an episode's steps (forgotten once read)."""
