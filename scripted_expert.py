@@ -170,7 +170,7 @@ def measured_table(path: str = TABLE) -> dict[tuple[str, int], tuple[int, int]]:
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
-                m = re.match(r"\|\s*(libero_\w+)\s*\|\s*(\d+)\s*\|.*\|\s*(\d+)/(\d+)\s*\|", line)
+                m = re.match(r"\|\s*(libero_\w+)\s*\|\s*(\d+)\s*\|.*\|\s*(\d+)/(\d+)(?:\s*†)?\s*\|", line)
                 if m:
                     out[m.group(1), int(m.group(2))] = (int(m.group(3)), int(m.group(4)))
     return out
