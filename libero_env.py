@@ -393,11 +393,13 @@ class LiberoEnv:
         return obs
 
     def scene(self) -> dict:
-        """Static scene facts for the scripted expert: ``geometry`` (:meth:`geometry`) and ``regions``, the
-        half-sizes of every region site (LIBERO's ``in_box`` tests ``|R @ size|`` around the site)."""
+        """Static scene facts for the scripted expert: ``geometry`` (:meth:`geometry`), ``parts`` (the body-frame
+        boxes of each object's collision geoms: handles) and ``regions``, the half-sizes of every region site
+        (LIBERO's ``in_box`` tests ``|R @ size|`` around the site)."""
         regions = {n: np.asarray(s.size, dtype=float) for n, s in self.env.object_sites_dict.items()
                    if s.size is not None}  # fmt: skip
-        return {"geometry": self.geometry(), "regions": regions}
+        parts = {n: self._part_boxes(self.env.obj_body_id[n]) for n in self.env.objects_dict}
+        return {"geometry": self.geometry(), "regions": regions, "parts": parts}
 
     def goal_atoms(self) -> np.ndarray:
         """Whether each atom of the BDDL goal holds now, by LIBERO's own predicates (``goal_state`` order)."""

@@ -363,8 +363,47 @@ class PickPlace(Primitive):
     def __init__(self, atom: Atom, scene: dict):
         super().__init__(atom)
         self.relation, (self.obj, self.target) = atom.predicate, atom.args
-        self.geometry, self.regions = scene["geometry"], scene["regions"]
+        self.geometry, self.regions, self.parts = scene["geometry"], scene["regions"], scene.get("parts", {})
         self.plan, self.regrasps, self.grasp_dz = None, 0, 0.0
+
+    @staticmethod
+    def handle(pose: np.ndarray, parts: list, bottom: float, top: float):
+        """(xy, closing direction, z) of a handle to grasp, or None. An object has one when a tall part at least 3 cm
+        wide makes its body solid (a moka pot; a bowl's thin walls are grasped by the rim instead) and some narrow
+        part (<= 2.5 cm across) stands outside that body; the one furthest out is taken, across its narrow side."""
+        height = top - bottom
+        core = [(lo, hi) for lo, hi in parts if hi[2] - lo[2] >= 0.6 * height and min((hi - lo)[:2]) >= 0.03]
+        if not core:
+            return None
+        c_lo, c_hi = union_box(core)
+        best, best_dist = None, 0.0
+        for lo, hi in parts:
+            size, mid = hi - lo, (lo + hi) / 2
+            outside = np.any(mid[:2] < c_lo[:2]) or np.any(mid[:2] > c_hi[:2])
+            dist = np.linalg.norm(mid[:2] - (c_lo + c_hi)[:2] / 2)
+            if min(size[:2]) <= 0.025 and size[2] >= 0.02 and outside and dist > best_dist:
+                best, best_dist = (lo, hi), dist
+        if best is None:
+            return None
+        R = quat_wxyz_to_mat(pose[3:])
+        lo, hi = best
+        mid = pose[:3] + R @ ((lo + hi) / 2)
+        narrow = R[:2, int(np.argmin((hi - lo)[:2]))]
+        return mid[:2], narrow / max(np.linalg.norm(narrow), 1e-9), float(mid[2])
+
+    def free_spot(self, poses: dict, region: str) -> np.ndarray:
+        """The region's centre, or, when other objects already stand in the region (a second moka pot for the same
+        stove), the point of its inner part furthest from them."""
+        pose = poses[region]
+        half = np.abs(quat_wxyz_to_mat(pose[3:]) @ self.regions.get(region, np.zeros(3)))[:2]
+        others = [poses[n][:2] for n in self.geometry if n != self.obj and n in poses and n not in self.regions
+                  and np.all(np.abs(poses[n][:2] - pose[:2]) < half)]  # fmt: skip
+        if not others:
+            return pose[:2]
+        grid = np.stack(np.meshgrid(np.linspace(-0.7, 0.7, 15), np.linspace(-0.7, 0.7, 15)), -1).reshape(-1, 2)
+        candidates = pose[:2] + grid * half
+        clearance = np.min(np.linalg.norm(candidates[:, None] - np.array(others)[None], axis=-1), axis=1)
+        return candidates[int(np.argmax(clearance))]
 
     def drawer_target(self, obs: dict) -> tuple[np.ndarray, float]:
         """Into an open drawer: the middle of its part that is out of the cabinet (between the cabinet's front,
@@ -385,9 +424,12 @@ class PickPlace(Primitive):
         geom, obj, target = self.geometry, self.obj, self.target
         lo, hi = world_box(poses[obj], geom[obj])
         center, short_dir, short_half, long_half = footprint(poses[obj], geom[obj])
+        handle = self.handle(poses[obj], self.parts.get(obj, []), lo[2], hi[2])
         if 2 * short_half <= self.MAX_OPENING:  # across the short axis, mid-height (palm clear of the top)
             grasp_xy, close_dir = center[:2], short_dir
             grasp_z = max(lo[2] + 0.5 * (hi[2] - lo[2]), hi[2] - self.FINGER_REACH, lo[2] + 0.01)
+        elif handle is not None:  # a solid body too wide for the fingers: by its handle
+            grasp_xy, close_dir, grasp_z = handle
         else:  # by the rim facing the robot (the robot's base is at -x), fingers closing radially
             close_dir = np.array([-1.0, 0.0])
             grasp_xy, grasp_z = center[:2] + close_dir * (short_half - 0.012), hi[2] - 0.02
@@ -402,7 +444,7 @@ class PickPlace(Primitive):
             target_xy, target_top = poses[target][:2], poses[target][2] + 0.08
             place_bottom = poses[target][2] - 0.05
         else:  # onto a flat surface region
-            target_xy, target_top = poses[target][:2], poses[target][2]
+            target_xy, target_top = self.free_spot(poses, target), poses[target][2]
             place_bottom = target_top + 0.01
         # Carry altitude: above the target and above anything the object passes over on the way.
         tops = [target_top, hi[2]]
