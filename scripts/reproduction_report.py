@@ -259,7 +259,8 @@ def main() -> None:
         holds = a < b if lower_is_better else a > b
         return f"| {text} | {'holds' if holds else 'does not hold'} | {a:.4g}{unit} vs {b:.4g}{unit} |"
 
-    lines += ["", "## Claims", "", "| the paper's claim | here | measured (averaged over the complete tasks) |", "|---|---|---|",
+    lines += ["", "## Claims", "", "| the paper's claim | here | measured (averaged over the complete tasks) |",
+              "|---|---|---|",
               claim("diffusion-RL data trains a better student than Gaussian-RL data (Table I)", rate("diffusion_rl"),
                     rate("gaussian_rl")),
               claim("diffusion-RL data trains a better student than human data (Table I; DART stand-in)",
