@@ -7,7 +7,8 @@ rolls it out and keeps the successes. The BDDL goal, a conjunction of atoms, bec
 * ``(Open drawer)``, ``(Close drawer)``: grasp the handle from the front and slide the drawer along its joint
   (:class:`Drawer`);
 * ``(Turnon stove)``, ``(Turnoff stove)``: grasp the knob from above and turn the wrist about its hinge
-  (:class:`Knob`).
+  (:class:`Knob`);
+* ``(Close microwave)``: push its door round the hinge (:class:`Door`).
 
 Atoms that already hold are skipped. A primitive ends with LIBERO's own predicate for its atom (observed as
 ``obs["goal_atoms"]``); one that does not hold is attempted again, at most ``MAX_ATTEMPTS`` times. Atoms are ordered
@@ -117,6 +118,10 @@ def primitive_for(atom: Atom, types: dict, regions: dict) -> str:
         return "drawer"
     if pred in ("turnon", "turnoff") and owner_type.endswith("stove"):
         return "knob"
+    if pred == "close" and owner_type.endswith("microwave"):
+        return "door"
+    if pred == "open" and owner_type.endswith("microwave"):
+        raise UnsupportedTask(f"{atom}: swinging a hinged door open (by its handle) is not implemented")
     raise UnsupportedTask(f"{atom}: no primitive for {pred} on a {owner_type or args[-1]}")
 
 
@@ -696,6 +701,59 @@ class Knob(_Articulated):
         return float(np.arctan2(R_cur[1, 1], R_cur[0, 1]))
 
 
+class Door(_Articulated):
+    """``(Close door)`` of a door on a vertical hinge (the microwave's): the closed fingers come down beside the
+    door's outer face, part-way to its free edge, and push it round the hinge, following the face as the door turns,
+    until the joint passes LIBERO's close threshold."""
+
+    RADIUS, PUSH_STEPS, STANDOFF = 0.6, 120, 0.035
+
+    def geometry(self, info: dict) -> tuple[np.ndarray, np.ndarray, float]:
+        """Contact point (world) at RADIUS of the door's length, the unit direction the door's face moves while
+        closing there, and the door's top."""
+        boxes = self.parts_world(info)
+        lo, hi = union_box(boxes)
+        hinge = info["anchor"][:2]
+        corners = np.array([[x, y] for b in boxes for x in (b[0][0], b[1][0]) for y in (b[0][1], b[1][1])])
+        length = np.max(np.linalg.norm(corners - hinge, axis=1))
+        u = (lo + hi)[:2] / 2 - hinge
+        u = u / max(np.linalg.norm(u), 1e-9)
+        closing = np.sign(np.mean(info["ranges"]["close"]) - info["qpos"]) * np.sign(info["axis"][2] or 1.0)
+        tangent = closing * np.array([-u[1], u[0]])  # d/dq of a point on the door, towards closed
+        contact = np.array([*(hinge + u * self.RADIUS * length), hi[2] - 0.03])
+        return contact, tangent, float(hi[2])
+
+    def act(self, obs: dict) -> np.ndarray:
+        eef, info = obs["ee_pos"], self.joint(obs)
+        R_cur, wrist = axisangle_to_mat(obs["ee_ori"]), obs["joint_states"][6]
+        contact, tangent, top = self.geometry(info)
+        behind = contact - np.array([*(tangent * self.STANDOFF), 0.0])
+        open_q = np.mean(info["ranges"]["open"])
+        threshold = min(info["ranges"]["close"], key=lambda q: abs(q - open_q))
+        closed = (info["qpos"] - threshold) * np.sign(np.mean(info["ranges"]["close"]) - open_q) >= 0
+        if self.yaw is None:
+            self.choose_yaw(R_cur, tangent, wrist)
+        self.observe(obs)
+        target, speed = eef.copy(), 1.0
+        if self.phase == "approach":
+            target, reached = self.hover_target(eef, behind + np.array([0.0, 0.0, top + 0.06 - behind[2]]))
+            if reached:
+                self.go("descend")
+        elif self.phase == "descend":
+            target, speed = behind, 0.5
+            if np.linalg.norm(eef - behind) < 0.01 or self.t_phase > 30:
+                self.go("push")
+        elif self.phase == "push":  # a little ahead of the face, which moves on as the door turns
+            target, speed = contact + np.array([*(tangent * 0.03), 0.0]), 0.5
+            if closed or self.t_phase > self.PUSH_STEPS:
+                self.go("retreat")
+        elif self.phase == "retreat":
+            target = eef + np.array([*(-tangent * 0.02), 0.04])
+            self.finished = self.t_phase >= self.RETREAT_STEPS
+        R_des = self.rotation(R_cur, wrist, may_switch=self.phase == "approach")
+        return self.action(eef, target, R_cur, R_des, 1.0, speed)
+
+
 # ================================================================================================================
 # The planner
 # ================================================================================================================
@@ -717,7 +775,7 @@ class ScriptedExpert:
     def make(self, step: Step) -> Primitive:
         if step.primitive == "pick_place":
             return PickPlace(step.atom, self.scene)
-        return {"drawer": Drawer, "knob": Knob}[step.primitive](step.atom)
+        return {"drawer": Drawer, "knob": Knob, "door": Door}[step.primitive](step.atom)
 
     def next_step(self, obs: dict) -> Optional[Step]:
         for step in self.steps:
