@@ -1,6 +1,8 @@
 """scripted_expert.py: goal parsing and ordering, the measured list, the simulator's joint state, and one real
 episode per primitive family (pick and place, drawer, knob) and for a two-step goal."""
 
+import json
+
 import numpy as np
 import pytest
 from helpers import ROOT, run_script
@@ -161,3 +163,22 @@ def test_articulated_and_two_step_demos_train_a_policy(tmp_path):
                           "--run-root", str(tmp_path / "runs"), "--total-steps", "3", "--batch-size", "8",
                           "--eval-episodes", "0"], cwd=ROOT).stdout  # fmt: skip
         assert "done: 3 steps" in out
+
+
+@pytest.mark.sim
+def test_the_table_script_measures_resumes_and_writes_the_table(tmp_path):
+    out, table = tmp_path / "results", tmp_path / "table.md"
+    cmd = ["scripts/scripted_expert_table.py", "--tasks", "libero_goal:9", "libero_goal:7", "--episodes", "2",
+           "--num-envs", "1", "--out", str(out), "--table", str(table)]  # fmt: skip
+    first = run_script(cmd, cwd=ROOT).stdout
+    assert "libero_goal 9: not attempted" in first and "libero_goal 7: 2/2" in first
+    result = json.loads((out / "libero_goal_task07.json").read_text())
+    assert result["plan"] == ["(turnon flat_stove_1):knob"] and len(result["episodes"]) == 2
+    assert all(e["success"] and e["failed_at"] is None for e in result["episodes"])
+    rows = table.read_text()
+    assert "| libero_goal | 7 | Turn on the stove | 2/2 |" in rows
+    assert "| libero_goal | 9 | Put the wine bottle on the rack | not attempted | " in rows
+    assert "| libero_goal | 0 | Open the middle layer of the drawer | not measured yet |" in rows
+    assert "**0 of 130 tasks at >= 80 %**" in rows  # 2 episodes are not the 50 init states: not counted
+    again = run_script(cmd, cwd=ROOT).stdout  # resumable: a measured task is not run again
+    assert "libero_goal 7:" not in again and "libero_goal 9: not attempted" in again
