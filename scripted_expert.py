@@ -532,6 +532,65 @@ class PickPlace(Primitive):
             self.choose_yaw(R_cur, self.plan["close_dir"], wrist)
             self.yaw_switched = False
             self.go("approach")
+        else:  # out of grasps: this attempt is over (the planner may start another)
+            self.finished = True
+
+    @classmethod
+    def pushes(cls, atom: Atom, scene: dict, poses: dict) -> bool:
+        """Too wide to grasp, too flat for a rim grasp and without a handle (a plate onto a table region): push."""
+        obj, target = atom.args
+        if atom.predicate != "on" or target not in scene["regions"] or obj not in scene["geometry"]:
+            return False
+        lo, hi = world_box(poses[obj], scene["geometry"][obj])
+        wide = 2 * footprint(poses[obj], scene["geometry"][obj])[2] > cls.MAX_OPENING
+        handle = cls.handle(poses[obj], scene.get("parts", {}).get(obj, []), lo[2], hi[2])
+        return wide and hi[2] - lo[2] < 0.035 and handle is None
+
+
+class Push(Primitive):
+    """``(On X region)`` for an object that cannot be picked (a plate): the closed fingers come down behind it, low,
+    and push it along the line to the region's free spot, staying behind it as it turns and slides."""
+
+    PUSH_STEPS, LOW = 150, 0.02
+
+    def __init__(self, atom: Atom, scene: dict):
+        super().__init__(atom)
+        self.obj, self.target, self.scene, self.goal_xy = atom.args[0], atom.args[1], scene, None
+
+    def act(self, obs: dict) -> np.ndarray:
+        poses, eef = obs["poses"], obs["ee_pos"]
+        R_cur, wrist = axisangle_to_mat(obs["ee_ori"]), obs["joint_states"][6]
+        lo, hi = world_box(poses[self.obj], self.scene["geometry"][self.obj])
+        center = (lo + hi)[:2] / 2
+        radius = 0.5 * np.max((hi - lo)[:2])
+        if self.goal_xy is None:
+            spot = PickPlace(self.atom, self.scene).free_spot(poses, self.target)
+            self.goal_xy = spot + (center - poses[self.obj][:2])  # the body, not the box centre, must land there
+        to_goal = self.goal_xy - center
+        d = to_goal / max(np.linalg.norm(to_goal), 1e-9)
+        if self.yaw is None:
+            self.choose_yaw(R_cur, np.array([-d[1], d[0]]), wrist)
+        self.observe(obs)
+        behind = np.array([*(center - d * (radius + 0.02)), lo[2] + self.LOW])
+        target, speed = eef.copy(), 1.0
+        if self.phase == "approach":
+            target, reached = self.hover_target(eef, behind + np.array([0.0, 0.0, self.HOVER]))
+            if reached:
+                self.go("descend")
+        elif self.phase == "descend":
+            target, speed = behind, 0.5
+            if np.linalg.norm(eef - behind) < 0.01 or self.t_phase > 30:
+                self.go("push")
+        elif self.phase == "push":  # the pusher's place behind the object, a little ahead
+            target = np.array([*(center - d * (radius + 0.005) + d * 0.03), behind[2]])
+            speed = 0.4
+            if np.linalg.norm(to_goal) < 0.01 or self.t_phase > self.PUSH_STEPS:
+                self.go("retreat")
+        elif self.phase == "retreat":
+            target = eef + np.array([*(-d * 0.02), 0.04])
+            self.finished = self.t_phase >= self.RETREAT_STEPS
+        R_des = self.rotation(R_cur, wrist, may_switch=self.phase == "approach")
+        return self.action(eef, target, R_cur, R_des, 1.0, speed)
 
 
 class _Articulated(Primitive):
@@ -772,8 +831,10 @@ class ScriptedExpert:
         self.labels: list[np.ndarray] = []
         self.log: list[tuple[str, str]] = []  # (atom, outcome) per attempt, for debugging and tests
 
-    def make(self, step: Step) -> Primitive:
+    def make(self, step: Step, obs: dict) -> Primitive:
         if step.primitive == "pick_place":
+            if PickPlace.pushes(step.atom, self.scene, obs["poses"]):
+                return Push(step.atom, self.scene)
             return PickPlace(step.atom, self.scene)
         return {"drawer": Drawer, "knob": Knob, "door": Door}[step.primitive](step.atom)
 
@@ -794,7 +855,7 @@ class ScriptedExpert:
             self.step = self.next_step(obs)
             if self.step is not None:
                 self.attempts[self.step] = self.attempts.get(self.step, 0) + 1
-                self.current = self.make(self.step)
+                self.current = self.make(self.step, obs)
         if self.current is None or self.current.finished:  # settling; or all done / every attempt spent: stay still
             action = np.array([0, 0, 0, 0, 0, 0, -1.0])
         else:

@@ -36,7 +36,7 @@ def expert_version(task: le.Task) -> str:
         used = {s.primitive for s in se.plan(task)}
     except se.UnsupportedTask:
         used = set()
-    primitives = {"pick_place": [se.PickPlace], "drawer": [se.Drawer], "knob": [se.Knob], "door": [se.Door]}
+    primitives = {"pick_place": [se.PickPlace, se.Push], "drawer": [se.Drawer], "knob": [se.Knob], "door": [se.Door]}
     parts += sorted({c for u in used for c in primitives[u]}, key=lambda c: c.__name__)
     h = hashlib.sha1("".join(inspect.getsource(p) for p in parts).encode())
     with open(os.path.join(ROOT, "libero_env.py"), "rb") as f:
