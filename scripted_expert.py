@@ -347,6 +347,21 @@ class Primitive:
         """World boxes of the parts of an articulated fixture's moving body."""
         return [world_box(info["pose"], box) for box in info["parts"]]
 
+    def come_down(self, eef: np.ndarray, point: np.ndarray, hover: float, tol: float, speed: float, then: str):
+        """The opening every top-down primitive shares: "approach" (to ``hover`` above ``point``), then "descend"
+        (to ``point``, until within ``tol`` or blocked for 30 steps), then phase ``then``. (target, speed) during
+        those two phases, else None."""
+        if self.phase == "approach":
+            target, reached = self.hover_target(eef, point + np.array([0.0, 0.0, hover]))
+            if reached:
+                self.go("descend")
+            return target, 1.0
+        if self.phase == "descend":
+            if np.linalg.norm(eef - point) < tol or self.t_phase > 30:  # or blocked by what is under it
+                self.go(then)
+            return point, speed
+        return None
+
     def act(self, obs: dict) -> np.ndarray:
         raise NotImplementedError
 
@@ -482,14 +497,9 @@ class PickPlace(Primitive):
         carry_z = p["carry_bottom"] + p["bottom_offset"] - self.grasp_dz
         grip, target, speed = -1.0, eef.copy(), 1.0
         width, still = self.observe(obs)
-        if self.phase == "approach":
-            target, reached = self.hover_target(eef, p["grasp"] + np.array([0.0, 0.0, self.HOVER]))
-            if reached:
-                self.go("descend")
-        elif self.phase == "descend":
-            target, speed = p["grasp"], 0.6
-            if np.linalg.norm(eef - p["grasp"]) < 0.008 or self.t_phase > 30:  # or blocked by the support
-                self.go("grasp")
+        opening = self.come_down(eef, p["grasp"], self.HOVER, 0.008, 0.6, then="grasp")
+        if opening is not None:
+            target, speed = opening
         elif self.phase == "grasp":
             target, grip = p["grasp"], 1.0
             if self.gripper_settled(width, still, closing=True):
@@ -573,14 +583,9 @@ class Push(Primitive):
         self.observe(obs)
         behind = np.array([*(center - d * (radius + 0.02)), lo[2] + self.LOW])
         target, speed = eef.copy(), 1.0
-        if self.phase == "approach":
-            target, reached = self.hover_target(eef, behind + np.array([0.0, 0.0, self.HOVER]))
-            if reached:
-                self.go("descend")
-        elif self.phase == "descend":
-            target, speed = behind, 0.5
-            if np.linalg.norm(eef - behind) < 0.01 or self.t_phase > 30:
-                self.go("push")
+        opening = self.come_down(eef, behind, self.HOVER, 0.01, 0.5, then="push")
+        if opening is not None:
+            target, speed = opening
         elif self.phase == "push":  # the pusher's place behind the object, a little ahead
             target = np.array([*(center - d * (radius + 0.005) + d * 0.03), behind[2]])
             speed = 0.4
@@ -728,14 +733,9 @@ class Knob(_Articulated):
         grasp = np.array([*center[:2], top - self.GRIP_DEPTH])
         grip, target, speed = -1.0, eef.copy(), 1.0
         remaining = goal_q - info["qpos"]
-        if self.phase == "approach":
-            target, reached = self.hover_target(eef, grasp + np.array([0.0, 0.0, self.HOVER]))
-            if reached:
-                self.go("descend")
-        elif self.phase == "descend":
-            target, speed = grasp, 0.5
-            if np.linalg.norm(eef - grasp) < 0.006 or self.t_phase > 30:
-                self.go("grasp")
+        opening = self.come_down(eef, grasp, self.HOVER, 0.006, 0.5, then="grasp")
+        if opening is not None:
+            target, speed = opening
         elif self.phase == "grasp":
             target, grip = grasp, 1.0
             if self.gripper_settled(width, still, closing=True):
@@ -794,14 +794,9 @@ class Door(_Articulated):
             self.choose_yaw(R_cur, tangent, wrist)
         self.observe(obs)
         target, speed = eef.copy(), 1.0
-        if self.phase == "approach":
-            target, reached = self.hover_target(eef, behind + np.array([0.0, 0.0, top + 0.06 - behind[2]]))
-            if reached:
-                self.go("descend")
-        elif self.phase == "descend":
-            target, speed = behind, 0.5
-            if np.linalg.norm(eef - behind) < 0.01 or self.t_phase > 30:
-                self.go("push")
+        opening = self.come_down(eef, behind, top + 0.06 - behind[2], 0.01, 0.5, then="push")
+        if opening is not None:
+            target, speed = opening
         elif self.phase == "push":  # a little ahead of the face, which moves on as the door turns
             target, speed = contact + np.array([*(tangent * 0.03), 0.0]), 0.5
             if closed or self.t_phase > self.PUSH_STEPS:
