@@ -362,6 +362,18 @@ class Primitive:
             return point, speed
         return None
 
+    def let_go(self, eef: np.ndarray, width: float, still: bool, hold: np.ndarray):
+        """The ending the grasping primitives share: "release" (fingers open, holding ``hold``) until they settle,
+        then "retreat" (up) for RETREAT_STEPS, then finished. The target during those phases, else None."""
+        if self.phase == "release":
+            if self.gripper_settled(width, still, closing=False):
+                self.go("retreat")
+            return hold
+        if self.phase == "retreat":
+            self.finished = self.t_phase >= self.RETREAT_STEPS
+            return eef + np.array([0.0, 0.0, 0.05])
+        return None
+
     def act(self, obs: dict) -> np.ndarray:
         raise NotImplementedError
 
@@ -498,8 +510,11 @@ class PickPlace(Primitive):
         grip, target, speed = -1.0, eef.copy(), 1.0
         width, still = self.observe(obs)
         opening = self.come_down(eef, p["grasp"], self.HOVER, 0.008, 0.6, then="grasp")
+        ending = self.let_go(eef, width, still, hold=eef)
         if opening is not None:
             target, speed = opening
+        elif ending is not None:
+            target = ending
         elif self.phase == "grasp":
             target, grip = p["grasp"], 1.0
             if self.gripper_settled(width, still, closing=True):
@@ -526,12 +541,6 @@ class PickPlace(Primitive):
                 speed = 0.5
                 if bottom < p["place_bottom"] + 0.005 or self.t_phase > 40:
                     self.go("release")
-        elif self.phase == "release":
-            if self.gripper_settled(width, still, closing=False):
-                self.go("retreat")
-        elif self.phase == "retreat":
-            target = eef + np.array([0.0, 0.0, 0.05])
-            self.finished = self.t_phase >= self.RETREAT_STEPS
         R_des = self.rotation(R_cur, wrist, may_switch=self.phase in ("approach", "descend"))
         return self.action(eef, target, R_cur, R_des, grip, speed)
 
@@ -734,8 +743,11 @@ class Knob(_Articulated):
         grip, target, speed = -1.0, eef.copy(), 1.0
         remaining = goal_q - info["qpos"]
         opening = self.come_down(eef, grasp, self.HOVER, 0.006, 0.5, then="grasp")
+        ending = self.let_go(eef, width, still, hold=grasp)
         if opening is not None:
             target, speed = opening
+        elif ending is not None:
+            target = ending
         elif self.phase == "grasp":
             target, grip = grasp, 1.0
             if self.gripper_settled(width, still, closing=True):
@@ -745,13 +757,6 @@ class Knob(_Articulated):
             self.yaw = self.yaw_now(R_cur) + sign * float(np.clip(remaining, -0.3, 0.3))
             if (remaining <= 0 if on else remaining >= 0) or self.t_phase > self.TURN_STEPS:
                 self.go("release")
-        elif self.phase == "release":
-            target = grasp
-            if self.gripper_settled(width, still, closing=False):
-                self.go("retreat")
-        elif self.phase == "retreat":
-            target = eef + np.array([0.0, 0.0, 0.05])
-            self.finished = self.t_phase >= self.RETREAT_STEPS
         R_des = self.rotation(R_cur, wrist, may_switch=self.phase in ("approach", "descend"))
         return self.action(eef, target, R_cur, R_des, grip, speed)
 
