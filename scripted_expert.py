@@ -626,11 +626,13 @@ class Drawer(_Articulated):
     against the opening direction (from above, the drawers and handles over it are in the way, and the gap behind a
     handle's bar is thinner than a finger). Open: fingers closing vertically, it moves in until the bar is between
     them, grasps it, pulls the joint past LIBERO's threshold, releases and backs off. Close: fingers closed and
-    side by side (the hand's 20 cm span horizontal, clear of the table under a bottom drawer), it pushes the bar in.
-    A bottom drawer cannot be opened this way: the vertical span of the hand meets the table.
+    side by side (the hand's 20 cm span horizontal, clear of the table under a bottom drawer), tilted down
+    CLOSE_TILT (the forearm stays up, clear of a wine rack beside the cabinet), it pushes the bar in. A bottom drawer
+    cannot be opened this way: the vertical span of the hand meets the table.
     """
 
-    STANDOFF, MOVE_STEPS = 0.10, 90
+    STANDOFF, MOVE_STEPS, APPROACH_STEPS = 0.10, 90, 60
+    CLOSE_TILT = 0.9  # rad below horizontal when pushing: keeps the forearm up, clear of what stands beside
 
     def __init__(self, atom: Atom):
         super().__init__(atom)
@@ -659,7 +661,8 @@ class Drawer(_Articulated):
         """Horizontal, pointing against the opening direction, fingers closing vertically (open) or horizontally
         (close); of the two such orientations the one nearer the current one, chosen once."""
         if self.R_front is None:
-            z = np.array([-d_open[0], -d_open[1], 0.0])
+            tilt = 0.0 if self.opening else self.CLOSE_TILT
+            z = np.array([-d_open[0] * np.cos(tilt), -d_open[1] * np.cos(tilt), -np.sin(tilt)])
             side = np.array([0.0, 0.0, 1.0]) if self.opening else np.array([-d_open[1], d_open[0], 0.0])
             options = []
             for sign in (1.0, -1.0):
@@ -686,8 +689,8 @@ class Drawer(_Articulated):
             near = np.linalg.norm(eef[:2] - standoff[:2]) < 0.03
             target = standoff if near else np.array([*standoff[:2], max(standoff[2], eef[2])])
             turned = np.linalg.norm(mat_to_axisangle(R_des @ R_cur.T)) < 0.1
-            if np.linalg.norm(eef - standoff) < 0.015 and turned:
-                self.go("insert" if self.opening else "move")
+            if (np.linalg.norm(eef - standoff) < 0.015 and turned) or self.t_phase > self.APPROACH_STEPS:
+                self.go("insert" if self.opening else "move")  # (or as near as it gets: the move follows the bar)
         elif self.phase == "insert":
             target, speed = bar, 0.4
             if np.linalg.norm(eef - bar) < 0.006 or self.t_phase > 40:
