@@ -187,7 +187,12 @@ def main() -> None:
                       f"{iters * 2 * 105 * 8:,} env steps per policy class, evaluation {len(seeds)} seeds x "
                       f"{b['EVAL_EPISODES']} init states, students on {b['STUDENT_DEMOS']} trajectories. Command: "
                       f"`PPO_ITERS={iters} EVAL_SEEDS=\"{' '.join(seeds)}\" bash scripts/reproduce_cpu.sh "
-                      f"{suite}:{int(nn)}`.", ""]  # fmt: skip
+                      f"{suite}:{int(nn)}`."]  # fmt: skip
+            n = len(seeds) * int(b["EVAL_EPISODES"])
+            lines += [f"Statistical power: {n} episodes per rate, standard error at most {50 / math.sqrt(n):.1f} "
+                      f"points; two rates differ beyond noise (2 standard errors of the difference) only when "
+                      f"they are more than {2 * math.sqrt(2) * 50 / math.sqrt(n):.0f} points apart at 50 % success "
+                      f"({2 * math.sqrt(2) * 100 * math.sqrt(0.2 * 0.8 / n):.0f} at 20 %).", ""]  # fmt: skip
         # success of the BC starts and final policies
         lines += ["| policy | success % (n) |", "|---|---|"]
         for tag, label in POLICIES:
