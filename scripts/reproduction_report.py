@@ -262,7 +262,13 @@ def main() -> None:
         vals = [quality[k][src][metric] for k in complete if metric in quality[k].get(src, {})]
         return sum(vals) / len(vals) if len(vals) == len(complete) and vals else None
 
-    def claim(text, a, b, lower_is_better=False, unit="", ns=None):
+    def ahead(src_a, src_b) -> str:
+        """On how many complete tasks the first source's student beats the second's."""
+        wins = sum(students[src_a][k][0] / students[src_a][k][1] > students[src_b][k][0] / students[src_b][k][1]
+                   for k in complete)  # fmt: skip
+        return f"; ahead on {wins} of {len(complete)} tasks"
+
+    def claim(text, a, b, lower_is_better=False, unit="", ns=None, pair=None):
         if a is None or b is None:
             return f"| {text} | not measured yet | |"
         holds = a < b if lower_is_better else a > b
@@ -270,6 +276,7 @@ def main() -> None:
         if ns:  # success rates over ns episodes: is the difference beyond 2 standard errors?
             se = math.sqrt(a * (1 - a) / ns[0] + b * (1 - b) / ns[1])
             verdict += " (beyond noise)" if abs(a - b) > 2 * se else " (within noise: < 2 standard errors)"
+            return f"| {text} | {verdict} | {100 * a:.1f} % vs {100 * b:.1f} % (pooled episodes{ahead(*pair)}) |"
         return f"| {text} | {verdict} | {a:.4g}{unit} vs {b:.4g}{unit} |"
 
     def n(src):
@@ -278,9 +285,11 @@ def main() -> None:
     lines += ["", "## Claims", "", "| the paper's claim | here | measured (averaged over the complete tasks) |",
               "|---|---|---|",
               claim("diffusion-RL data trains a better student than Gaussian-RL data (Table I)", rate("diffusion_rl"),
-                    rate("gaussian_rl"), ns=(n("diffusion_rl"), n("gaussian_rl"))),
+                    rate("gaussian_rl"), ns=(n("diffusion_rl"), n("gaussian_rl")),
+                    pair=("diffusion_rl", "gaussian_rl")),
               claim("diffusion-RL data trains a better student than human data (Table I; DART stand-in)",
-                    rate("diffusion_rl"), rate("scripted_dart"), ns=(n("diffusion_rl"), n("scripted_dart"))),
+                    rate("diffusion_rl"), rate("scripted_dart"), ns=(n("diffusion_rl"), n("scripted_dart")),
+                    pair=("diffusion_rl", "scripted_dart")),
               claim("RL trajectories are shorter than human ones (Fig. 6a)", mean_metric("diffusion_rl", "length_mean"),
                     mean_metric("scripted_dart", "length_mean"), True, " steps"),
               claim("RL trajectories are smoother (lower mean squared jerk, Fig. 6b)",
