@@ -131,6 +131,30 @@ def test_articulation_primitives_solve_their_task(suite, local_id, max_len):
     assert result.done and result.t <= max_len and obs["goal_atoms"].all()
 
 
+def test_an_elongated_object_is_turned_to_a_narrow_containers_long_side():
+    identity = np.array([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    compartment = np.array([0.028, 0.062, 0.036])  # long along world y (a caddy's front compartment)
+    book_along_x = (np.array([0.0, 1.0]), 0.015, 0.055)  # (short axis, short half, long half): long side along x
+    assert abs(abs(se.PickPlace.alignment(identity, compartment, *book_along_x)) - np.pi / 2) < 1e-9
+    book_along_y = (np.array([1.0, 0.0]), 0.015, 0.055)
+    assert abs(se.PickPlace.alignment(identity, compartment, *book_along_y)) < 1e-9
+    diagonal = (np.array([np.sqrt(0.5), -np.sqrt(0.5)]), 0.015, 0.055)  # long side at +45 deg: turn by +45
+    assert abs(se.PickPlace.alignment(identity, compartment, *diagonal) - np.pi / 4) < 1e-9
+    # nothing to line up: a square region, a round object, an unknown region
+    assert se.PickPlace.alignment(identity, np.array([0.06, 0.06, 0.06]), *book_along_x) == 0.0
+    assert se.PickPlace.alignment(identity, compartment, np.array([0.0, 1.0]), 0.03, 0.035) == 0.0
+    assert se.PickPlace.alignment(identity, None, *book_along_x) == 0.0
+
+
+@pytest.mark.sim
+def test_a_book_goes_into_a_narrow_compartment_turned_to_fit():
+    """The caddy's front compartment is 5.6 cm wide, the book 11 cm long and picked up lying across it: it is carried
+    turned by the alignment and goes in (before the turn: 0 of 50 init states)."""
+    result, expert, obs = run_expert("libero_90", 81, episode=0)
+    assert result.done and obs["goal_atoms"].all()
+    assert abs(abs(expert.current.plan["turn"]) - np.pi / 2) < 0.3
+
+
 @pytest.mark.sim
 def test_a_two_step_goal_is_done_atom_by_atom():
     """Close the top drawer, then put the bowl on the cabinet: the first atom is checked with LIBERO's predicate
