@@ -232,6 +232,17 @@ def file_info(args: Args, task: le.Task, source: str, checkpoint: str) -> demo_h
     )
 
 
+def id_ranges(ids: list[int]) -> str:
+    """Sorted ids as a SLURM array spec: [0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    parts, ids = [], sorted(ids)
+    for i in ids:
+        if parts and parts[-1][1] == i - 1:
+            parts[-1][1] = i
+        else:
+            parts.append([i, i])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in parts)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.list_scripted_tasks:
@@ -241,6 +252,7 @@ if __name__ == "__main__":
         for t in tasks:
             k, n = table[t.suite, t.local_id]
             print(f"{t.global_id:>3}  {t.suite:<15} {t.local_id:>5}  {f'{k}/{n}':>7}  {t.instruction}")
+        print(f"array: {id_ranges([t.global_id for t in tasks])}")  # for sbatch --array
         sys.exit(0)
     try:
         steps = check_args(args)

@@ -61,6 +61,10 @@ def test_the_listed_tasks_are_the_ones_measured_at_80_percent():
     assert listed == {k for k, (s, n) in table.items() if s >= 0.8 * n}
     out = run_script(["collect.py", "--list-scripted-tasks"], cwd=ROOT).stdout
     assert out.startswith(f"{len(listed)} tasks measured at >= 80%")
+    array = out.strip().splitlines()[-1].removeprefix("array: ")  # the SLURM array spec of the listed global ids
+    spec = [r.split("-") for r in array.split(",")]
+    expanded = {i for r in spec for i in range(int(r[0]), int(r[-1]) + 1)}
+    assert expanded == {t.global_id for t in se.listed_tasks()}
     below = [k for k, (s, n) in table.items() if s < 0.8 * n]
     if below:  # a measured task under 80 % is attempted only when asked for
         suite, local_id = below[0]
