@@ -70,8 +70,10 @@ class Args:
     """stored camera resolution (OpenVLA's regenerated LIBERO data uses 256)"""
     obs_mode: Literal["rgb", "state"] = "rgb"
     """rgb: store both cameras; state: no rendering, no images (fast; enough for --obs-mode state policies)"""
-    deterministic: bool = True
-    """learned policies act deterministically (DDIM eta=0 / Gaussian mean); off: sample as in RL rollouts"""
+    action_mode: Literal["auto", "sample", "mean", "eta0"] = "auto"
+    """how a learned policy acts (ACTION_MODES): auto, the mode its checkpoint names (a PPO run's --eval-mode, the
+    policy PPO trained; eta0 for a BC diffusion checkpoint); sample, as in the RL rollouts; mean, the rollout
+    chain's means (Gaussian: its mean); eta0, deterministic DDIM (Gaussian: its mean)"""
     replan_steps: int = 0
     """actions executed per policy query (0: the policy's default: scripted 1, diffusion act_steps, vla 5)"""
     ddim_steps: int = 5
@@ -141,55 +143,81 @@ def check_args(args: Args) -> Optional[list[scripted_expert.Step]]:
     return None
 
 
+def episode_generator(seed: int, episode: int):
+    """The noise stream of episode ``episode`` of a run seeded ``seed``: a CPU torch.Generator seeded by the pair,
+    so an episode's actions depend neither on the worker count nor on what else shares its batch."""
+    import torch
+
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, episode]).generate_state(1)[0]))
+
+
 class LearnedPolicy:
-    """Rollout interface around a learned policy's ``act(obs) -> (B, T, 7)``."""
+    """Rollout interface around a learned policy's ``act(obs, generators) -> (B, T, 7)``: every episode draws its
+    policy noise from its own generator (:func:`episode_generator`), made when ``run_episodes`` starts it."""
 
     needs_privileged = False
 
-    def __init__(self, act, replan_steps: int, obs_mode: str, image_size: int, info: Optional[dict] = None):
+    def __init__(self, act, replan_steps: int, obs_mode: str, image_size: int, info: Optional[dict] = None,
+                 seed: int = 0):  # fmt: skip
         self.act, self.replan_steps, self.obs_mode, self.info = act, replan_steps, obs_mode, info or {}
         self.image_size = image_size  # the camera size the policy was trained on (evaluate.py renders at it)
+        self.seed, self.generators = seed, {}
+
+    def reset(self, env_ids: list[int], episodes: list[int]) -> None:
+        for i, e in zip(env_ids, episodes):
+            self.generators[i] = episode_generator(self.seed, e)
 
     def __call__(self, obs: dict, env_ids) -> np.ndarray:
-        return self.act(obs)
+        return self.act(obs, [self.generators[i] for i in env_ids])
 
 
-def load_learned_policy(kind: str, ckpt: str, task: le.Task, deterministic=True, ddim_steps=5, seed=0, cuda=True,
+def load_learned_policy(kind: str, ckpt: str, task: le.Task, action_mode="auto", ddim_steps=5, seed=0, cuda=True,
                         instruction: Optional[str] = None):  # fmt: skip
     """A checkpoint of bc_diffusion / ppo_diffusion (``diffusion``), ppo_gaussian (``gaussian``) or finetune_vla
-    (``vla``) as a :class:`LearnedPolicy`; deterministic (DDIM eta = 0 / Gaussian mean) unless asked otherwise.
-    A vla policy is prompted in the instruction convention its checkpoint was trained with, or ``instruction``."""
+    (``vla``) as a :class:`LearnedPolicy` acting in ``action_mode`` (``auto``: the mode the checkpoint names).
+    A vla policy is prompted in the instruction convention its checkpoint was trained with, or ``instruction``;
+    it draws its flow-matching noise from the global RNG (seeded by the caller)."""
     import torch
 
     import run_utils
 
     device = torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
-    generator = torch.Generator().manual_seed(seed)  # the policy's sampling noise
     if kind == "vla":
         from finetune_vla import Pi0Policy, vla_prompt
 
         prompt, convention = vla_prompt(ckpt, task, instruction)
         policy = Pi0Policy(ckpt, prompt, device)
         info = {**policy.info, "prompt": prompt, "prompt_convention": convention}
-        return LearnedPolicy(policy.act, policy.cfg["act_steps"], "rgb", 256, info)  # 256: its training data
+        return LearnedPolicy(lambda obs, gens: policy.act(obs), policy.cfg["act_steps"], "rgb", 256, info, seed)
     if kind == "gaussian":
-        from ppo_gaussian import load_policy
+        from ppo_gaussian import CKPT_FORMATS, load_policy
 
+        saved = run_utils.load_checkpoint(ckpt, CKPT_FORMATS)
+        mode = saved["args"].get("eval_mode", "mean") if action_mode == "auto" else action_mode
         policy = load_policy(ckpt, device)
-        act = lambda obs: policy.act(obs, deterministic, generator)  # noqa: E731
-        cfg = policy.cfg
-        return LearnedPolicy(
-            act, cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], {"ckpt_format": "ppo_gaussian/v1"}
-        )
-    fmt = run_utils.load_checkpoint(ckpt, ("bc_diffusion/v1", "ppo_diffusion/v1"))["format"]
-    if fmt == "ppo_diffusion/v1":
+        cfg, info = policy.cfg, {"ckpt_format": saved["format"], "action_mode": mode}
+        return LearnedPolicy(policy.acting(mode), cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], info, seed)
+    from ppo_diffusion import CKPT_FORMATS
+
+    saved = run_utils.load_checkpoint(ckpt, ("bc_diffusion/v1",) + CKPT_FORMATS)
+    fmt, mode = saved["format"], action_mode
+    if fmt in CKPT_FORMATS:
         from ppo_diffusion import load_policy
-    else:
+
+        mode = saved["args"].get("eval_mode", "eta0") if mode == "auto" else mode
+        policy = load_policy(ckpt, device)
+        act = policy.acting(mode)
+    else:  # a BC policy in the chain a PPO run starts from (DDIM-ddim_steps, eta 1, ppo_diffusion's defaults)
         from bc_diffusion import load_policy
-    policy = load_policy(ckpt, device)
-    act = lambda obs: policy.act(obs, "ddim", ddim_steps, eta=0.0 if deterministic else 1.0, generator=generator)  # noqa: E731
+        from ppo_diffusion import finetuning_start
+
+        mode = "eta0" if mode == "auto" else mode
+        policy = finetuning_start(load_policy(ckpt, device), ddim_steps)
+        act = policy.acting(mode)
+
     cfg = policy.cfg
-    return LearnedPolicy(act, cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], {"ckpt_format": fmt})
+    info = {"ckpt_format": fmt, "action_mode": mode}
+    return LearnedPolicy(act, cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], info, seed)
 
 
 def episode_arrays(steps: list[dict]) -> dict:
@@ -259,7 +287,7 @@ if __name__ == "__main__":
         task = le.resolve_task(args.suite, args.task_id)
         policy = None
         if args.policy != "scripted":
-            policy = load_learned_policy(args.policy, args.ckpt, task, args.deterministic, args.ddim_steps,
+            policy = load_learned_policy(args.policy, args.ckpt, task, args.action_mode, args.ddim_steps,
                                          args.seed, args.cuda, args.instruction)  # fmt: skip
     except (ValueError, FileNotFoundError, le.TaskError) as e:
         sys.exit(f"error: {e}")

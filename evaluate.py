@@ -74,8 +74,12 @@ class Args:
     """parallel environment workers"""
     replan_steps: int = 0
     """actions executed per policy query (0: the policy's default)"""
+    action_mode: Literal["auto", "sample", "mean", "eta0"] = "auto"
+    """how a learned policy acts: auto, the mode its checkpoint names (a PPO run's --eval-mode: the policy PPO
+    trained; eta0 for a BC diffusion checkpoint); sample / mean / eta0 (collect.py's --action-mode)"""
     ddim_steps: int = 5
-    """DDIM steps of BC diffusion policies (deterministic, eta = 0; ppo_diffusion runs its fine-tuned schedule)"""
+    """DDIM steps of BC diffusion policies (run as the chain a PPO run starts from; ppo_diffusion checkpoints run
+    their fine-tuned schedule)"""
     image_size: int = 0
     """rendered camera size (0: the policy's input size; 256 for pi0, as its training data)"""
     capture_video: bool = False
@@ -103,8 +107,8 @@ def make_policy(args: Args, task: le.Task, venv_factory):
         venv = venv_factory("state" if not args.capture_video else "rgb", args.image_size or 128, privileged=True)
         scene = venv.call("scene", env_ids=[0])[0]
         return scripted_expert.ScriptedPolicy(steps, scene, 0.0, args.seed), venv, {"train_task": None}
-    policy = collect.load_learned_policy(args.policy, args.ckpt, task, True, args.ddim_steps, args.seed, args.cuda,
-                                         args.instruction)  # fmt: skip
+    policy = collect.load_learned_policy(args.policy, args.ckpt, task, args.action_mode, args.ddim_steps, args.seed,
+                                         args.cuda, args.instruction)  # fmt: skip
     obs_mode = "rgb" if args.capture_video else policy.obs_mode
     venv = venv_factory(obs_mode, args.image_size or policy.image_size, privileged=False)
     return policy, venv, policy.info

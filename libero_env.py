@@ -7,8 +7,9 @@ Everything the phase scripts need from the simulator lives here, once:
 * the evaluation protocol as data (``SUITE_MAX_STEPS``, ``NUM_WAIT_STEPS``, ``WAIT_ACTION``) and as code
   (:meth:`LiberoEnv.reset`, :func:`run_episodes`, and :func:`evaluate_success` for the training scripts);
 * :class:`LiberoEnv`, a single environment with soft resets and rendering only when asked for;
-* :class:`VectorLiberoEnv`, environments in subprocess workers with deterministic init-state assignment and
-  worker failures surfaced as :class:`EnvWorkerError` (with the child's traceback);
+* :class:`VectorLiberoEnv`, environments grouped over subprocess workers (several per process) with
+  deterministic init-state assignment and worker failures surfaced as :class:`EnvWorkerError` (naming the env,
+  with the child's traceback);
 * the single observation conversion (:func:`upright`, :func:`resize_images`, :func:`proprio`, :func:`policy_obs`).
 
 The simulator (libero, robosuite, mujoco) is imported lazily, only where an environment is built, so networks
@@ -711,97 +712,137 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _worker(conn, task: Task, env_kwargs: dict) -> None:
+def _worker(conn, task: Task, env_ids: list[int], env_kwargs: dict) -> None:
+    """One worker process: the environments ``env_ids`` (constructed here, stepped one after the other)."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # so is SLURM's pre-emption signal
-    env = None
+    envs: dict[int, LiberoEnv] = {}
     try:
-        env = LiberoEnv(task, **env_kwargs)
-        conn.send(("ok", None))
+        for i in env_ids:
+            try:
+                envs[i] = LiberoEnv(task, **env_kwargs)
+            except Exception:  # noqa: BLE001 - construction failed: the parent names the env
+                conn.send(("error", i, traceback.format_exc()))
+                return
+        conn.send(("ok", None, None))
         while True:
-            cmd, args = conn.recv()
+            cmd, calls = conn.recv()
             if cmd == "close":
                 break
-            try:
-                conn.send(("ok", getattr(env, cmd)(*args)))
-            except Exception:  # noqa: BLE001 - every error goes to the parent with its traceback
-                conn.send(("error", traceback.format_exc()))
+            results, failed = [], None
+            for i, args in calls:  # (env id, arguments) in the order the parent asked
+                try:
+                    results.append(getattr(envs[i], cmd)(*args))
+                except Exception:  # noqa: BLE001 - every error goes to the parent with its env and traceback
+                    failed = ("error", i, traceback.format_exc())
+                    break
+            conn.send(failed or ("ok", None, results))
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         pass
-    except Exception:  # noqa: BLE001 - construction failed
-        with contextlib.suppress(Exception):
-            conn.send(("error", traceback.format_exc()))
     finally:
-        if env is not None:
+        for env in envs.values():
             with contextlib.suppress(Exception):
                 env.close()
         conn.close()
 
 
-class VectorLiberoEnv:
-    """``num_envs`` copies of one task, each in its own process (one MuJoCo/EGL context per worker).
+def split_envs(num_envs: int, num_workers: int) -> list[list[int]]:
+    """Env ids 0..num_envs-1 in contiguous groups, one per worker, sizes differing by at most one."""
+    bounds = np.linspace(0, num_envs, num_workers + 1).round().astype(int)
+    return [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    Every call names the environments it addresses (``env_ids``) and, for resets, the init state each one
-    starts from, so which episode runs on which init state never depends on which worker finished first.
+
+def default_num_workers(num_envs: int) -> int:
+    """One worker per CPU core this process may use (never more workers than envs)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(num_envs, cores))
+
+
+class VectorLiberoEnv:
+    """``num_envs`` copies of one task in ``num_workers`` subprocesses (one MuJoCo/EGL context per env).
+
+    Envs are grouped contiguously over the workers (default: one worker per CPU core, so 16-50 envs run on a
+    2-core machine without 50 interpreters); a worker steps its envs one after the other, and all workers run at
+    once. Every call names the environments it addresses (``env_ids``) and, for resets, the init state each one
+    starts from, so which episode runs on which init state never depends on the grouping or on which worker
+    finished first: the same init states, seeds and actions give the same episodes for any ``num_workers``.
     A worker that raises, dies or does not answer within ``timeout_s`` raises :class:`EnvWorkerError` in the
-    parent; all workers are then shut down.
+    parent, naming the env; all workers are then shut down.
     """
 
-    def __init__(self, task: Task, num_envs: int, timeout_s: float = 600.0, **env_kwargs):
+    def __init__(self, task: Task, num_envs: int, timeout_s: float = 600.0, num_workers: Optional[int] = None,
+                 **env_kwargs):  # fmt: skip
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
-        self.task, self.num_envs, self.timeout_s = task, num_envs, timeout_s
+        num_workers = default_num_workers(num_envs) if not num_workers else num_workers
+        if not 1 <= num_workers <= num_envs:
+            raise ValueError(f"num_workers must be in 1..num_envs ({num_envs}), got {num_workers}.")
+        self.task, self.num_envs, self.num_workers, self.timeout_s = task, num_envs, num_workers, timeout_s
         self.obs_mode = env_kwargs.get("obs_mode", "rgb")
+        self.groups = split_envs(num_envs, num_workers)
+        self.worker_of = {i: w for w, group in enumerate(self.groups) for i in group}
         configure_rendering()  # inherited by the workers' environment
         ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no inherited EGL/OpenMP state
         self._conns, self._procs, self._closed = [], [], False
-        for i in range(num_envs):
+        for w, group in enumerate(self.groups):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, task, env_kwargs), daemon=True, name=f"libero-env-{i}")
+            proc = ctx.Process(target=_worker, args=(child, task, group, env_kwargs), daemon=True,
+                               name=f"libero-env-worker-{w}")  # fmt: skip
             proc.start()
             child.close()
             self._conns.append(parent)
             self._procs.append(proc)
-        for i in range(num_envs):  # construction errors surface here
-            self._recv(i, "construct")
+        for w in range(num_workers):  # construction errors surface here
+            self._recv(w, "construct")
 
     # -- plumbing ------------------------------------------------------------------------------------------------
-    def _recv(self, i: int, cmd: str):
-        conn, proc, deadline = self._conns[i], self._procs[i], time.monotonic() + self.timeout_s
+    def _describe(self, w: int) -> str:
+        group, pid = self.groups[w], self._procs[w].pid
+        envs = f"env {group[0]}" if len(group) == 1 else f"envs {group[0]}-{group[-1]}"
+        return f"env worker {w} (pid {pid}, {envs})"
+
+    def _recv(self, w: int, cmd: str):
+        conn, proc, deadline = self._conns[w], self._procs[w], time.monotonic() + self.timeout_s
         while True:
             try:
                 if conn.poll(0.05):
-                    status, payload = conn.recv()
+                    status, env_id, payload = conn.recv()
                     break
             except (EOFError, OSError):
-                status, payload = "died", None
+                status, env_id, payload = "died", None, None
                 break
             if not proc.is_alive():
-                status, payload = "died", None
+                status, env_id, payload = "died", None, None
                 break
             if time.monotonic() > deadline:
                 self.close()
-                raise EnvWorkerError(
-                    f"env worker {i} (pid {proc.pid}) did not answer '{cmd}' within {self.timeout_s:.0f} s."
-                )
+                raise EnvWorkerError(f"{self._describe(w)} did not answer '{cmd}' within {self.timeout_s:.0f} s.")
         if status == "ok":
             return payload
         self.close()
         if status == "died":
             proc.join(1.0)
-            raise EnvWorkerError(f"env worker {i} (pid {proc.pid}) died (exit code {proc.exitcode}) during '{cmd}'.")
-        raise EnvWorkerError(f"env worker {i} raised during '{cmd}':\n{payload}")
+            raise EnvWorkerError(f"{self._describe(w)} died (exit code {proc.exitcode}) during '{cmd}'.")
+        raise EnvWorkerError(f"env {env_id} (worker {w}, pid {proc.pid}) raised during '{cmd}':\n{payload}")
 
     def _call(self, env_ids: Sequence[int], cmd: str, args_per_env: Sequence[tuple]) -> list:
         if self._closed:
             raise EnvWorkerError("the vector env is closed.")
+        calls: dict[int, list] = {}
         for i, args in zip(env_ids, args_per_env):
+            if i not in self.worker_of:
+                raise IndexError(f"env id {i} out of range 0-{self.num_envs - 1}.")
+            calls.setdefault(self.worker_of[i], []).append((i, args))
+        for w, work in calls.items():  # every worker starts before any answer is awaited
             try:
-                self._conns[i].send((cmd, args))
+                self._conns[w].send((cmd, work))
             except (BrokenPipeError, OSError):
-                self._recv(i, cmd)  # reports the death
-        return [self._recv(i, cmd) for i in env_ids]
+                self._recv(w, cmd)  # reports the death
+        results = {}
+        for w, work in calls.items():
+            results.update(zip([i for i, _ in work], self._recv(w, cmd)))
+        return [results[i] for i in env_ids]
 
     # -- API -----------------------------------------------------------------------------------------------------
     def reset(self, env_ids: Sequence[int], init_states: Sequence[int], seeds: Sequence[int], render: bool = True):
@@ -834,6 +875,7 @@ class VectorLiberoEnv:
 
     @property
     def pids(self) -> list[int]:
+        """Process id of each worker (``groups[w]`` are the envs of worker ``w``)."""
         return [p.pid for p in self._procs]
 
     def __enter__(self):

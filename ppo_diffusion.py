@@ -69,7 +69,9 @@ class Args:
 
     # rollout
     num_envs: int = 50
-    """parallel environments (subprocess workers)"""
+    """parallel environments"""
+    num_workers: int = 0
+    """environment worker processes the envs are grouped over (0: one per CPU core, at most --num-envs)"""
     batch_chunks: int = 15_000
     """env steps (chunks) per iteration over all envs; DPPO's 50 envs x 300 steps. Kept constant when --num-envs
     changes (the paper's parallel-env ablation) unless --num-steps is given"""
@@ -144,14 +146,24 @@ class Args:
     """stop the run after this many consecutive updates skipped for non-finite values"""
 
     # evaluation, logging
+    eval_mode: Literal["sample", "mean", "eta0"] = "sample"
+    """how the policy acts in evaluations, and by default in collect.py / evaluate.py (ACTION_MODES): sample, the
+    policy PPO trains (the rollout chain); mean, that chain without its noise after x_K; eta0, DDIM eta = 0"""
     eval_every: int = 10
-    """iterations between deterministic evaluations (0: only at the end)"""
+    """iterations between evaluations (0: only at the end), in --eval-mode and in eta0 beside it"""
     eval_episodes: int = 50
-    """protocol episodes per evaluation (init states 0..N-1; 0 disables)"""
+    """protocol episodes per evaluation (init states 0..N-1, each with its own noise seed; 0 disables)"""
+    final_eval_episodes: int = 200
+    """at the end: every action mode over the same N protocol episodes, and the spread of --eval-mode's actions
+    across its successful trajectories (0 disables)"""
     eval_num_envs: int = 0
     """environment workers for evaluation (0: --num-envs)"""
     save_every: int = 1
     """iterations between latest.pt checkpoints"""
+
+
+CKPT_FORMATS = ("ppo_diffusion/v2", "ppo_diffusion/v1")  # v1 (critic without time): its actor still loads
+ACTION_MODES = ("sample", "mean", "eta0")  # see FineTunedDiffusion.sample_chain
 
 
 # ================================================================================================================
@@ -171,12 +183,13 @@ class DenoisingSchedule(nn.Module):
         self.register_buffer("abar_prev", torch.stack([s[2] for s in steps]).float(), persistent=False)
         self.eta = eta
 
-    def mean(self, x_k, eps, k: torch.Tensor, deterministic: bool = False):
-        """Mean and sigma of p(x_{k-1} | x_k) at denoising indices ``k`` (tensor, per sample or scalar)."""
+    def mean(self, x_k, eps, k: torch.Tensor, eta0: bool = False):
+        """Mean and sigma of p(x_{k-1} | x_k) at denoising indices ``k`` (tensor, per sample or scalar); ``eta0``:
+        DDIM's deterministic (eta = 0) step instead of the schedule's eta (DDPM has one mean either way)."""
         shape = (-1,) + (1,) * (x_k.dim() - 1)
         abar_t, abar_prev = self.abar_t[k].view(shape), self.abar_prev[k].view(shape)
         if self.sampler == "ddim":
-            return ddim_step(x_k, eps, abar_t, abar_prev, 0.0 if deterministic else self.eta)
+            return ddim_step(x_k, eps, abar_t, abar_prev, 0.0 if eta0 else self.eta)
         return ddpm_step(x_k, eps, abar_t, abar_prev)
 
 
@@ -211,46 +224,56 @@ class FineTunedDiffusion(nn.Module):
     def net(self, k: int) -> DiffusionPolicy:
         return self.ft if k >= self.sched.K - self.ft_steps else self.frozen
 
-    def sample_chain(self, obs_t: dict, noise_clip: float, min_std: float, deterministic: bool):
-        """The rollout sampler: (chain (B, K+1, H, Da) normalised, actions (B, act_steps, Da) in env units).
+    def sample_chain(self, obs_t: dict, noise_clip: float, min_std: float, mode: str = "sample", noise=None):
+        """The sampler: (chain (B, K+1, H, Da) normalised, actions (B, act_steps, Da) in env units).
 
-        No host syncs and no tensors created from Python numbers: the same code is captured as a CUDA graph.
+        ``mode`` (ACTION_MODES): ``sample``, the policy PPO trains (the schedule's eta, each step's std floored
+        at ``min_std``); ``mean``, the same chain's step means without the noise after x_K; ``eta0``, DDIM's
+        deterministic path (eta = 0: other means than the trained chain's). ``noise`` (B, K+1, H, Da): the
+        standard-normal draws to use (x_K, then one per step), else the global RNG's. No host syncs and no tensors
+        created from Python numbers: the same code is captured as a CUDA graph.
         """
         cond_ft = self.ft.encode(obs_t)
         cond_frozen = self.frozen.encode(obs_t) if self.frozen is not None else None
         B, H = cond_ft.shape[0], self.cfg["horizon"]
-        x = torch.randn(B, H, le.ACTION_DIM, device=cond_ft.device).clamp(-noise_clip, noise_clip)
+        draw = lambda k, like: noise[:, k] if noise is not None else torch.randn_like(like)  # noqa: E731
+        x = draw(0, cond_ft.new_empty(B, H, le.ACTION_DIM)).clamp(-noise_clip, noise_clip)
         chain = [x]
         for k in range(self.sched.K):
             net = self.net(k)
             cond = cond_ft if net is self.ft else cond_frozen
             eps = net.denoise(x, self.sched.t[k].expand(B), cond)
-            mean, sigma = self.sched.mean(x, eps, k, deterministic)
-            if deterministic:
-                x = mean
+            mean, sigma = self.sched.mean(x, eps, k, eta0=mode == "eta0")
+            if mode == "sample":
+                x = mean + sigma.clamp(min=min_std) * draw(k + 1, mean).clamp(-noise_clip, noise_clip)
             else:
-                z = torch.randn_like(mean).clamp(-noise_clip, noise_clip)
-                x = mean + sigma.clamp(min=min_std) * z
+                x = mean
             chain.append(x)
         x0 = x.clamp(-1, 1)
         actions = self.ft.unnormalize_actions(x0)[:, : self.cfg["act_steps"]]
         return torch.stack(chain, 1), actions
 
     @torch.no_grad()
-    def act(self, obs: dict, sampler: str = "ddim", num_steps: int = 5, eta: float = 0.0, generator=None):
-        """Action chunks for collect.py / evaluate.py: eta = 0 denoises deterministically, eta > 0 samples as the
-        rollouts did. The chain is always the fine-tuned schedule (``sampler`` and ``num_steps`` are not used); a
-        CPU ``generator`` seeds its noise (x_K and, if sampling, every step), else the global RNG does."""
-        device = self.sched.t.device
-        with torch.random.fork_rng([device] if device.type == "cuda" else [], enabled=generator is not None):
-            if generator is not None:
-                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-            _, actions = self.sample_chain(self.ft.obs_tensors(obs), self.noise_clip, self.min_std, eta == 0.0)
+    def act(self, obs: dict, mode: str = "sample", generators: Optional[list] = None) -> np.ndarray:
+        """Action chunks (B, act_steps, 7) for evaluation and collection, in ``mode`` (see :meth:`sample_chain`).
+        ``generators``: one CPU ``torch.Generator`` per row, the noise stream of that row's episode (outcomes then
+        depend neither on which rows share a batch nor on the global RNG, which stays untouched); else the global
+        RNG draws."""
+        obs_t = self.ft.obs_tensors(obs)
+        noise = None
+        if generators is not None:
+            shape = (self.sched.K + 1, self.cfg["horizon"], le.ACTION_DIM)
+            noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.sched.t.device)
+        _, actions = self.sample_chain(obs_t, self.noise_clip, self.min_std, mode, noise)
         return actions.cpu().numpy()
+
+    def acting(self, mode: str) -> Callable:
+        """``act`` in ``mode`` as the ``act(obs, generators)`` that evaluation and collection call."""
+        return lambda obs, generators: self.act(obs, mode, generators)
 
 
 class GraphedSampler:
-    """``FineTunedDiffusion.sample_chain`` captured as one CUDA graph per (batch size, deterministic): static input
+    """``FineTunedDiffusion.sample_chain`` captured as one CUDA graph per (batch size, mode): static input
     buffers for the observation tensors, static outputs; replay after copying the inputs in.
 
     Graph replays read the parameters in place, so optimiser steps need no re-capture. Eager off-GPU or when
@@ -262,25 +285,25 @@ class GraphedSampler:
         self.enabled = enabled and torch.cuda.is_available() and next(policy.parameters()).is_cuda
         self.graphs: dict = {}
 
-    def _eager(self, obs_t, deterministic):
-        return self.policy.sample_chain(obs_t, self.noise_clip, self.min_std, deterministic)
+    def _eager(self, obs_t, mode):
+        return self.policy.sample_chain(obs_t, self.noise_clip, self.min_std, mode)
 
     @torch.no_grad()
-    def __call__(self, obs_t: dict, deterministic: bool = False):
+    def __call__(self, obs_t: dict, mode: str = "sample"):
         if not self.enabled:
-            return self._eager(obs_t, deterministic)
-        key = (next(iter(obs_t.values())).shape[0], deterministic)
+            return self._eager(obs_t, mode)
+        key = (next(iter(obs_t.values())).shape[0], mode)
         if key not in self.graphs:
             static_in = {k: v.clone() for k, v in obs_t.items()}
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, cuDNN algorithm choice)
                 for _ in range(2):
-                    self._eager(static_in, deterministic)
+                    self._eager(static_in, mode)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = self._eager(static_in, deterministic)
+                static_out = self._eager(static_in, mode)
             self.graphs[key] = (graph, static_in, static_out)
         graph, static_in, static_out = self.graphs[key]
         for k, v in obs_t.items():
@@ -293,18 +316,30 @@ class GraphedSampler:
 # Shared PPO machinery (ppo_gaussian.py imports these)
 # ================================================================================================================
 def gae(rewards, values, next_values, terminated, truncated, gamma: float, lam: float):
-    """Chunk-level GAE over (T, E) arrays. ``next_values[t]`` is V of the observation after step t (for a
-    truncated step: the final observation before the reset). Terminal steps (success) do not bootstrap; the
-    lambda-recursion stops at every episode end (terminated or truncated)."""
+    """Chunk-level GAE over (T, E) arrays; returns (advantages, returns = advantages + values).
+
+    ``next_values[t]`` is V of the observation after step t. Both episode ends are terminal, with value 0:
+    ``terminated`` (success, reward 1) and ``truncated`` (the protocol's step limit reached without success: in
+    LIBERO the limit is part of the task, an episode not solved by then scores 0, and the critic sees the elapsed
+    fraction t / limit, so the value of reaching it is known to be 0). Bootstrapping a time-out from a critic
+    let V float up to the success value everywhere and the advantage of success over failure vanish. Only the
+    iteration's last step of an episode still running (a cut, not an end) bootstraps from ``next_values``."""
     T = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
     for t in reversed(range(T)):
-        delta = rewards[t] + gamma * (1 - terminated[t]) * next_values[t] - values[t]
-        ended = torch.maximum(terminated[t], truncated[t])
-        last = delta + gamma * lam * (1 - ended) * last
+        alive = 1 - torch.maximum(terminated[t], truncated[t])
+        delta = rewards[t] + gamma * alive * next_values[t] - values[t]
+        last = delta + gamma * lam * alive * last
         advantages[t] = last
     return advantages, advantages + values
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R): 1 when the critic predicts the returns, 0 when it predicts only their mean, < 0
+    when worse than that (NaN when the returns do not vary)."""
+    var = returns.var().item()
+    return float("nan") if var == 0 else 1.0 - (returns - values).var().item() / var
 
 
 class RunningRewardScaler:
@@ -344,15 +379,18 @@ class RunningRewardScaler:
 
 
 class Critic(nn.Module):
-    """V(s): its own observation encoder (same architecture as the actor's) and an MLP head."""
+    """V(s, t / limit): its own observation encoder (same architecture as the actor's) and an MLP head that also
+    sees the elapsed fraction of the episode's step limit. With time-outs terminal (value 0) the value of a state
+    depends on the time left; without it the critic is not Markov (ALGORITHM.md)."""
 
     def __init__(self, cfg: dict, hidden):
         super().__init__()
         self.encoder = ObsEncoder(cfg)
-        self.head = mlp([self.encoder.out_dim, *hidden, 1])
+        self.head = mlp([self.encoder.out_dim + 1, *hidden, 1])
 
     def forward(self, obs_t: dict) -> torch.Tensor:
-        return self.head(self.encoder(obs_t)).squeeze(-1)
+        features = torch.cat([self.encoder(obs_t), obs_t["time"].unsqueeze(-1).to(torch.float32)], dim=-1)
+        return self.head(features).squeeze(-1)
 
 
 def to_device(obs: dict, device) -> dict:
@@ -377,12 +415,15 @@ class Rollout:
     """Keeps ``num_envs`` episodes running across iterations; each :meth:`collect` gathers ``num_steps`` chunk steps.
 
     Training episodes start from init states drawn uniformly from the task's 50 (seeded), env seed
-    ``seed + 10^6 + episode counter`` (disjoint from evaluation seeds).
+    ``seed + 10^6 + episode counter`` (disjoint from evaluation seeds). Every observation carries ``time``, the
+    elapsed fraction t / step limit of its episode (the critic's input; the actor ignores it).
     """
 
     def __init__(self, venv: le.VectorLiberoEnv, preprocess: Callable, seed: int, render: bool):
         self.venv, self.preprocess, self.render = venv, preprocess, render
+        self.max_steps = venv.task.max_steps
         self.rng, self.seed, self.episodes = np.random.default_rng(seed), seed, 0
+        self.t = np.zeros(venv.num_envs)  # steps taken in each env's current episode
         self.obs = self._reset(list(range(venv.num_envs)))
         self.episode_returns, self.episode_lengths = [], []
 
@@ -390,16 +431,23 @@ class Rollout:
         inits = self.rng.integers(0, le.NUM_INIT_STATES, len(ids))
         seeds = [self.seed + 1_000_000 + self.episodes + j for j in range(len(ids))]
         self.episodes += len(ids)
+        self.t[ids] = 0
         return self.venv.reset(ids, inits, seeds, render=self.render)
+
+    def observe(self) -> dict:
+        """The current observations as policy tensors, with their elapsed fractions (``time``, (E,))."""
+        obs_t = self.preprocess(le.stack_obs(self.obs))
+        obs_t["time"] = torch.as_tensor(self.t / self.max_steps, dtype=torch.float32).to(obs_t["proprio"].device)
+        return obs_t
 
     def collect(self, num_steps: int, act: Callable, timers: dict) -> dict:
         """``act(obs_t) -> (actions (E, act_steps, 7) numpy, extras dict of CPU tensors (E, ...))``; ``obs_t`` are the
         preprocessed observation tensors (on the policy's device; the buffer keeps CPU copies)."""
         ids = list(range(self.venv.num_envs))
-        buf = {"obs": [], "extras": [], "rewards": [], "terminated": [], "truncated": [], "final_obs": {}}
-        for step in range(num_steps):
+        buf = {"obs": [], "extras": [], "rewards": [], "terminated": [], "truncated": []}
+        for _ in range(num_steps):
             t0 = time.perf_counter()
-            obs_t = self.preprocess(le.stack_obs(self.obs))
+            obs_t = self.observe()
             actions, extras = act(obs_t)
             obs_t = {k: v.cpu() for k, v in obs_t.items()}
             t1 = time.perf_counter()
@@ -413,9 +461,7 @@ class Rollout:
             buf["truncated"].append([float(o.truncated) for o in outs])
             done = [i for i, o in enumerate(outs) if o.done or o.truncated]
             for i, o in enumerate(outs):
-                self.obs[i] = o.obs
-                if o.truncated:
-                    buf["final_obs"][(step, i)] = o.obs
+                self.obs[i], self.t[i] = o.obs, o.t
                 if o.done or o.truncated:
                     self.episode_returns.append(float(o.done))
                     self.episode_lengths.append(o.t)
@@ -431,24 +477,19 @@ class Rollout:
             "rewards": stack("rewards"),
             "terminated": stack("terminated"),
             "truncated": stack("truncated"),
-            "final_obs": buf["final_obs"],
-            "next_obs": {k: v.cpu() for k, v in self.preprocess(le.stack_obs(self.obs)).items()},
+            "next_obs": {k: v.cpu() for k, v in self.observe().items()},  # where the iteration cut the episodes
         }
 
 
-def bootstrap_values(batch: dict, obs: dict, critic: Callable, preprocess: Callable, size: int, device):
-    """V(s) of every step (``obs``: the batch's observations flattened to (T E, ...)), V of the next observation
-    (truncations: the final one before the reset)."""
+def bootstrap_values(batch: dict, obs: dict, critic: Callable, size: int, device):
+    """V(s, t) of every step (``obs``: the batch's observations flattened to (T E, ...)) and V of the observation
+    after each step (the next step's, or for the last step the observation the iteration stopped at; gae ignores
+    it where the episode ended)."""
     T, E = batch["rewards"].shape
     values = batched(critic, obs, size, device).view(T, E)
     next_values = torch.zeros(T, E)
     next_values[:-1] = values[1:]
     next_values[-1] = batched(critic, batch["next_obs"], size, device)
-    if batch["final_obs"]:
-        keys = list(batch["final_obs"])
-        finals = preprocess(le.stack_obs([batch["final_obs"][k] for k in keys]))
-        for (t, i), v in zip(keys, batched(critic, finals, size, device)):
-            next_values[t, i] = v
     return values, next_values
 
 
@@ -578,7 +619,7 @@ def load_policy(path: str, device="cpu") -> FineTunedDiffusion:
     """The fine-tuned policy of a ppo_diffusion checkpoint (for collect.py / evaluate.py)."""
     import run_utils
 
-    ckpt = run_utils.load_checkpoint(path, ("ppo_diffusion/v1",))
+    ckpt = run_utils.load_checkpoint(path, CKPT_FORMATS)
     cfg, ppo = ckpt["config"], ckpt["ppo_config"]
     bc_policy = DiffusionPolicy(cfg)
     sched = DenoisingSchedule(bc_policy.alphas_cumprod, ppo["sampler"], ppo["denoising_steps"], ppo["eta"])
@@ -586,6 +627,37 @@ def load_policy(path: str, device="cpu") -> FineTunedDiffusion:
     policy = FineTunedDiffusion(bc_policy, sched, ppo["ft_denoising_steps"], cfg, args["noise_clip"], args["min_std"])
     policy.load_state_dict(ckpt["model"])
     return policy.to(device).eval()
+
+
+def finetuning_start(bc_policy: DiffusionPolicy, denoising_steps: int = 5) -> FineTunedDiffusion:
+    """A BC policy as the PPO run's iteration 0 sees it: the rollout chain of this script's defaults."""
+    args = Args()
+    sched = DenoisingSchedule(bc_policy.alphas_cumprod, "ddim", denoising_steps, args.eta)
+    sched = sched.to(bc_policy.alphas_cumprod.device)
+    return FineTunedDiffusion(bc_policy, sched, denoising_steps, bc_policy.cfg, args.noise_clip, args.min_std).eval()
+
+
+def evaluate_policy(venv: le.VectorLiberoEnv, act: Callable, episodes: int, seed: int, replan_steps: int,
+                    record: bool = False) -> dict:  # fmt: skip
+    """Success rate and mean length of ``act(obs, generators) -> (B, T, 7)`` over protocol episodes 0..episodes-1.
+
+    Episode e draws its policy noise from its own generator, seeded by (seed, e): its outcome depends neither on
+    the worker count nor on the training RNG, which is left where it was. ``record``: also ``action_std``, the
+    per-timestep std of the actions across the successful trajectories, averaged over steps and axes (analyze.py's
+    consistency, the paper's Fig. 7)."""
+    import analyze
+    import collect
+
+    learned = collect.LearnedPolicy(act, replan_steps, venv.obs_mode, 0, seed=seed)
+    results = le.run_episodes(venv, learned, range(episodes), seed, replan_steps, record=record,
+                              render=venv.obs_mode == "rgb", reset_policy=learned.reset)  # fmt: skip
+    stats = {"success_rate": float(np.mean([r.success for r in results])),
+             "episode_length": float(np.mean([r.length for r in results]))}  # fmt: skip
+    if record:
+        actions = [np.stack([s["action"] for s in r.steps]) for r in results if r.success]
+        spread = analyze.action_consistency(actions)["mean_std"] if len(actions) >= 2 else None
+        stats["action_std"] = float(np.mean(spread)) if spread is not None else float("nan")
+    return stats
 
 
 def ppo_config(args) -> dict:
@@ -655,7 +727,7 @@ if __name__ == "__main__":
     try:
         resume = run_utils.resume_path(args.resume, ckpt_dir)
         if resume is not None:
-            ckpt = run_utils.load_checkpoint(resume, ("ppo_diffusion/v1",))
+            ckpt = run_utils.load_checkpoint(resume, CKPT_FORMATS[:1])
             run_utils.check_same_architecture(
                 resume, {**ckpt["config"], **ckpt["ppo_config"]}, {**cfg, **ppo_config(args)}
             )
@@ -677,7 +749,7 @@ if __name__ == "__main__":
     def checkpoint(name: str) -> None:
         run_utils.save_checkpoint(
             os.path.join(ckpt_dir, name),
-            {"format": "ppo_diffusion/v1", "model": policy.state_dict(), "ema": None, "critic": critic.state_dict(),
+            {"format": CKPT_FORMATS[0], "model": policy.state_dict(), "ema": None, "critic": critic.state_dict(),
              "optimizer": actor_opt.state_dict(), "critic_optimizer": critic_opt.state_dict(),
              "scheduler": actor_sched.state_dict(), "reward_scaler": scaler.state_dict(), "step": iteration,
              "env_steps": env_steps, "args": asdict(args), "config": cfg, "ppo_config": ppo_config(args),
@@ -693,24 +765,35 @@ if __name__ == "__main__":
         return actions.cpu().numpy(), {"chains": chain.cpu()}
 
     env_kwargs = dict(obs_mode=cfg["obs_mode"], image_size=cfg["image_size"], fast_step=args.fast_step)
-    venv = le.VectorLiberoEnv(task, args.num_envs, **env_kwargs)
+    venv = le.VectorLiberoEnv(task, args.num_envs, num_workers=args.num_workers, **env_kwargs)
     eval_venv = venv if args.eval_num_envs in (0, args.num_envs) else le.VectorLiberoEnv(
-        task, args.eval_num_envs, **env_kwargs)  # fmt: skip
+        task, args.eval_num_envs, num_workers=args.num_workers, **env_kwargs)  # fmt: skip
+    print(f"{args.num_envs} envs over {venv.num_workers} worker processes")
     rollout = Rollout(venv, preprocess, args.seed + iteration, render)
     preemption = run_utils.Preemption()
 
-    def run_eval() -> dict:
+    def run_eval(modes, episodes: int, record_mode: Optional[str] = None) -> dict:
+        """{mode: stats} over the same protocol episodes (per-episode noise seeds; the training RNG is untouched)."""
         policy.eval()
-        stats = le.evaluate_success(eval_venv, policy.act, args.eval_episodes, args.seed, cfg["act_steps"])
+        out = {}
+        for mode in modes:
+            out[mode] = evaluate_policy(eval_venv, policy.acting(mode), episodes,
+                                        args.seed, cfg["act_steps"], record=mode == record_mode)  # fmt: skip
         if eval_venv is venv:  # the evaluation cut the training episodes short
             rollout.obs = rollout._reset(list(range(venv.num_envs)))
             scaler.reset()
-        return stats
+        return out
 
+    def log_eval(step: int, results: dict) -> None:
+        flat = {f"eval/{k}": v for k, v in results[args.eval_mode].items()}  # the evaluated policy's curve
+        flat.update({f"eval_{m}/{k}": v for m, stats in results.items() for k, v in stats.items()})
+        logger.log(step, env_steps=env_steps, **flat)
+        rates = ", ".join(f"{m} {r['success_rate']:.3f}" for m, r in results.items())
+        print(f"iteration {step}: eval success {rates}")
+
+    eval_modes = list(dict.fromkeys([args.eval_mode, "eta0"]))
     if iteration == 0 and args.eval_episodes > 0:
-        stats = run_eval()
-        logger.log(0, env_steps=0, **{f"eval/{k}": v for k, v in stats.items()})
-        print(f"iteration 0 (BC start): eval success {stats['success_rate']:.3f}")
+        log_eval(0, run_eval(eval_modes, args.eval_episodes))
     while iteration < args.num_iterations:
         timers = {"env": 0.0, "policy": 0.0, "update": 0.0}
         # ALGO LOGIC: rollout with the stochastic denoising chain (the whole chain is stored)
@@ -722,10 +805,10 @@ if __name__ == "__main__":
         if args.reward_scale:
             dones = (batch["terminated"] + batch["truncated"]).clamp(max=1).numpy().astype(bool)
             batch["rewards"] = torch.as_tensor(scaler(batch["rewards"].numpy(), dones), dtype=torch.float32)
-        # ALGO LOGIC: GAE at chunk level, truncations bootstrapped from V(final observation)
+        # ALGO LOGIC: GAE at chunk level; success and time-out terminal, an episode cut by the iteration bootstraps
         t0 = time.perf_counter()
         obs = to_device({k: v.flatten(0, 1) for k, v in batch["obs"].items()}, device)  # once per iteration
-        values, next_values = bootstrap_values(batch, obs, critic, preprocess, args.minibatch_size, device)
+        values, next_values = bootstrap_values(batch, obs, critic, args.minibatch_size, device)
         advantages, returns = gae(batch["rewards"], values, next_values, batch["terminated"], batch["truncated"],
                                   args.gamma, args.gae_lambda)  # fmt: skip
         # ALGO LOGIC: PPO update over (env step, denoising step) pairs
@@ -761,25 +844,38 @@ if __name__ == "__main__":
             reward_mean=raw_rewards.mean().item(),
             train_success_rate=float(np.mean(rollout.episode_returns)) if n_eps else float("nan"),
             train_episode_length=float(np.mean(rollout.episode_lengths)) if n_eps else float("nan"),
-            value_mean=values.mean().item(), env_s=timers["env"], policy_s=timers["policy"], update_s=timers["update"],
-            **stats,
+            value_mean=values.mean().item(), explained_variance=explained_variance(values, returns),
+            env_s=timers["env"], policy_s=timers["policy"], update_s=timers["update"], **stats,
         )  # fmt: skip
         print(f"iteration {iteration}: train success {np.mean(rollout.episode_returns) if n_eps else float('nan'):.3f} "
-              f"({n_eps} episodes), kl {stats.get('approx_kl', 0):.4f}, env {timers['env']:.0f}s "
-              f"policy {timers['policy']:.0f}s update {timers['update']:.0f}s")  # fmt: skip
+              f"({n_eps} episodes), ev {explained_variance(values, returns):.2f}, kl {stats.get('approx_kl', 0):.4f}, "
+              f"clipfrac {stats.get('clipfrac', 0):.2f}, env {timers['env']:.0f}s policy {timers['policy']:.0f}s "
+              f"update {timers['update']:.0f}s")  # fmt: skip
         rollout.episode_returns, rollout.episode_lengths = [], []
         if args.eval_episodes > 0 and (
             (args.eval_every and iteration % args.eval_every == 0) or iteration == args.num_iterations
         ):
-            stats = run_eval()
-            logger.log(iteration, env_steps=env_steps, **{f"eval/{k}": v for k, v in stats.items()})
-            print(f"iteration {iteration}: eval success {stats['success_rate']:.3f}")
+            log_eval(iteration, run_eval(eval_modes, args.eval_episodes))
         if iteration % args.save_every == 0 or preemption.requested:
             checkpoint("latest.pt")
         if preemption.requested:
             preemption.exit()
     checkpoint("latest.pt")
     checkpoint("final.pt")
+    final_path = os.path.join(run_dir, "final_eval.json")
+    if args.final_eval_episodes > 0 and not os.path.exists(final_path):
+        # ALGO LOGIC: every action mode over the same episodes, and how consistent the evaluated mode's actions are
+        results = run_eval(ACTION_MODES, args.final_eval_episodes, record_mode=args.eval_mode)
+        summary = {"iteration": iteration, "env_steps": env_steps, "eval_mode": args.eval_mode,
+                   "episodes": args.final_eval_episodes, "seed": args.seed, **results}  # fmt: skip
+        run_utils.write_json(final_path, summary)
+        logger.log(iteration, env_steps=env_steps,
+                   **{f"final_{m}/{k}": v for m, stats in results.items() for k, v in stats.items()})  # fmt: skip
+        for m, r in results.items():
+            print(
+                f"final ({args.final_eval_episodes} episodes) {m:>6}: success {r['success_rate']:.3f}, length "
+                f"{r['episode_length']:.1f}" + (f", action std {r['action_std']:.4f}" if "action_std" in r else "")
+            )
     venv.close()
     if eval_venv is not venv:
         eval_venv.close()

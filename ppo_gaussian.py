@@ -28,7 +28,18 @@ from tqdm import tqdm
 
 import libero_env as le
 from bc_diffusion import ObsEncoder, PolicyBase, mlp
-from ppo_diffusion import check_finite, index_obs, mean_stats, minibatches, normalize_advantages, to_device
+from ppo_diffusion import (
+    check_finite,
+    evaluate_policy,
+    explained_variance,
+    index_obs,
+    mean_stats,
+    minibatches,
+    normalize_advantages,
+    to_device,
+)
+
+CKPT_FORMATS = ("ppo_gaussian/v2", "ppo_gaussian/v1")  # v1 (critic without time): its actor still loads
 
 ARCH_FIELDS = (
     "obs_mode", "image_size", "encoder", "encoder_head", "shared_encoder", "num_keypoints", "feature_dim",
@@ -122,6 +133,8 @@ class Args:
     # PPO (rollout machinery and defaults as ppo_diffusion.py)
     num_envs: int = 50
     """parallel environments"""
+    num_workers: int = 0
+    """environment worker processes the envs are grouped over (0: one per CPU core, at most --num-envs)"""
     batch_chunks: int = 15_000
     """env steps (chunks) per iteration over all envs, kept constant when --num-envs changes"""
     num_steps: Optional[int] = None
@@ -171,10 +184,16 @@ class Args:
     """stop after this many consecutive updates skipped for non-finite values"""
 
     # evaluation, logging
+    eval_mode: Literal["sample", "mean"] = "sample"
+    """how the policy acts in evaluations, and by default in collect.py / evaluate.py: sample, the policy PPO
+    trains; mean, its mean chunk (ppo_diffusion.py's --eval-mode)"""
     eval_every: int = 10
-    """iterations between deterministic (mean-action) evaluations (0: only at the end)"""
+    """iterations between evaluations (0: only at the end), in --eval-mode and with the mean beside it"""
     eval_episodes: int = 50
-    """protocol episodes per evaluation (0 disables)"""
+    """protocol episodes per evaluation (init states 0..N-1, each with its own noise seed; 0 disables)"""
+    final_eval_episodes: int = 200
+    """at the end: both action modes over the same N protocol episodes, and the spread of --eval-mode's actions
+    across its successful trajectories (0 disables)"""
     save_every: int = 1
     """iterations between latest.pt checkpoints"""
     log_every: int = 100
@@ -200,11 +219,21 @@ class GaussianPolicy(PolicyBase):
         return self.unnormalize_actions(a_norm.clamp(-1, 1).view(-1, self.cfg["act_steps"], le.ACTION_DIM))
 
     @torch.no_grad()
-    def act(self, obs: dict, deterministic: bool = True, generator=None) -> np.ndarray:
-        """The mean chunk, or a sample whose noise comes from the CPU ``generator`` (else the global RNG)."""
+    def act(self, obs: dict, deterministic: bool = True, generators: Optional[list] = None) -> np.ndarray:
+        """The mean chunk, or a sample; ``generators``: one CPU generator per row (its episode's noise stream), else
+        the global RNG draws."""
         d = self.dist(self.obs_tensors(obs))
-        a = d.mean if deterministic else d.mean + d.stddev * torch.randn(d.mean.shape, generator=generator).to(d.mean)
-        return self.to_actions(a).cpu().numpy()
+        if deterministic:
+            return self.to_actions(d.mean).cpu().numpy()
+        if generators is None:
+            z = torch.randn(d.mean.shape)
+        else:
+            z = torch.stack([torch.randn(self.dim, generator=g) for g in generators])
+        return self.to_actions(d.mean + d.stddev * z.to(d.mean)).cpu().numpy()
+
+    def acting(self, mode: str):
+        """``act`` in ``mode`` (sample | mean; eta0 is the mean) as the ``act(obs, generators)`` of evaluation."""
+        return lambda obs, generators: self.act(obs, mode != "sample", generators)
 
 
 def chunk_logprob(d: torch.distributions.Normal, a: torch.Tensor, clip: tuple[float, float]) -> torch.Tensor:
@@ -217,7 +246,7 @@ def chunk_logprob(d: torch.distributions.Normal, a: torch.Tensor, clip: tuple[fl
 def load_policy(path: str, device="cpu") -> GaussianPolicy:
     import run_utils
 
-    ckpt = run_utils.load_checkpoint(path, ("ppo_gaussian/v1",))
+    ckpt = run_utils.load_checkpoint(path, CKPT_FORMATS)
     policy = GaussianPolicy(ckpt["config"])
     policy.load_state_dict(ckpt["model"])
     return policy.to(device).eval()
@@ -345,7 +374,7 @@ if __name__ == "__main__":
     try:
         resume = run_utils.resume_path(args.resume, ckpt_dir)
         if resume is not None:
-            ckpt = run_utils.load_checkpoint(resume, ("ppo_gaussian/v1",))
+            ckpt = run_utils.load_checkpoint(resume, CKPT_FORMATS[:1])
             run_utils.check_same_architecture(resume, ckpt["config"], cfg)
             for name, module in modules.items():
                 if ckpt.get(name) is not None:  # (runs from before the BC EMA hold none)
@@ -366,7 +395,7 @@ if __name__ == "__main__":
         state = {k: m.state_dict() for k, m in modules.items()}
         run_utils.save_checkpoint(
             os.path.join(ckpt_dir, name),
-            {"format": "ppo_gaussian/v1", **state, "step": iteration, "bc_step": bc_step,
+            {"format": CKPT_FORMATS[0], **state, "step": iteration, "bc_step": bc_step,
              "env_steps": env_steps, "args": asdict(args), "config": cfg, "normalizer": policy.normalizer(),
              "rng": rng},
             keep_previous=name == "latest.pt",
@@ -403,7 +432,7 @@ if __name__ == "__main__":
         checkpoint("latest.pt")
 
     venv = le.VectorLiberoEnv(task, args.num_envs, obs_mode=args.obs_mode, image_size=args.image_size,
-                              fast_step=args.fast_step)  # fmt: skip
+                              fast_step=args.fast_step, num_workers=args.num_workers)  # fmt: skip
     render = args.obs_mode == "rgb"
     preprocess = policy.obs_tensors
 
@@ -412,18 +441,26 @@ if __name__ == "__main__":
             a_norm = policy.dist(obs_t).sample()
         return policy.to_actions(a_norm).cpu().numpy(), {"actions": a_norm.cpu()}
 
-    def run_eval() -> dict:
+    def run_eval(modes, episodes: int, record_mode: Optional[str] = None) -> dict:
+        """{mode: stats} over the same protocol episodes (per-episode noise seeds; the training RNG is untouched)."""
         policy.eval()
-        stats = le.evaluate_success(venv, policy.act, args.eval_episodes, args.seed, cfg["act_steps"])
+        out = {m: evaluate_policy(venv, policy.acting(m), episodes, args.seed, cfg["act_steps"], m == record_mode)
+               for m in modes}  # fmt: skip
         rollout.obs = rollout._reset(list(range(venv.num_envs)))  # the evaluation cut the training episodes short
         scaler.reset()
-        return stats
+        return out
 
+    def log_eval(step: int, results: dict) -> None:
+        flat = {f"eval/{k}": v for k, v in results[args.eval_mode].items()}  # the evaluated policy's curve
+        flat.update({f"eval_{m}/{k}": v for m, stats in results.items() for k, v in stats.items()})
+        logger.log(step, env_steps=env_steps, **flat)
+        rates = ", ".join(f"{m} {r['success_rate']:.3f}" for m, r in results.items())
+        print(f"iteration {step}: eval success {rates}")
+
+    eval_modes = list(dict.fromkeys([args.eval_mode, "mean"]))
     rollout = Rollout(venv, preprocess, args.seed + iteration, render)
     if iteration == 0 and args.eval_episodes > 0:
-        stats = run_eval()
-        logger.log(0, env_steps=0, **{f"eval/{k}": v for k, v in stats.items()})
-        print(f"iteration 0 (BC start): eval success {stats['success_rate']:.3f}")
+        log_eval(0, run_eval(eval_modes, args.eval_episodes))
     while iteration < args.num_iterations:
         timers = {"env": 0.0, "policy": 0.0, "update": 0.0}
         # ALGO LOGIC: rollout, GAE, PPO update (chunk-level)
@@ -437,7 +474,7 @@ if __name__ == "__main__":
             batch["rewards"] = torch.as_tensor(scaler(batch["rewards"].numpy(), dones), dtype=torch.float32)
         t0 = time.perf_counter()
         obs = to_device({k: v.flatten(0, 1) for k, v in batch["obs"].items()}, device)  # once per iteration
-        values, next_values = bootstrap_values(batch, obs, critic, preprocess, args.minibatch_size, device)
+        values, next_values = bootstrap_values(batch, obs, critic, args.minibatch_size, device)
         advantages, returns = gae(batch["rewards"], values, next_values, batch["terminated"], batch["truncated"],
                                   args.gamma, args.gae_lambda)  # fmt: skip
         flat = {"obs": obs,
@@ -467,23 +504,36 @@ if __name__ == "__main__":
         logger.log(iteration, env_steps=env_steps, actor_lr=actor_opt.param_groups[0]["lr"],
                    reward_mean=raw_rewards.mean().item(), train_success_rate=train_success,
                    train_episode_length=float(np.mean(rollout.episode_lengths)) if n_eps else float("nan"),
-                   log_std=policy.log_std.mean().item(), env_s=timers["env"], policy_s=timers["policy"],
-                   update_s=timers["update"], **stats)  # fmt: skip
+                   log_std=policy.log_std.mean().item(), value_mean=values.mean().item(),
+                   explained_variance=explained_variance(values, returns), env_s=timers["env"],
+                   policy_s=timers["policy"], update_s=timers["update"], **stats)  # fmt: skip
         print(f"iteration {iteration}: train success {train_success:.3f} ({n_eps} episodes), "
-              f"kl {stats.get('approx_kl', 0):.4f}")  # fmt: skip
+              f"ev {explained_variance(values, returns):.2f}, kl {stats.get('approx_kl', 0):.4f}")  # fmt: skip
         rollout.episode_returns, rollout.episode_lengths = [], []
         if args.eval_episodes > 0 and (
             (args.eval_every and iteration % args.eval_every == 0) or iteration == args.num_iterations
         ):
-            stats = run_eval()
-            logger.log(iteration, env_steps=env_steps, **{f"eval/{k}": v for k, v in stats.items()})
-            print(f"iteration {iteration}: eval success {stats['success_rate']:.3f}")
+            log_eval(iteration, run_eval(eval_modes, args.eval_episodes))
         if iteration % args.save_every == 0 or preemption.requested:
             checkpoint("latest.pt")
         if preemption.requested:
             preemption.exit()
     checkpoint("latest.pt")
     checkpoint("final.pt")
+    final_path = os.path.join(run_dir, "final_eval.json")
+    if args.final_eval_episodes > 0 and not os.path.exists(final_path):
+        results = run_eval(("sample", "mean"), args.final_eval_episodes, record_mode=args.eval_mode)
+        summary = {"iteration": iteration, "env_steps": env_steps, "eval_mode": args.eval_mode,
+                   "episodes": args.final_eval_episodes, "seed": args.seed, **results}  # fmt: skip
+        run_utils.write_json(final_path, summary)
+        logger.log(iteration, env_steps=env_steps,
+                   **{f"final_{m}/{k}": v for m, stats in results.items() for k, v in stats.items()})  # fmt: skip
+        for m, r in results.items():
+            print(
+                f"final ({args.final_eval_episodes} episodes) {m:>6}: success {r['success_rate']:.3f}, "
+                f"length {r['episode_length']:.1f}"
+                + (f", action std {r['action_std']:.4f}" if "action_std" in r else "")
+            )
     venv.close()
     logger.close()
     print(f"done: BC {bc_step} steps, PPO {iteration} iterations, {env_steps} env steps; checkpoints in {ckpt_dir}")

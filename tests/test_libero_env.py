@@ -243,7 +243,7 @@ def test_vector_env_steps_and_a_killed_worker_raises_a_named_error_without_orpha
     assert [o.steps for o in outs] == [4, 4] and [o.t for o in outs] == [4, 4]
     os.kill(pids[1], signal.SIGKILL)
     start = time.monotonic()
-    with pytest.raises(le.EnvWorkerError, match=r"env worker 1 \(pid \d+\) died \(exit code -9\) during 'step_chunk'"):
+    with pytest.raises(le.EnvWorkerError, match=r"env worker 1 \(pid \d+, env 1\) died \(exit code -9\) during 'step_"):
         venv.step_chunk([0, 1], np.zeros((2, 4, 7)))
     assert time.monotonic() - start < 10
     for pid in pids:  # the surviving worker was shut down too
@@ -255,9 +255,59 @@ def test_worker_exception_carries_the_child_traceback():
     task = le.resolve_task("libero_goal", 0)
     with le.VectorLiberoEnv(task, 1, obs_mode="state", timeout_s=120) as venv:
         with pytest.raises(
-            le.EnvWorkerError, match=r"(?s)env worker 0 raised during 'reset'.*IndexError: init state 77"
+            le.EnvWorkerError, match=r"(?s)env 0 \(worker 0, pid \d+\) raised during 'reset'.*IndexError: init state 77"
         ):
             venv.reset([0], [77], [0])
+
+
+def test_envs_are_split_over_workers_in_contiguous_groups_of_near_equal_size():
+    assert le.split_envs(5, 2) == [[0, 1, 2], [3, 4]] or le.split_envs(5, 2) == [[0, 1], [2, 3, 4]]
+    assert le.split_envs(16, 2) == [list(range(8)), list(range(8, 16))]
+    assert le.split_envs(3, 3) == [[0], [1], [2]]
+    for n, w in ((7, 3), (32, 2), (50, 16)):
+        groups = le.split_envs(n, w)
+        assert sum(groups, []) == list(range(n)) and max(map(len, groups)) - min(map(len, groups)) <= 1
+    assert 1 <= le.default_num_workers(50) <= 50 and le.default_num_workers(1) == 1
+
+
+@pytest.mark.sim
+def test_grouped_workers_give_the_same_episodes_as_one_process_per_env():
+    """Four envs in one worker, in two, and one per process: the same init states, seeds and actions give the same
+    observations, rewards and ends (the envs of one worker share nothing); a bad request names its env."""
+    task = dataclasses.replace(le.resolve_task("libero_object", 0), max_steps=12)
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, size=(3, 4, 8, 7))  # 3 chunk steps x 4 envs x 8 actions
+    outcomes = {}
+    for workers in (1, 2, 4):
+        with le.VectorLiberoEnv(task, 4, obs_mode="state", num_workers=workers, fast_step=True) as venv:
+            assert venv.num_workers == workers and len(set(venv.pids)) == workers
+            obs = venv.reset([3, 1, 0, 2], [7, 5, 4, 6], [70, 50, 40, 60])  # any order: answers follow the ids
+            trace = [np.stack([o["sim_state"] for o in obs])]
+            for step in actions:
+                outs = venv.step_chunk([0, 1, 2, 3], step)
+                trace.append(np.stack([o.obs["sim_state"] for o in outs]))
+                trace.append(np.array([[o.reward, o.done, o.truncated, o.steps, o.t] for o in outs]))
+            outcomes[workers] = trace
+            if workers == 2:
+                with pytest.raises(le.EnvWorkerError, match=r"(?s)env 3 \(worker 1, pid \d+\) raised during 'reset'"):
+                    venv.reset([0, 3], [1, 99], [0, 0])
+    for workers in (2, 4):
+        for a, b in zip(outcomes[1], outcomes[workers]):
+            np.testing.assert_array_equal(a, b)
+    assert outcomes[1][-1][:, 4].tolist() == [12] * 4  # the short step limit was reached: truncated, t = 12
+    assert outcomes[1][-1][:, 2].tolist() == [1] * 4
+
+
+@pytest.mark.sim
+def test_a_killed_worker_of_a_group_names_its_envs():
+    task = le.resolve_task("libero_object", 0)
+    venv = le.VectorLiberoEnv(task, 4, obs_mode="state", num_workers=2, timeout_s=120)
+    venv.reset([0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3])
+    os.kill(venv.pids[0], signal.SIGKILL)
+    with pytest.raises(le.EnvWorkerError, match=r"env worker 0 \(pid \d+, envs 0-1\) died \(exit code -9\)"):
+        venv.step_chunk([2, 3, 0, 1], np.zeros((4, 2, 7)))
+    with pytest.raises(ValueError, match=r"num_workers must be in 1..num_envs \(2\), got 3"):
+        le.VectorLiberoEnv(task, 2, obs_mode="state", num_workers=3)
 
 
 @pytest.mark.sim

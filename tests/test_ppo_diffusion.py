@@ -34,14 +34,15 @@ def obs_t(B, seed=0):
 
 
 def gae_reference(rewards, values, next_values, terminated, truncated, gamma, lam):
-    """A plain per-env loop: A_t = sum_l (gamma lam)^l delta_{t+l} within the episode."""
+    """A plain per-env loop: A_t = sum_l (gamma lam)^l delta_{t+l} within the episode; both episode ends (success
+    and time-out) have value 0."""
     T, E = rewards.shape
     adv = np.zeros((T, E))
     for e in range(E):
         for t in range(T):
             total, discount = 0.0, 1.0
             for u in range(t, T):
-                bootstrap = 0.0 if terminated[u, e] else gamma * next_values[u, e]
+                bootstrap = 0.0 if terminated[u, e] or truncated[u, e] else gamma * next_values[u, e]
                 total += discount * (rewards[u, e] + bootstrap - values[u, e])
                 if terminated[u, e] or truncated[u, e]:
                     break
@@ -63,6 +64,46 @@ def test_gae_matches_a_plain_loop_with_terminations_and_truncations():
     expected = gae_reference(rewards, values, next_values, terminated, truncated, 0.99, 0.9)
     np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-10)
     np.testing.assert_allclose(ret.numpy(), expected + values, rtol=1e-10)
+
+
+def test_returns_of_a_success_a_time_out_and_a_cut_against_hand_computed_values():
+    """Three envs, three chunk steps, gamma 0.5, lambda 1 (advantages = discounted return - V):
+    env 0 succeeds at step 1 (reward 1, terminal), env 1 reaches the step limit at step 2 without success (terminal,
+    value 0: a time-blind critic's bootstrap here made a failure look like V), env 2 is still running when the
+    iteration stops (the cut bootstraps from V(next observation) = 4)."""
+    terminated = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 0, 0]])
+    truncated = torch.tensor([[0.0, 0, 0], [0, 0, 0], [0, 1, 0]])
+    rewards = terminated.clone()
+    values = torch.tensor([[1.0, 2, 3], [1, 2, 3], [9, 2, 3]])  # env 0's step 2 starts a new episode
+    next_values = torch.tensor([[1.0, 2, 3], [9, 2, 3], [5, 7, 4]])  # V after each step (the next row, then next_obs)
+    adv, ret = ppo.gae(rewards, values, next_values, terminated, truncated, gamma=0.5, lam=1.0)
+    expected_returns = torch.tensor(
+        [
+            [0.5 * 1, 0.0, 0.5**3 * 4],  # env 0: 1 discounted once; env 1: never rewarded; env 2: 0.5^3 * V_cut
+            [1.0, 0.0, 0.5**2 * 4],
+            [0.5 * 5, 0.0, 0.5 * 4],  # env 0's new episode is cut after one step: 0.5 * 5
+        ]
+    )
+    torch.testing.assert_close(ret, expected_returns, rtol=0, atol=1e-6)
+    torch.testing.assert_close(adv, expected_returns - values, rtol=0, atol=1e-6)
+    # with lambda < 1 the time-out's last delta is still -V (no bootstrap), the cut's still bootstraps
+    adv, _ = ppo.gae(rewards, values, next_values, terminated, truncated, gamma=0.5, lam=0.5)
+    assert adv[2, 1].item() == -2.0 and adv[2, 2].item() == 0.5 * 4 - 3
+
+
+def test_explained_variance():
+    returns = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    assert ppo.explained_variance(returns.clone(), returns) == 1.0
+    assert ppo.explained_variance(torch.full((4,), 0.5), returns) == 0.0  # the mean explains nothing
+    assert ppo.explained_variance(1 - returns, returns) < 0
+    assert np.isnan(ppo.explained_variance(returns, torch.ones(4)))
+
+
+def test_the_critic_sees_the_elapsed_fraction():
+    critic = ppo.Critic(TINY, [16])
+    obs = obs_t(3)
+    early, late = critic({**obs, "time": torch.zeros(3)}), critic({**obs, "time": torch.ones(3)})
+    assert early.shape == (3,) and not torch.allclose(early, late)
 
 
 def test_denoising_logprob_equals_torch_normal():
@@ -96,42 +137,69 @@ def test_clip_schedule_hits_its_ends():
 
 def test_deterministic_sampling_repeats_exactly_for_the_same_initial_noise():
     policy = tiny_finetuned().eval()
-    torch.manual_seed(123)
-    chain_a, actions_a = policy.sample_chain(obs_t(4), 3.0, 0.1, deterministic=True)
-    torch.manual_seed(123)
-    chain_b, actions_b = policy.sample_chain(obs_t(4), 3.0, 0.1, deterministic=True)
-    assert torch.equal(chain_a, chain_b) and torch.equal(actions_a, actions_b)
-    assert chain_a.shape == (4, 6, 8, 7) and actions_a.shape == (4, 4, 7)
+    for mode in ("eta0", "mean"):
+        torch.manual_seed(123)
+        chain_a, actions_a = policy.sample_chain(obs_t(4), 3.0, 0.1, mode)
+        torch.manual_seed(123)
+        chain_b, actions_b = policy.sample_chain(obs_t(4), 3.0, 0.1, mode)
+        assert torch.equal(chain_a, chain_b) and torch.equal(actions_a, actions_b)
+        assert chain_a.shape == (4, 6, 8, 7) and actions_a.shape == (4, 4, 7)
     # Stochastic rollouts differ, and every step's noise is floored at min_std.
-    _, stochastic = policy.sample_chain(obs_t(4), 3.0, 0.1, deterministic=False)
+    _, stochastic = policy.sample_chain(obs_t(4), 3.0, 0.1, "sample")
     assert not torch.equal(stochastic, actions_a)
 
 
-def test_act_takes_its_noise_from_the_generator_and_the_rollout_settings_from_the_checkpoint(tmp_path):
-    """collect.py passes a seeded generator: the same seed gives the same chunks, another seed others, and the
-    global RNG is left as it was. load_policy restores the run's noise clip and std floor."""
+def test_the_action_modes_follow_the_trained_chain_or_ddim_eta0():
+    """``sample`` with all noise after x_K zeroed is ``mean`` (the trained chain's means); ``eta0`` is another path;
+    each step of ``sample`` is mean + max(sigma, min_std) * z."""
+    policy = tiny_finetuned().eval()
+    K, B = policy.sched.K, 3
+    noise = torch.randn(B, K + 1, 8, 7, generator=torch.Generator().manual_seed(0))
+    quiet = noise.clone()
+    quiet[:, 1:] = 0
+    chain_s, _ = policy.sample_chain(obs_t(B), 3.0, 0.1, "sample", quiet)
+    chain_m, act_m = policy.sample_chain(obs_t(B), 3.0, 0.1, "mean", noise)
+    chain_0, act_0 = policy.sample_chain(obs_t(B), 3.0, 0.1, "eta0", noise)
+    torch.testing.assert_close(chain_s, chain_m, rtol=0, atol=0)
+    assert torch.equal(chain_m[:, 0], chain_0[:, 0]) and not torch.allclose(act_m, act_0, atol=1e-3)
+    chain, _ = policy.sample_chain(obs_t(B), 3.0, 0.1, "sample", noise)
+    cond = policy.ft.encode(obs_t(B))
+    for k in range(K):
+        eps = policy.ft.denoise(chain[:, k], policy.sched.t[k].expand(B), cond)
+        mean, sigma = policy.sched.mean(chain[:, k], eps, k)
+        expected = mean + sigma.clamp(min=0.1) * noise[:, k + 1].clamp(-3, 3)
+        torch.testing.assert_close(chain[:, k + 1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_act_takes_each_rows_noise_from_its_generator_and_the_rollout_settings_from_the_checkpoint(tmp_path):
+    """Evaluation passes one seeded generator per row (its episode's): the same seeds give the same chunks, another
+    seed others, a row's chunk does not depend on the other rows, and the global RNG is left as it was.
+    load_policy restores the run's noise clip and std floor."""
     policy = tiny_finetuned(ft_steps=2).eval()
     obs = {"ee_pos": np.zeros((3, 3)), "ee_ori": np.zeros((3, 3)), "gripper_states": np.zeros((3, 2)),
            "object_state": np.linspace(-1, 1, 15).reshape(3, 5)}  # fmt: skip
-    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    row = lambda i: {k: v[i : i + 1] for k, v in obs.items()}  # noqa: E731
     torch.manual_seed(7)
     expected_global_draw = torch.rand(3)
-    for eta in (0.0, 1.0):
+    for mode in ppo.ACTION_MODES:
         torch.manual_seed(7)
-        a = policy.act(obs, eta=eta, generator=gen(1))
+        a = policy.act(obs, mode, gens(1, 2, 3))
         assert torch.equal(torch.rand(3), expected_global_draw)  # the global RNG was not advanced
-        assert np.array_equal(a, policy.act(obs, eta=eta, generator=gen(1))) and a.shape == (3, 4, 7)
-        assert not np.array_equal(a, policy.act(obs, eta=eta, generator=gen(2)))
+        assert np.array_equal(a, policy.act(obs, mode, gens(1, 2, 3))) and a.shape == (3, 4, 7)
+        assert not np.array_equal(a[0], policy.act(obs, mode, gens(4, 2, 3))[0])
+        # row 1 alone, with its own generator: the same chunk as in the batch (up to kernel rounding)
+        np.testing.assert_allclose(policy.act(row(1), mode, gens(2)), a[1:2], rtol=0, atol=1e-5)
     ckpt = {"format": "ppo_diffusion/v1", "model": policy.state_dict(), "config": TINY,
             "ppo_config": dict(sampler="ddim", denoising_steps=5, ft_denoising_steps=2, eta=1.0),
             "args": dict(noise_clip=2.0, min_std=0.05)}  # fmt: skip
     run_utils.save_checkpoint(str(tmp_path / "final.pt"), ckpt)
     loaded = ppo.load_policy(str(tmp_path / "final.pt"))
     assert (loaded.noise_clip, loaded.min_std, loaded.ft_steps, loaded.frozen is not None) == (2.0, 0.05, 2, True)
-    assert not np.array_equal(loaded.act(obs, generator=gen(1)), policy.act(obs, generator=gen(1)))  # x_K clamp
+    assert not np.array_equal(loaded.act(obs, "sample", gens(1, 2, 3)), policy.act(obs, "sample", gens(1, 2, 3)))
     policy.noise_clip, policy.min_std = 2.0, 0.05
-    for eta in (0.0, 1.0):
-        assert np.array_equal(loaded.act(obs, eta=eta, generator=gen(1)), policy.act(obs, eta=eta, generator=gen(1)))
+    for mode in ppo.ACTION_MODES:
+        assert np.array_equal(loaded.act(obs, mode, gens(1, 2, 3)), policy.act(obs, mode, gens(1, 2, 3)))
 
 
 def test_the_schedule_is_rebuilt_not_saved_and_older_checkpoints_with_it_still_load():
@@ -158,7 +226,8 @@ def rollout_batch(policy, N=8, seed=0):
     torch.manual_seed(seed)
     obs = obs_t(N, seed)
     with torch.no_grad():
-        chains, _ = policy.sample_chain(policy.ft.normalize_obs(obs), 3.0, 0.1, deterministic=False)
+        chains, _ = policy.sample_chain(policy.ft.normalize_obs(obs), 3.0, 0.1, "sample")
+    obs["time"] = torch.rand(N, generator=torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed)
     return {
         "obs": obs,
@@ -336,20 +405,20 @@ def test_graphed_sampler_equals_eager_and_survives_an_optimizer_step():
     eager = ppo.GraphedSampler(policy, 3.0, 0.1, enabled=False)
     assert graphed.enabled
 
-    def compare(B, deterministic, seed):
+    def compare(B, mode, seed):
         obs = {k: v.to(device) for k, v in obs_t(B, seed=B).items()}
-        graphed(obs, deterministic)  # capture (a no-op replay once captured)
+        graphed(obs, mode)  # capture (a no-op replay once captured)
         torch.manual_seed(seed)
-        chain_g, act_g = graphed(obs, deterministic)
+        chain_g, act_g = graphed(obs, mode)
         torch.manual_seed(seed)
-        chain_e, act_e = eager(obs, deterministic)
+        chain_e, act_e = eager(obs, mode)
         # same kernels on the same inputs, but graph capture may pick other cuDNN/cuBLAS algorithms: 1e-5
         torch.testing.assert_close(chain_g, chain_e, atol=1e-5, rtol=0)
         torch.testing.assert_close(act_g, act_e, atol=1e-5, rtol=0)
 
     for B in (1, 8, 64):
-        for deterministic in (True, False):
-            compare(B, deterministic, seed=B)
+        for mode in ("eta0", "sample"):
+            compare(B, mode, seed=B)
     n_graphs = len(graphed.graphs)
     assert n_graphs == 6
     # replays read the parameters in place: after an optimiser step, still equal without re-capture
@@ -358,8 +427,8 @@ def test_graphed_sampler_equals_eager_and_survives_an_optimizer_step():
     loss.backward()
     opt.step()
     for B in (1, 8, 64):
-        for deterministic in (True, False):
-            compare(B, deterministic, seed=0)
+        for mode in ("eta0", "sample"):
+            compare(B, mode, seed=0)
     assert len(graphed.graphs) == n_graphs
 
 
@@ -386,7 +455,7 @@ def test_cli_smoke_on_the_real_simulator(tmp_path):
     evals = [r for r in rows if "eval/success_rate" in r]
     assert [r["step"] for r in evals] == [0, 2] and all(r["eval/episode_length"] == 280 for r in evals)
     ckpt = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)
-    assert ckpt["format"] == "ppo_diffusion/v1" and ckpt["step"] == 2 and ckpt["env_steps"] > 0
+    assert ckpt["format"] == "ppo_diffusion/v2" and ckpt["step"] == 2 and ckpt["env_steps"] > 0
     assert {"critic", "critic_optimizer", "reward_scaler", "optimizer", "scheduler"} <= set(ckpt)
     loaded = ppo.load_policy(str(run_dir / "checkpoints" / "final.pt"))
     assert loaded.cfg["obs_mode"] == "state"

@@ -19,7 +19,8 @@ CFG = dict(obs_mode="state", image_size=32, encoder="resnet18", encoder_head="sp
 
 def batch(policy, N=12, seed=0):
     g = torch.Generator().manual_seed(seed)
-    obs = {"proprio": torch.randn(N, 8, generator=g), "object_state": torch.randn(N, 5, generator=g)}
+    obs = {"proprio": torch.randn(N, 8, generator=g), "object_state": torch.randn(N, 5, generator=g),
+           "time": torch.rand(N, generator=g)}  # fmt: skip
     with torch.no_grad():
         actions = policy.dist(policy.normalize_obs(obs)).sample()
     return {
@@ -89,21 +90,23 @@ def test_the_gaussian_baseline_shares_every_default_with_the_diffusion_scripts()
     assert {k: gauss[k] for k in shared_bc} == {k: bcd[k] for k in shared_bc}
 
 
-def test_act_is_the_mean_or_a_sample_seeded_by_the_generator():
+def test_act_is_the_mean_or_a_sample_seeded_by_each_rows_generator():
     torch.manual_seed(0)
     policy = pg.GaussianPolicy(CFG).eval()
     obs = {"ee_pos": np.zeros((3, 3)), "ee_ori": np.zeros((3, 3)), "gripper_states": np.zeros((3, 2)),
            "object_state": np.linspace(-1, 1, 15).reshape(3, 5)}  # fmt: skip
-    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
     mean = policy.act(obs)
     with torch.no_grad():
         d = policy.dist(policy.obs_tensors(obs))
     assert np.array_equal(mean, policy.to_actions(d.mean).numpy()) and mean.shape == (3, 4, 7)
-    sample = policy.act(obs, deterministic=False, generator=gen(1))
-    z = torch.randn(d.mean.shape, generator=gen(1))
+    assert np.array_equal(policy.acting("mean")(obs, gens(1, 2, 3)), mean)
+    sample = policy.acting("sample")(obs, gens(1, 2, 3))
+    z = torch.stack([torch.randn(28, generator=g) for g in gens(1, 2, 3)])
     np.testing.assert_allclose(sample, policy.to_actions(d.mean + d.stddev * z).numpy(), rtol=0, atol=1e-6)
-    assert np.array_equal(sample, policy.act(obs, deterministic=False, generator=gen(1)))
-    assert not np.array_equal(sample, policy.act(obs, deterministic=False, generator=gen(2)))
+    assert np.array_equal(sample, policy.act(obs, False, gens(1, 2, 3)))
+    changed = policy.act(obs, False, gens(4, 2, 3))
+    assert not np.array_equal(sample[0], changed[0]) and np.array_equal(sample[1:], changed[1:])
 
 
 def test_first_minibatch_ratios_are_one_and_nan_advantages_skip():
@@ -143,7 +146,7 @@ def test_cli_bc_ppo_then_collect_with_the_checkpoint(tmp_path):
     assert [r["step"] for r in updates] == [1, 2, 3] and all(np.isfinite(r["v_loss"]) for r in updates)
     assert updates[-1]["approx_kl"] > 0  # the actor moved after the critic warm-up
     ckpt = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)
-    assert ckpt["format"] == "ppo_gaussian/v1" and ckpt["bc_step"] == 30 and ckpt["step"] == 3
+    assert ckpt["format"] == "ppo_gaussian/v2" and ckpt["bc_step"] == 30 and ckpt["step"] == 3
     bc_start = torch.load(run_dir / "checkpoints" / "bc.pt", weights_only=True)
     assert bc_start["bc_step"] == 30 and bc_start["step"] == 0
     # collect.py --policy gaussian finds the checkpoint by convention and stores the data as gaussian_rl
