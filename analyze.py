@@ -322,11 +322,14 @@ if __name__ == "__main__":
     if not found:
         sys.exit("error: none of the sources has trajectory files; collect data or check --data-root/--data.")
     per_task, suites = {}, {}
-    for src, tasks in found.items():
-        for name, paths in tasks.items():
-            print(f"{src}: {name} ({len(paths)} file(s))")
-            per_task.setdefault(name, {})[src] = task_metrics(paths, args.dt)
-            suites[name] = file_suite(paths[0])
+    try:  # a corrupt or foreign file stops the run with the reader's one-sentence error, before anything is written
+        for src, tasks in found.items():
+            for name, paths in tasks.items():
+                print(f"{src}: {name} ({len(paths)} file(s))")
+                per_task.setdefault(name, {})[src] = task_metrics(paths, args.dt)
+                suites[name] = file_suite(paths[0])
+    except demo_hdf5.TrajectoryFileError as e:
+        sys.exit(f"error: {e}")
     union = set(per_task)
     missing = {s: sorted(union - set(t)) for s, t in found.items()}
     agg = aggregate(per_task, suites)

@@ -79,6 +79,10 @@ class Args:
     """chunk steps per env per iteration (default: batch_chunks // num_envs)"""
     num_iterations: int = 100
     """PPO iterations"""
+    reset_at_iteration: bool = True
+    """start every iteration from fresh episodes (DPPO's reset_at_iteration): no episode spans two iterations, so a
+    resumed run continues exactly as an uninterrupted one; with num_steps x act_steps >= the step limit every
+    episode also ends inside its iteration (none is cut)"""
     sampler: Literal["ddim", "ddpm"] = "ddim"
     """denoising sampler of the rollouts (the paper's DDIM-5 vs DDPM ablation)"""
     denoising_steps: int = 5
@@ -424,8 +428,18 @@ class Rollout:
         self.max_steps = venv.task.max_steps
         self.rng, self.seed, self.episodes = np.random.default_rng(seed), seed, 0
         self.t = np.zeros(venv.num_envs)  # steps taken in each env's current episode
-        self.obs = self._reset(list(range(venv.num_envs)))
+        self.obs: Optional[list] = None  # started by the first collect
         self.episode_returns, self.episode_lengths = [], []
+
+    def reset_all(self) -> None:
+        self.obs = self._reset(list(range(self.venv.num_envs)))
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to start the same episodes: the init-state RNG and the episode counter."""
+        return {"rng": self.rng.bit_generator.state, "episodes": self.episodes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state, self.episodes = state["rng"], int(state["episodes"])
 
     def _reset(self, ids: list[int]) -> list[dict]:
         inits = self.rng.integers(0, le.NUM_INIT_STATES, len(ids))
@@ -440,10 +454,15 @@ class Rollout:
         obs_t["time"] = torch.as_tensor(self.t / self.max_steps, dtype=torch.float32).to(obs_t["proprio"].device)
         return obs_t
 
-    def collect(self, num_steps: int, act: Callable, timers: dict) -> dict:
+    def collect(self, num_steps: int, act: Callable, timers: dict, reset: bool = False) -> dict:
         """``act(obs_t) -> (actions (E, act_steps, 7) numpy, extras dict of CPU tensors (E, ...))``; ``obs_t`` are the
-        preprocessed observation tensors (on the policy's device; the buffer keeps CPU copies)."""
+        preprocessed observation tensors (on the policy's device; the buffer keeps CPU copies). ``reset``: start
+        every env on a new episode first (else the running ones continue)."""
         ids = list(range(self.venv.num_envs))
+        if reset or self.obs is None:
+            t0 = time.perf_counter()
+            self.reset_all()
+            timers["env"] += time.perf_counter() - t0
         buf = {"obs": [], "extras": [], "rewards": [], "terminated": [], "truncated": []}
         for _ in range(num_steps):
             t0 = time.perf_counter()
@@ -526,6 +545,16 @@ def normalize_advantages(adv: torch.Tensor) -> torch.Tensor:
 # ================================================================================================================
 # PPO update
 # ================================================================================================================
+def denoising_pg_loss(ratio, adv, k, K: int, ft: int, args):
+    """PPO-clip loss (eq. 3-4) over (env step, denoising step) pairs; returns (loss, clip per pair).
+
+    ``adv``: the pairs' normalised advantages, weighted here by the denoising discount g^(K-1-k) (the action-emitting
+    step weighs most); ``k``: denoising indices (0 = noisiest); the clip grows from ``clip_coef_base`` on the
+    noisiest fine-tuned step to ``clip_coef`` on the last (:func:`clip_schedule`)."""
+    adv = adv * args.gamma_denoising ** (K - 1 - k).float()
+    clip = clip_schedule(k - (K - ft), ft, args.clip_coef_base, args.clip_coef, args.clip_coef_rate, args.constant_clip)
+    return torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean(), clip
+
 def ppo_update(policy: FineTunedDiffusion, critic: Critic, batch: dict, args, optimizers, train_actor: bool, device):
     """PPO epochs over random (env step, fine-tuned denoising step) pairs. Returns (stats, skip reason or None).
 
@@ -566,11 +595,7 @@ def ppo_update(policy: FineTunedDiffusion, critic: Critic, batch: dict, args, op
             i, k = pairs_i[mb], pairs_k[mb]
             logp_new, obs_t = logprob(i, k)
             ratio = (logp_new - logp_old[mb]).exp()
-            # normalise over the minibatch, then weigh by the denoising discount (the action-emitting step most)
-            adv = normalize_advantages(advantages[i]) * args.gamma_denoising ** (K - 1 - k).float()
-            clip = clip_schedule(k - (K - ft), ft, args.clip_coef_base, args.clip_coef, args.clip_coef_rate,
-                                 args.constant_clip)  # fmt: skip
-            pg_loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
+            pg_loss, clip = denoising_pg_loss(ratio, normalize_advantages(advantages[i]), k, K, ft, args)
             v_loss = 0.5 * ((critic(obs_t) - returns[i]) ** 2).mean()
             loss = (pg_loss if train_actor else 0.0) + args.vf_coef * v_loss
             with torch.no_grad():
@@ -722,7 +747,7 @@ if __name__ == "__main__":
             actor_opt, args.num_iterations, eta_min=args.actor_lr_min
         )
     scaler = RunningRewardScaler(args.num_envs, args.gamma, args.reward_clip)
-    iteration, env_steps, bad_updates = 0, 0, 0
+    iteration, env_steps, bad_updates, rollout_state = 0, 0, 0, None
 
     try:
         resume = run_utils.resume_path(args.resume, ckpt_dir)
@@ -737,7 +762,7 @@ if __name__ == "__main__":
             critic_opt.load_state_dict(ckpt["critic_optimizer"])
             actor_sched.load_state_dict(ckpt["scheduler"])
             scaler.load_state_dict(ckpt["reward_scaler"])
-            iteration, env_steps = ckpt["step"], ckpt["env_steps"]
+            iteration, env_steps, rollout_state = ckpt["step"], ckpt["env_steps"], ckpt.get("rollout")
             run_utils.set_rng_state(ckpt["rng"])
             print(f"resumed from {resume} at iteration {iteration} ({env_steps} env steps)")
     except run_utils.CheckpointError as e:
@@ -753,7 +778,8 @@ if __name__ == "__main__":
              "optimizer": actor_opt.state_dict(), "critic_optimizer": critic_opt.state_dict(),
              "scheduler": actor_sched.state_dict(), "reward_scaler": scaler.state_dict(), "step": iteration,
              "env_steps": env_steps, "args": asdict(args), "config": cfg, "ppo_config": ppo_config(args),
-             "normalizer": policy.ft.normalizer(), "rng": run_utils.rng_state(), "bc_ckpt": args.bc_ckpt},
+             "normalizer": policy.ft.normalizer(), "rng": run_utils.rng_state(), "bc_ckpt": args.bc_ckpt,
+             "rollout": rollout.state_dict()},
             keep_previous=name == "latest.pt",
         )  # fmt: skip
 
@@ -769,7 +795,9 @@ if __name__ == "__main__":
     eval_venv = venv if args.eval_num_envs in (0, args.num_envs) else le.VectorLiberoEnv(
         task, args.eval_num_envs, num_workers=args.num_workers, **env_kwargs)  # fmt: skip
     print(f"{args.num_envs} envs over {venv.num_workers} worker processes")
-    rollout = Rollout(venv, preprocess, args.seed + iteration, render)
+    rollout = Rollout(venv, preprocess, args.seed, render)
+    if rollout_state is not None:
+        rollout.load_state_dict(rollout_state)
     preemption = run_utils.Preemption()
 
     def run_eval(modes, episodes: int, record_mode: Optional[str] = None) -> dict:
@@ -779,8 +807,8 @@ if __name__ == "__main__":
         for mode in modes:
             out[mode] = evaluate_policy(eval_venv, policy.acting(mode), episodes,
                                         args.seed, cfg["act_steps"], record=mode == record_mode)  # fmt: skip
-        if eval_venv is venv:  # the evaluation cut the training episodes short
-            rollout.obs = rollout._reset(list(range(venv.num_envs)))
+        if eval_venv is venv and not args.reset_at_iteration:  # the evaluation cut the training episodes short
+            rollout.reset_all()
             scaler.reset()
         return out
 
@@ -798,7 +826,9 @@ if __name__ == "__main__":
         timers = {"env": 0.0, "policy": 0.0, "update": 0.0}
         # ALGO LOGIC: rollout with the stochastic denoising chain (the whole chain is stored)
         policy.eval()
-        batch = rollout.collect(num_steps, act, timers)
+        if args.reset_at_iteration:
+            scaler.reset()  # every episode's running return starts with it
+        batch = rollout.collect(num_steps, act, timers, reset=args.reset_at_iteration)
         T, E = batch["rewards"].shape
         env_steps += T * E * cfg["act_steps"]
         raw_rewards = batch["rewards"].clone()

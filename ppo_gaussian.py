@@ -141,6 +141,8 @@ class Args:
     """chunk steps per env per iteration (default: batch_chunks // num_envs)"""
     num_iterations: int = 100
     """PPO iterations"""
+    reset_at_iteration: bool = True
+    """start every iteration from fresh episodes (as ppo_diffusion.py: exact resumes, no episode cut)"""
     gamma: float = 0.999
     """discount per chunk step"""
     gae_lambda: float = 0.95
@@ -366,7 +368,7 @@ if __name__ == "__main__":
     )
     scaler = RunningRewardScaler(args.num_envs, args.gamma, args.reward_clip)
     generator = torch.Generator().manual_seed(args.seed)
-    bc_step, iteration, env_steps, bad_updates = 0, 0, 0, 0
+    bc_step, iteration, env_steps, bad_updates, rollout_state = 0, 0, 0, 0, None
     modules = {"model": policy, "ema": ema.model, "critic": critic, "bc_optimizer": bc_opt, "bc_scheduler": bc_sched,
                "optimizer": actor_opt, "critic_optimizer": critic_opt, "scheduler": actor_sched,
                "reward_scaler": scaler}  # fmt: skip
@@ -380,6 +382,7 @@ if __name__ == "__main__":
                 if ckpt.get(name) is not None:  # (runs from before the BC EMA hold none)
                     module.load_state_dict(ckpt[name])
             bc_step, iteration, env_steps = ckpt["bc_step"], ckpt["step"], ckpt["env_steps"]
+            rollout_state = ckpt.get("rollout")
             run_utils.set_rng_state(ckpt["rng"])
             generator.set_state(ckpt["rng"]["generator"])
             print(f"resumed from {resume} at BC step {bc_step}, PPO iteration {iteration}")
@@ -397,11 +400,12 @@ if __name__ == "__main__":
             os.path.join(ckpt_dir, name),
             {"format": CKPT_FORMATS[0], **state, "step": iteration, "bc_step": bc_step,
              "env_steps": env_steps, "args": asdict(args), "config": cfg, "normalizer": policy.normalizer(),
-             "rng": rng},
+             "rng": rng, "rollout": rollout.state_dict() if rollout is not None else None},
             keep_previous=name == "latest.pt",
         )  # fmt: skip
 
     preemption = run_utils.Preemption()
+    rollout = None  # the PPO phase's (its state goes into the checkpoints from then on)
 
     # ALGO LOGIC: behaviour-cloning warm start (MSE on the mean chunk)
     if bc_step < args.bc_steps:
@@ -446,8 +450,9 @@ if __name__ == "__main__":
         policy.eval()
         out = {m: evaluate_policy(venv, policy.acting(m), episodes, args.seed, cfg["act_steps"], m == record_mode)
                for m in modes}  # fmt: skip
-        rollout.obs = rollout._reset(list(range(venv.num_envs)))  # the evaluation cut the training episodes short
-        scaler.reset()
+        if not args.reset_at_iteration:  # the evaluation cut the training episodes short
+            rollout.reset_all()
+            scaler.reset()
         return out
 
     def log_eval(step: int, results: dict) -> None:
@@ -458,14 +463,18 @@ if __name__ == "__main__":
         print(f"iteration {step}: eval success {rates}")
 
     eval_modes = list(dict.fromkeys([args.eval_mode, "mean"]))
-    rollout = Rollout(venv, preprocess, args.seed + iteration, render)
+    rollout = Rollout(venv, preprocess, args.seed, render)
+    if rollout_state is not None:
+        rollout.load_state_dict(rollout_state)
     if iteration == 0 and args.eval_episodes > 0:
         log_eval(0, run_eval(eval_modes, args.eval_episodes))
     while iteration < args.num_iterations:
         timers = {"env": 0.0, "policy": 0.0, "update": 0.0}
         # ALGO LOGIC: rollout, GAE, PPO update (chunk-level)
         policy.eval()
-        batch = rollout.collect(num_steps, act, timers)
+        if args.reset_at_iteration:
+            scaler.reset()
+        batch = rollout.collect(num_steps, act, timers, reset=args.reset_at_iteration)
         T, E = batch["rewards"].shape
         env_steps += T * E * args.act_steps
         raw_rewards = batch["rewards"].clone()

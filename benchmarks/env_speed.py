@@ -6,9 +6,13 @@
 * robosuite's step loop vs libero_env's fast step path (``make_env(fast_step=True)``), side by side: one env
   physics only for each fast ``physics`` variant, against the raw ``mj_step`` floor of the same model; rendering
   every 8th step; the vector env with 1 and 2 workers; and one PPO iteration (state mode, 2 envs, 105 chunk steps:
-  rollout with the sampler, then the update) of ppo_diffusion.py's machinery.
+  rollout with the sampler, then the update) of ppo_diffusion.py's machinery;
+* many envs on few cores (``--grouped``): env-steps/s and resident memory per env of the vector env with 2, 8, 16
+  and 32 envs, one worker process per env vs the envs grouped over one worker per core (physics only, fast step),
+  and one PPO iteration at the CPU recipe's batch (16 envs x 35 chunks) with grouped workers.
 
     python benchmarks/env_speed.py --task-id 10 --image-size 128
+    python benchmarks/env_speed.py --grouped-only
 """
 
 import os
@@ -41,6 +45,12 @@ class Args:
     """time only the stock-vs-fast comparison"""
     profile: bool = False
     """also print where the fast path's time goes (cProfile of one env, physics only, top functions)"""
+    grouped_only: bool = False
+    """time only the one-process-per-env vs grouped-workers comparison"""
+    grouped_envs: tuple[int, ...] = (2, 8, 16, 32)
+    """env counts of the grouped comparison (a count whose estimated memory exceeds what is free is skipped)"""
+    grouped_chunks: int = 20
+    """chunk steps (8 actions each) timed per env in the grouped comparison"""
 
 
 def timed(fn, n):
@@ -55,9 +65,13 @@ def main(args: Args) -> None:
     print(f"task: {task.suite} {task.local_id} '{task.instruction}', image {args.image_size}, cpus {os.cpu_count()}")
     rng = np.random.default_rng(0)
     actions = rng.uniform(-0.3, 0.3, (args.num_steps, 7))
+    if args.grouped_only:
+        grouped_vs_per_process(args, task)
+        return
     if not args.only_fast:
         stock_speeds(args, task, rng, actions)
     fast_vs_stock(args, task, actions)
+    grouped_vs_per_process(args, task)
     if args.profile:
         profile_fast_path(task, actions)
 
@@ -146,9 +160,10 @@ def mj_step_floor(task: le.Task, n: int = 2000) -> float:
     return 1.0 / (sec * substeps)
 
 
-def ppo_iteration_s(task: le.Task, fast: bool, steps: int) -> tuple[float, float]:
-    """Seconds of one PPO iteration (rollout of 2 envs x ``steps`` chunks, then ppo_update) with an untrained
-    state-mode diffusion policy (DPPO's MLP denoiser, as the learning check); (rollout s, update s)."""
+def ppo_iteration_s(task: le.Task, fast: bool, steps: int, num_envs: int = 2, num_workers: int = 0,
+                    minibatch: int = 525) -> tuple[float, float]:  # fmt: skip
+    """Seconds of one PPO iteration (rollout of ``num_envs`` envs x ``steps`` chunks, then ppo_update) with an
+    untrained state-mode diffusion policy (DPPO's MLP denoiser, as the learning check); (rollout s, update s)."""
     from types import SimpleNamespace
 
     import torch
@@ -158,8 +173,9 @@ def ppo_iteration_s(task: le.Task, fast: bool, steps: int) -> tuple[float, float
 
     torch.manual_seed(0)
     bc_args = bc.Args(obs_mode="state", denoiser="mlp")
-    with le.VectorLiberoEnv(task, 2, obs_mode="state", fast_step=fast) as venv:
-        obs = venv.reset([0, 1], [0, 1], [0, 1], render=False)
+    with le.VectorLiberoEnv(task, num_envs, obs_mode="state", fast_step=fast, num_workers=num_workers) as venv:
+        ids = list(range(num_envs))
+        obs = venv.reset(ids, ids, ids, render=False)
         cfg = bc.policy_config(bc_args, len(obs[0]["object_state"]))
         policy = bc.DiffusionPolicy(cfg)
         g = np.random.default_rng(0)
@@ -182,7 +198,7 @@ def ppo_iteration_s(task: le.Task, fast: bool, steps: int) -> tuple[float, float
     T, E = batch["rewards"].shape
     flat = {"obs": {k: v.flatten(0, 1) for k, v in batch["obs"].items()}, "advantages": torch.randn(T * E),
             "chains": batch["extras"]["chains"].flatten(0, 1), "returns": torch.randn(T * E)}  # fmt: skip
-    args = SimpleNamespace(min_std=0.1, logprob_clip=(-5.0, 2.0), update_epochs=10, minibatch_size=525,
+    args = SimpleNamespace(min_std=0.1, logprob_clip=(-5.0, 2.0), update_epochs=10, minibatch_size=minibatch,
                            gamma_denoising=0.9, clip_coef=0.01, clip_coef_base=0.001, clip_coef_rate=3.0,
                            constant_clip=False, vf_coef=0.5, max_grad_norm=1.0, target_kl=None)  # fmt: skip
     opts = (torch.optim.AdamW(ft.ft.parameters(), lr=1e-6), torch.optim.AdamW(critic.parameters(), lr=1e-6))
@@ -229,6 +245,56 @@ def fast_vs_stock(args: Args, task: le.Task, actions: np.ndarray) -> None:
               f"{update:5.1f} s = {rollout + update:5.1f} s")  # fmt: skip
     total = {fast: sum(t) for fast, t in times.items()}
     print(f"PPO iteration: fast / stock = {total[False] / total[True]:.2f}x faster")
+
+
+def resident_mb(pids: list[int]) -> float:
+    """Resident memory of these processes (MB, from /proc)."""
+    return sum(int(open(f"/proc/{pid}/statm").read().split()[1]) for pid in pids) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def available_mb() -> float:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1e3
+    return float("inf")
+
+
+def grouped_vs_per_process(args: Args, task: le.Task) -> None:
+    """One worker process per env (the old vector env) vs envs grouped over one worker per core."""
+    cores = le.default_num_workers(10**6)
+    print(
+        f"\nmany envs on {cores} cores: one process per env vs grouped over {cores} workers (physics only, fast step)"
+    )
+    rng = np.random.default_rng(1)
+    per_env_mb = None
+    for num_envs in args.grouped_envs:
+        row = {}
+        for layout, workers in (("per process", num_envs), ("grouped", min(cores, num_envs))):
+            need = (per_env_mb or 0) * num_envs * 1.2
+            if need > available_mb():
+                row[layout] = None
+                print(f"{num_envs:3d} envs, {layout:<11}: skipped, needs ~{need / 1e3:.0f} GB, "
+                      f"{available_mb() / 1e3:.0f} GB available")  # fmt: skip
+                continue
+            with le.VectorLiberoEnv(task, num_envs, obs_mode="state", fast_step=True, num_workers=workers) as venv:
+                ids = list(range(num_envs))
+                venv.reset(ids, [i % le.NUM_INIT_STATES for i in ids], ids, render=False)
+                chunks = rng.uniform(-0.3, 0.3, (args.grouped_chunks, num_envs, 8, 7))
+                venv.step_chunk(ids, chunks[0], render=False)  # warm-up
+                start = time.perf_counter()
+                for chunk in chunks:
+                    venv.step_chunk(ids, chunk, render=False)
+                sps = num_envs * 8 * len(chunks) / (time.perf_counter() - start)
+                mb = resident_mb(venv.pids) / num_envs
+            per_env_mb = max(per_env_mb or 0, mb)
+            row[layout] = sps
+            print(f"{num_envs:3d} envs, {layout:<11}: {sps:7.1f} env-steps/s, {mb:6.0f} MB resident per env "
+                  f"({workers} workers)")  # fmt: skip
+        if row.get("per process") and row.get("grouped"):
+            print(f"{num_envs:3d} envs: grouped / per process = {row['grouped'] / row['per process']:.2f}x")
+    rollout, update = ppo_iteration_s(task, True, 35, num_envs=16, minibatch=700)
+    print(f"PPO iteration at the CPU recipe's batch (16 envs x 35 chunks, grouped, fast): rollout {rollout:5.1f} s "
+          f"+ update {update:5.1f} s = {rollout + update:5.1f} s")  # fmt: skip
 
 
 def profile_fast_path(task: le.Task, actions: np.ndarray, top: int = 14) -> None:

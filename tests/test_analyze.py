@@ -120,3 +120,20 @@ def test_cli_two_sources_with_gaps_missing_tasks_and_original_libero_files(tmp_p
         image = matplotlib.image.imread(out_dir / name)
         assert image.shape[0] > 300 and image.shape[1] > 400, name
     assert os.path.getsize(out_dir / "fig7_consistency.png") > 10_000
+
+
+@pytest.mark.parametrize("content", [b"not an hdf5 file at all", "foreign"])
+def test_a_corrupt_or_foreign_file_is_a_one_sentence_error_before_any_output(tmp_path, content):
+    path = tmp_path / "data" / "diffusion_rl" / "libero_object" / "broken_demo.hdf5"
+    path.parent.mkdir(parents=True)
+    if content == "foreign":
+        with h5py.File(path, "w") as f:  # a valid HDF5 file without LIBERO's layout
+            f.create_dataset("weights", data=np.zeros(3))
+    else:
+        path.write_bytes(content)
+    proc = run_script(["analyze.py", "--sources", "diffusion_rl", "--data-root", str(tmp_path / "data"),
+                       "--results-root", str(tmp_path / "results")], cwd=ROOT, check=False)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0]
+    assert not (tmp_path / "results" / "analysis").exists()

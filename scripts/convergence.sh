@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Convergence of diffusion PPO from weak BC starts, on this CPU (state observations), resumable.
+#
+#   bash scripts/convergence.sh                        # the three tasks, then the Gaussian baseline on the first
+#   bash scripts/convergence.sh libero_object:1        # one task (suite:local id)
+#   ABLATION=lr3e-4 EXTRA="--actor-lr 3e-4" bash scripts/convergence.sh libero_object:0   # one recipe variation
+#
+# Per task: 10 DART-noised scripted demos (the human stand-in), the study's weak BC start (MLP denoiser, 8000 steps),
+# then ppo_diffusion.py with the CPU recipe below for ITERS iterations; in-run evaluations every EVAL_EVERY
+# iterations (50 protocol episodes, in the evaluated mode and in eta0) and at the end every action mode over the same
+# 200 episodes (final_eval.json). Every step skips work whose output exists and the phase scripts resume their own
+# checkpoints, so a killed study continues where it stopped. Checkpoints and HDF5 stay under $CONV_ROOT (not
+# committed); the small artefacts (args, metrics, final evaluation, timing) are copied to docs/convergence/ for
+# scripts/convergence_report.py, which writes docs/convergence.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+ROOT=${CONV_ROOT:-convergence}
+ITERS=${ITERS:-100}                  # PPO iterations (x 16 envs x 35 chunks x 8 actions = 4480 env steps each)
+EVAL_EVERY=${EVAL_EVERY:-10}
+FINAL_EPISODES=${FINAL_EPISODES:-200}
+ABLATION=${ABLATION:-}               # name of a recipe variation (EXTRA flags); results under docs/convergence/ablations
+EXTRA=${EXTRA:-}
+GAUSSIAN=${GAUSSIAN:-libero_object:0}  # task(s) the Gaussian baseline runs on at the same budget ("" to skip)
+GAUSSIAN_EXTRA=${GAUSSIAN_EXTRA:-}
+TASKS=("$@")
+[ ${#TASKS[@]} -gt 0 ] || TASKS=(libero_object:0 libero_object:1 libero_spatial:0)
+D=$ROOT/data R=$ROOT/runs
+export PYTHONUNBUFFERED=1 MUJOCO_GL=${MUJOCO_GL:-egl}
+
+# The CPU recipe (measured on LIBERO-Object 0, docs/convergence.md): 16 envs grouped on the 2 cores, 35 chunk steps
+# per env (one episode's worth: 4480 env steps per iteration), actor LR held constant, the PPO clip and epochs of
+# ppo_diffusion.py's defaults. ppo_diffusion.py's own defaults are the cluster recipe (50 envs x 300 chunks).
+RECIPE="--num-envs 16 --num-steps 35 --actor-lr 1e-4 --constant-lr --minibatch-size 700"
+bc_recipe="--obs-mode state --denoiser mlp --batch-size 256 --lr 3e-4 --total-steps 8000 --eval-episodes 0"
+step() { echo "=== [$(date +%H:%M:%S)] $*"; }
+
+export_run() {  # export_run RUN_DIR DEST: the small artefacts of a run, for the report
+  local run=$1 dest=$2
+  mkdir -p "$dest"
+  for f in args.json metrics.jsonl final_eval.json; do [ -f "$run/$f" ] && cp "$run/$f" "$dest/"; done
+  return 0
+}
+
+for spec in "${TASKS[@]}"; do
+  suite=${spec%%:*} id=${spec##*:}
+  nn=$(printf %02d "$id")
+  name=$($PY -c "import libero_env as le; print(le.resolve_task('$suite', $id).name)" 2>/dev/null | tail -1)
+  step "$suite $id: $name"
+  demos=$D/scripted_dart/$suite/${name}_demo.hdf5
+  [ -f "$demos" ] || $PY collect.py --policy scripted --suite "$suite" --task-id "$id" --obs-mode state \
+    --num-success 10 --scripted-noise 0.3 --source scripted_dart --data-root "$D" --num-envs 2
+  bc=$R/bc_diffusion/$suite/task${nn}__seed0/checkpoints/final.pt
+  [ -f "$bc" ] || $PY bc_diffusion.py --suite "$suite" --task-id "$id" --demo-source scripted_dart --num-demos 10 \
+    --data-root "$D" --run-root "$R" $bc_recipe
+
+  tag=${ABLATION:-recipe}
+  runs=$ROOT/ppo/$tag
+  dest=docs/convergence/tasks/${suite}_task$nn
+  [ -n "$ABLATION" ] && dest=docs/convergence/ablations/${ABLATION}__${suite}_task$nn
+  run=$runs/ppo_diffusion/$suite/task${nn}__seed0
+  if [ ! -f "$run/final_eval.json" ]; then
+    start=$(date +%s)
+    $PY ppo_diffusion.py --suite "$suite" --task-id "$id" --run-root "$runs" --bc-ckpt "$bc" $RECIPE \
+      --num-iterations "$ITERS" --eval-every "$EVAL_EVERY" --eval-episodes 50 --final-eval-episodes "$FINAL_EPISODES" \
+      $EXTRA
+    echo "$(( $(date +%s) - start ))" >>"$run/wall_s.txt"  # one line per (resumed) invocation
+  fi
+  export_run "$run" "$dest"
+  [ -f "$run/wall_s.txt" ] && cp "$run/wall_s.txt" "$dest/"
+
+  if [ -z "$ABLATION" ] && [[ " $GAUSSIAN " == *" $spec "* ]]; then
+    grun=$runs/ppo_gaussian/$suite/task${nn}__seed0
+    if [ ! -f "$grun/final_eval.json" ]; then
+      start=$(date +%s)
+      $PY ppo_gaussian.py --suite "$suite" --task-id "$id" --run-root "$runs" --obs-mode state \
+        --demo-source scripted_dart --num-demos 10 --data-root "$D" --bc-steps 8000 --bc-batch-size 256 --bc-lr 3e-4 \
+        $RECIPE --minibatch-size 140 --num-iterations "$ITERS" --eval-every "$EVAL_EVERY" --eval-episodes 50 \
+        --final-eval-episodes "$FINAL_EPISODES" $GAUSSIAN_EXTRA  # 140 chunks = 700 pairs / 5 steps
+      echo "$(( $(date +%s) - start ))" >>"$grun/wall_s.txt"
+    fi
+    export_run "$grun" "docs/convergence/gaussian/${suite}_task$nn"
+    [ -f "$grun/wall_s.txt" ] && cp "$grun/wall_s.txt" "docs/convergence/gaussian/${suite}_task$nn/"
+  fi
+  step "$suite $id: done"
+done

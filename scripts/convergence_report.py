@@ -1,0 +1,188 @@
+"""Learning curves, convergence tables and the ablation table of scripts/convergence.sh -> docs/convergence.md.
+
+    python scripts/convergence_report.py          # reads docs/convergence/{tasks,gaussian,ablations}/, writes the page
+
+Each run directory there holds what convergence.sh exported from a PPO run: args.json, metrics.jsonl (in-run
+evaluations every few iterations: 50 protocol episodes in the evaluated mode and in eta0), final_eval.json (every
+action mode over the same 200 episodes) and wall_s.txt. Success rates carry their binomial standard error
+sqrt(p (1 - p) / n); "env steps to X %" is the first in-run evaluation at or above X (50 episodes: +-7 points).
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+THRESHOLDS = (0.8, 0.9, 0.95)
+MODES = ("sample", "mean", "eta0")
+# the settings an ablation row shows when they differ from the recipe's
+KEYS = ("num_envs", "num_steps", "actor_lr", "constant_lr", "update_epochs", "minibatch_size", "clip_coef",
+        "clip_coef_base", "constant_clip", "min_std", "critic_warmup_iters", "gamma_denoising", "eta",
+        "reward_scale", "target_kl", "ft_denoising_steps")  # fmt: skip
+
+
+def load_run(path: str) -> dict:
+    rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl")) if line.strip()]
+    run = {"name": os.path.basename(path), "path": path, "rows": rows,
+           "args": json.load(open(os.path.join(path, "args.json")))}  # fmt: skip
+    final = os.path.join(path, "final_eval.json")
+    run["final"] = json.load(open(final)) if os.path.exists(final) else None
+    wall = os.path.join(path, "wall_s.txt")
+    run["wall_s"] = sum(float(x) for x in open(wall).read().split()) if os.path.exists(wall) else None
+    return run
+
+
+def evals(run: dict, key: str = "eval/success_rate") -> list[tuple]:
+    """(env steps, success, seconds since the run's first row) of the in-run evaluations."""
+    t0 = run["rows"][0]["time"]
+    return [(r["env_steps"], r[key], r["time"] - t0) for r in run["rows"] if key in r]
+
+
+def train_curve(run: dict) -> list[tuple]:
+    return [(r["env_steps"], r["train_success_rate"]) for r in run["rows"]
+            if "train_success_rate" in r and r["train_success_rate"] == r["train_success_rate"]]  # fmt: skip
+
+
+def rate(p, n) -> str:
+    if p is None or p != p:
+        return "–"
+    return f"{100 * p:.1f} ± {100 * math.sqrt(p * (1 - p) / n):.1f}"
+
+
+def reached(run: dict, threshold: float) -> str:
+    for steps, success, seconds in evals(run):
+        if success >= threshold:
+            return f"{steps / 1e3:.0f}k ({seconds / 60:.0f} min)"
+    return "not reached"
+
+
+def figure(run: dict, out: str, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    train = train_curve(run)
+    if train:
+        steps, rates = zip(*train)
+        w = min(10, len(rates))
+        smooth = [
+            sum(rates[max(0, i - w + 1) : i + 1]) / len(rates[max(0, i - w + 1) : i + 1]) for i in range(len(rates))
+        ]
+        ax.plot(steps, smooth, color="C1", lw=1.2, label=f"rollouts (sample), mean of {w} iterations")
+    mode = run["args"].get("eval_mode", "eta0")
+    curve = evals(run)
+    if curve:
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", color="C0", label=f"eval: {mode} (50 episodes)")
+    eta0 = evals(run, "eval_eta0/success_rate")
+    if eta0 and mode != "eta0":
+        ax.plot([c[0] for c in eta0], [c[1] for c in eta0], "s--", color="C2", label="eval: eta0 (50 episodes)")
+    if run["final"]:
+        f = run["final"]
+        ax.errorbar([f["env_steps"]], [f[mode]["success_rate"]], yerr=[1.96 * math.sqrt(
+            f[mode]["success_rate"] * (1 - f[mode]["success_rate"]) / f["episodes"])], fmt="*", color="k", ms=10,
+            label=f"final: {mode}, {f['episodes']} episodes (95% CI)")  # fmt: skip
+    ax.set(xlabel="environment steps", ylabel="success rate", ylim=(-0.02, 1.02), title=title)
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def final_cells(run: dict) -> list[str]:
+    f = run["final"]
+    if f is None:
+        return ["(running)"] * 4
+    cells = [rate(f[m]["success_rate"], f["episodes"]) if m in f else "–" for m in MODES]
+    std = f.get(f["eval_mode"], {}).get("action_std")
+    return cells + [f"{std:.3f}" if std is not None and std == std else "–"]
+
+
+def start_cells(run: dict) -> str:
+    first = [r for r in run["rows"] if r.get("step") == 0 and "eval/success_rate" in r]
+    if not first:
+        return "–"
+    r = first[0]
+    return f"{100 * r['eval/success_rate']:.0f} / {100 * r.get('eval_eta0/success_rate', float('nan')):.0f}"
+
+
+def task_table(runs: list[dict], label: str) -> list[str]:
+    head = (f"| {label} | eval mode | BC start (eval mode / eta0, 50 ep.) | env steps | wall | "
+            + " | ".join(f"to {int(100 * t)} %" for t in THRESHOLDS)
+            + " | final sample | final mean | final eta0 | action std |")  # fmt: skip
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for run in runs:
+        f, last = run["final"], run["rows"][-1]
+        steps = f["env_steps"] if f else last.get("env_steps", 0)
+        wall = f"{run['wall_s'] / 3600:.1f} h" if run["wall_s"] else "–"
+        lines.append(f"| {run['name']} | {run['args'].get('eval_mode', 'eta0')} | {start_cells(run)} | "
+                     f"{steps / 1e3:.0f}k | {wall} | " + " | ".join(reached(run, t) for t in THRESHOLDS) + " | "
+                     + " | ".join(final_cells(run)) + " |")  # fmt: skip
+    return lines
+
+
+def ablation_table(runs: list[dict], recipe: dict) -> list[str]:
+    lines = [
+        "| run | settings (differences from the recipe) | env steps | last in-run evals (eval mode) | "
+        "eta0 at the end | mean EV | clipfrac | final (eval mode, 200 ep.) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        a = run["args"]
+        diff = ", ".join(f"{k} {a.get(k)}" for k in KEYS if recipe and a.get(k) != recipe.get(k)) or "the recipe"
+        curve = [f"{100 * s:.0f}" for _, s, _ in evals(run)]
+        eta0 = evals(run, "eval_eta0/success_rate")
+        updates = [r for r in run["rows"] if "explained_variance" in r]
+        ev = sum(r["explained_variance"] for r in updates) / len(updates) if updates else float("nan")
+        clip = sum(r.get("clipfrac", 0) for r in updates) / len(updates) if updates else float("nan")
+        final = "–"
+        if run["final"]:
+            f = run["final"]
+            final = rate(f[f["eval_mode"]]["success_rate"], f["episodes"])
+        steps = run["rows"][-1].get("env_steps", 0)
+        lines.append(f"| {run['name']} | {diff} | {steps / 1e3:.0f}k | {' → '.join(curve)} | "
+                     f"{100 * eta0[-1][1]:.0f} | {ev:.2f} | {clip:.2f} | {final} |" if eta0 else
+                     f"| {run['name']} | {diff} | {steps / 1e3:.0f}k | {' → '.join(curve)} | – | {ev:.2f} | "
+                     f"{clip:.2f} | {final} |")  # fmt: skip
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="docs/convergence")
+    parser.add_argument("--out", default="docs/convergence.md")
+    args = parser.parse_args()
+    groups = {}
+    for g in ("tasks", "gaussian", "ablations"):
+        paths = sorted(glob.glob(os.path.join(args.root, g, "*")))
+        groups[g] = [load_run(p) for p in paths if os.path.exists(os.path.join(p, "metrics.jsonl"))]
+    for g, runs in groups.items():
+        for run in runs:
+            figure(run, os.path.join(run["path"], "learning_curve.png"), f"{g}: {run['name']}")
+    recipe = groups["tasks"][0]["args"] if groups["tasks"] else {}
+    machine = os.path.join(args.root, "machine.txt")
+    lines = ["# Convergence of diffusion PPO on this CPU", "",
+             "Generated by `python scripts/convergence_report.py` from the runs of `bash scripts/convergence.sh` "
+             "(artefacts in `docs/convergence/`). Machine: "
+             + (open(machine).read().strip() if os.path.exists(machine) else "not recorded") + ".", ""]  # fmt: skip
+    if groups["tasks"]:
+        lines += ["## Diffusion PPO from the weak BC starts", ""] + task_table(groups["tasks"], "task") + [""]
+        lines += [f"![{r['name']}](convergence/tasks/{r['name']}/learning_curve.png)" for r in groups["tasks"]] + [""]
+    if groups["gaussian"]:
+        lines += ["## Gaussian PPO at the same budget", ""] + task_table(groups["gaussian"], "task") + [""]
+        lines += [f"![{r['name']}](convergence/gaussian/{r['name']}/learning_curve.png)" for r in groups["gaussian"]]
+        lines += [""]
+    if groups["ablations"]:
+        lines += ["## Every setting tried (LIBERO-Object 0)", ""] + ablation_table(groups["ablations"], recipe) + [""]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {args.out}: {', '.join(f'{len(v)} {k}' for k, v in groups.items())}")
+
+
+if __name__ == "__main__":
+    main()
