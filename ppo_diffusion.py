@@ -555,6 +555,7 @@ def denoising_pg_loss(ratio, adv, k, K: int, ft: int, args):
     clip = clip_schedule(k - (K - ft), ft, args.clip_coef_base, args.clip_coef, args.clip_coef_rate, args.constant_clip)
     return torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean(), clip
 
+
 def ppo_update(policy: FineTunedDiffusion, critic: Critic, batch: dict, args, optimizers, train_actor: bool, device):
     """PPO epochs over random (env step, fine-tuned denoising step) pairs. Returns (stats, skip reason or None).
 
