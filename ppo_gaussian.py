@@ -460,7 +460,7 @@ if __name__ == "__main__":
         flat.update({f"eval_{m}/{k}": v for m, stats in results.items() for k, v in stats.items()})
         logger.log(step, env_steps=env_steps, **flat)
         rates = ", ".join(f"{m} {r['success_rate']:.3f}" for m, r in results.items())
-        print(f"iteration {step}: eval success {rates}")
+        print(f"iteration {step}{' (BC start)' if step == 0 else ''}: eval success {rates}")
 
     eval_modes = list(dict.fromkeys([args.eval_mode, "mean"]))
     rollout = Rollout(venv, preprocess, args.seed, render)

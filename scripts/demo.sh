@@ -35,7 +35,8 @@ phase "2/8 BC warm start of the diffusion policy (MLP denoiser: the fast recipe 
   --lr 3e-4 --total-steps 8000 --eval-every 0 --eval-episodes 20 --log-every 500 "${DIRS[@]}"
 phase "3/8 PPO on the denoising chain (3 iterations)" \
   "$PY" ppo_diffusion.py "${TASK[@]}" --num-envs 2 --num-steps 40 --num-iterations 3 --critic-warmup-iters 1 \
-  --minibatch-size 100 --update-epochs 4 --eval-episodes 20 --eval-every 0 --run-root "$ROOT/runs"
+  --minibatch-size 100 --update-epochs 4 --eval-episodes 20 --eval-every 0 --final-eval-episodes 0 \
+  --run-root "$ROOT/runs"
 VLA_DATA="$ROOT/data/diffusion_rl"
 if ! phase "4/8 collect with the PPO policy (camera images for pi0)" \
   "$PY" collect.py --policy diffusion "${TASK[@]}" --num-success 5 --max-episodes 20 --image-size 128 "${DIRS[@]}"; then

@@ -1,5 +1,6 @@
 """ppo_gaussian.py: the policy's log-probs, first-minibatch ratios, NaN guard, and a CLI run into collect.py."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -137,6 +138,7 @@ def test_cli_bc_ppo_then_collect_with_the_checkpoint(tmp_path):
     cli = ["ppo_gaussian.py", "--obs-mode", "state", "--demo-paths", demo, "--run-root", runs]
     cli += "--bc-steps 30 --log-every 10 --num-envs 2 --num-steps 3 --num-iterations 3 --critic-warmup-iters 1".split()
     cli += "--eval-episodes 2 --minibatch-size 3 --feature-dim 16 --state-encoder-dims 32 --head-dims 32".split()
+    cli += "--final-eval-episodes 2".split()
     out = run_script(cli, cwd=ROOT, timeout=1200).stdout
     assert "iteration 0 (BC start): eval success" in out and "iteration 3: eval success" in out
     run_dir = tmp_path / "runs" / "ppo_gaussian" / "libero_object" / "task00__seed0"
@@ -145,6 +147,9 @@ def test_cli_bc_ppo_then_collect_with_the_checkpoint(tmp_path):
     updates = [r for r in rows if "pg_loss" in r]
     assert [r["step"] for r in updates] == [1, 2, 3] and all(np.isfinite(r["v_loss"]) for r in updates)
     assert updates[-1]["approx_kl"] > 0  # the actor moved after the critic warm-up
+    assert all("explained_variance" in r for r in updates)  # NaN when no return varied (no success)
+    final = json.loads((run_dir / "final_eval.json").read_text())
+    assert final["eval_mode"] == "sample" and {"sample", "mean"} <= set(final) and final["episodes"] == 2
     ckpt = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)
     assert ckpt["format"] == "ppo_gaussian/v2" and ckpt["bc_step"] == 30 and ckpt["step"] == 3
     bc_start = torch.load(run_dir / "checkpoints" / "bc.pt", weights_only=True)
