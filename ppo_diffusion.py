@@ -688,6 +688,31 @@ def evaluate_policy(venv: le.VectorLiberoEnv, act: Callable, episodes: int, seed
     return stats
 
 
+def log_evaluation(logger, step: int, env_steps: int, results: dict, eval_mode: str) -> None:
+    """An in-run evaluation {mode: stats}: the evaluated mode's under eval/ (the learning curve), every mode's under
+    eval_<mode>/, and one printed line."""
+    flat = {f"eval/{k}": v for k, v in results[eval_mode].items()}
+    flat.update({f"eval_{m}/{k}": v for m, stats in results.items() for k, v in stats.items()})
+    logger.log(step, env_steps=env_steps, **flat)
+    rates = ", ".join(f"{m} {r['success_rate']:.3f}" for m, r in results.items())
+    print(f"iteration {step}{' (BC start)' if step == 0 else ''}: eval success {rates}")
+
+
+def write_final_evaluation(path: str, logger, results: dict, iteration: int, env_steps: int, args) -> None:
+    """The end-of-run evaluation of every action mode over the same episodes: final_eval.json, metrics, a table."""
+    import run_utils
+
+    episodes = args.final_eval_episodes
+    run_utils.write_json(path, {"iteration": iteration, "env_steps": env_steps, "eval_mode": args.eval_mode,
+                                "episodes": episodes, "seed": args.seed, **results})  # fmt: skip
+    logger.log(iteration, env_steps=env_steps,
+               **{f"final_{m}/{k}": v for m, stats in results.items() for k, v in stats.items()})  # fmt: skip
+    for m, r in results.items():
+        spread = f", action std {r['action_std']:.4f}" if "action_std" in r else ""
+        print(f"final ({episodes} episodes) {m:>6}: success {r['success_rate']:.3f}, length "
+              f"{r['episode_length']:.1f}{spread}")  # fmt: skip
+
+
 def ppo_config(args) -> dict:
     return {k: getattr(args, k) for k in ("sampler", "denoising_steps", "ft_denoising_steps", "eta")}
 
@@ -815,16 +840,9 @@ if __name__ == "__main__":
             scaler.reset()
         return out
 
-    def log_eval(step: int, results: dict) -> None:
-        flat = {f"eval/{k}": v for k, v in results[args.eval_mode].items()}  # the evaluated policy's curve
-        flat.update({f"eval_{m}/{k}": v for m, stats in results.items() for k, v in stats.items()})
-        logger.log(step, env_steps=env_steps, **flat)
-        rates = ", ".join(f"{m} {r['success_rate']:.3f}" for m, r in results.items())
-        print(f"iteration {step}{' (BC start)' if step == 0 else ''}: eval success {rates}")
-
     eval_modes = list(dict.fromkeys([args.eval_mode, "eta0"]))
     if iteration == 0 and args.eval_episodes > 0:
-        log_eval(0, run_eval(eval_modes, args.eval_episodes))
+        log_evaluation(logger, 0, env_steps, run_eval(eval_modes, args.eval_episodes), args.eval_mode)
     while iteration < args.num_iterations:
         timers = {"env": 0.0, "policy": 0.0, "update": 0.0}
         # ALGO LOGIC: rollout with the stochastic denoising chain (the whole chain is stored)
@@ -888,7 +906,7 @@ if __name__ == "__main__":
         if args.eval_episodes > 0 and (
             (args.eval_every and iteration % args.eval_every == 0) or iteration == args.num_iterations
         ):
-            log_eval(iteration, run_eval(eval_modes, args.eval_episodes))
+            log_evaluation(logger, iteration, env_steps, run_eval(eval_modes, args.eval_episodes), args.eval_mode)
         if iteration % args.save_every == 0 or preemption.requested:
             checkpoint("latest.pt")
         if preemption.requested:
@@ -899,16 +917,7 @@ if __name__ == "__main__":
     if args.final_eval_episodes > 0 and not os.path.exists(final_path):
         # ALGO LOGIC: every action mode over the same episodes, and how consistent the evaluated mode's actions are
         results = run_eval(ACTION_MODES, args.final_eval_episodes, record_mode=args.eval_mode)
-        summary = {"iteration": iteration, "env_steps": env_steps, "eval_mode": args.eval_mode,
-                   "episodes": args.final_eval_episodes, "seed": args.seed, **results}  # fmt: skip
-        run_utils.write_json(final_path, summary)
-        logger.log(iteration, env_steps=env_steps,
-                   **{f"final_{m}/{k}": v for m, stats in results.items() for k, v in stats.items()})  # fmt: skip
-        for m, r in results.items():
-            print(
-                f"final ({args.final_eval_episodes} episodes) {m:>6}: success {r['success_rate']:.3f}, length "
-                f"{r['episode_length']:.1f}" + (f", action std {r['action_std']:.4f}" if "action_std" in r else "")
-            )
+        write_final_evaluation(final_path, logger, results, iteration, env_steps, args)
     venv.close()
     if eval_venv is not venv:
         eval_venv.close()

@@ -322,7 +322,15 @@ def gaussian_ppo_update(policy: GaussianPolicy, critic, batch: dict, args, optim
 if __name__ == "__main__":
     import demo_hdf5
     import run_utils
-    from ppo_diffusion import Critic, Rollout, RunningRewardScaler, bootstrap_values, gae
+    from ppo_diffusion import (
+        Critic,
+        Rollout,
+        RunningRewardScaler,
+        bootstrap_values,
+        gae,
+        log_evaluation,
+        write_final_evaluation,
+    )
 
     args = tyro.cli(Args)
     try:
@@ -455,19 +463,12 @@ if __name__ == "__main__":
             scaler.reset()
         return out
 
-    def log_eval(step: int, results: dict) -> None:
-        flat = {f"eval/{k}": v for k, v in results[args.eval_mode].items()}  # the evaluated policy's curve
-        flat.update({f"eval_{m}/{k}": v for m, stats in results.items() for k, v in stats.items()})
-        logger.log(step, env_steps=env_steps, **flat)
-        rates = ", ".join(f"{m} {r['success_rate']:.3f}" for m, r in results.items())
-        print(f"iteration {step}{' (BC start)' if step == 0 else ''}: eval success {rates}")
-
     eval_modes = list(dict.fromkeys([args.eval_mode, "mean"]))
     rollout = Rollout(venv, preprocess, args.seed, render)
     if rollout_state is not None:
         rollout.load_state_dict(rollout_state)
     if iteration == 0 and args.eval_episodes > 0:
-        log_eval(0, run_eval(eval_modes, args.eval_episodes))
+        log_evaluation(logger, 0, env_steps, run_eval(eval_modes, args.eval_episodes), args.eval_mode)
     while iteration < args.num_iterations:
         timers = {"env": 0.0, "policy": 0.0, "update": 0.0}
         # ALGO LOGIC: rollout, GAE, PPO update (chunk-level)
@@ -522,7 +523,7 @@ if __name__ == "__main__":
         if args.eval_episodes > 0 and (
             (args.eval_every and iteration % args.eval_every == 0) or iteration == args.num_iterations
         ):
-            log_eval(iteration, run_eval(eval_modes, args.eval_episodes))
+            log_evaluation(logger, iteration, env_steps, run_eval(eval_modes, args.eval_episodes), args.eval_mode)
         if iteration % args.save_every == 0 or preemption.requested:
             checkpoint("latest.pt")
         if preemption.requested:
@@ -532,17 +533,7 @@ if __name__ == "__main__":
     final_path = os.path.join(run_dir, "final_eval.json")
     if args.final_eval_episodes > 0 and not os.path.exists(final_path):
         results = run_eval(("sample", "mean"), args.final_eval_episodes, record_mode=args.eval_mode)
-        summary = {"iteration": iteration, "env_steps": env_steps, "eval_mode": args.eval_mode,
-                   "episodes": args.final_eval_episodes, "seed": args.seed, **results}  # fmt: skip
-        run_utils.write_json(final_path, summary)
-        logger.log(iteration, env_steps=env_steps,
-                   **{f"final_{m}/{k}": v for m, stats in results.items() for k, v in stats.items()})  # fmt: skip
-        for m, r in results.items():
-            print(
-                f"final ({args.final_eval_episodes} episodes) {m:>6}: success {r['success_rate']:.3f}, "
-                f"length {r['episode_length']:.1f}"
-                + (f", action std {r['action_std']:.4f}" if "action_std" in r else "")
-            )
+        write_final_evaluation(final_path, logger, results, iteration, env_steps, args)
     venv.close()
     logger.close()
     print(f"done: BC {bc_step} steps, PPO {iteration} iterations, {env_steps} env steps; checkpoints in {ckpt_dir}")
