@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 ROOT=${CONV_ROOT:-convergence}
-ITERS=${ITERS:-100}                  # PPO iterations (x 16 envs x 35 chunks x 8 actions = 4480 env steps each)
+ITERS=${ITERS:-40}                   # PPO iterations (x 16 envs x 140 chunks x 8 actions = 17,920 env steps each)
 EVAL_EVERY=${EVAL_EVERY:-10}
 FINAL_EPISODES=${FINAL_EPISODES:-200}
 ABLATION=${ABLATION:-}               # name of a recipe variation (EXTRA flags); results under docs/convergence/ablations
@@ -28,10 +28,11 @@ TASKS=("$@")
 D=$ROOT/data R=$ROOT/runs
 export PYTHONUNBUFFERED=1 MUJOCO_GL=${MUJOCO_GL:-egl}
 
-# The CPU recipe (measured on LIBERO-Object 0, docs/convergence.md): 16 envs grouped on the 2 cores, 35 chunk steps
-# per env (one episode's worth: 4480 env steps per iteration), actor LR held constant, the PPO clip and epochs of
-# ppo_diffusion.py's defaults. ppo_diffusion.py's own defaults are the cluster recipe (50 envs x 300 chunks).
-RECIPE="--num-envs 16 --num-steps 35 --actor-lr 1e-4 --constant-lr --minibatch-size 700"
+# The CPU recipe (the ablations on LIBERO-Object 0 are in docs/convergence.md): 16 envs grouped on the 2 cores, 140
+# chunk steps per env (4 episodes each: 64 episodes, 17,920 env steps per iteration; with 16 episodes per update the
+# policy drifted down), actor LR 1e-4 held constant (3e-4 collapsed at the first update), 40 gradient steps per
+# iteration (minibatches of 2800 pairs), the PPO clip of ppo_diffusion.py. Its own defaults are the cluster recipe.
+RECIPE=${RECIPE:-"--num-envs 16 --num-steps 140 --actor-lr 1e-4 --constant-lr --minibatch-size 2800"}
 bc_recipe="--obs-mode state --denoiser mlp --batch-size 256 --lr 3e-4 --total-steps 8000 --eval-episodes 0"
 step() { echo "=== [$(date +%H:%M:%S)] $*"; }
 
@@ -75,8 +76,8 @@ for spec in "${TASKS[@]}"; do
       start=$(date +%s)
       $PY ppo_gaussian.py --suite "$suite" --task-id "$id" --run-root "$runs" --obs-mode state \
         --demo-source scripted_dart --num-demos 10 --data-root "$D" --bc-steps 8000 --bc-batch-size 256 --bc-lr 3e-4 \
-        $RECIPE --minibatch-size 140 --num-iterations "$ITERS" --eval-every "$EVAL_EVERY" --eval-episodes 50 \
-        --final-eval-episodes "$FINAL_EPISODES" $GAUSSIAN_EXTRA  # 140 chunks = 700 pairs / 5 steps
+        $RECIPE --minibatch-size 560 --num-iterations "$ITERS" --eval-every "$EVAL_EVERY" --eval-episodes 50 \
+        --final-eval-episodes "$FINAL_EPISODES" $GAUSSIAN_EXTRA  # 560 chunks = 2800 pairs / 5 steps
       echo "$(( $(date +%s) - start ))" >>"$grun/wall_s.txt"
     fi
     export_run "$grun" "docs/convergence/gaussian/${suite}_task$nn"
