@@ -122,8 +122,9 @@ class Args:
     """use clip_coef on every denoising step"""
     update_epochs: int = 10
     """passes over the (env step, denoising step) pairs per iteration"""
-    minibatch_size: int = 1000
-    """(env step, denoising step) pairs per gradient step (a guess; DPPO tunes it per task)"""
+    minibatch_size: int = 15_000
+    """(env step, denoising step) pairs per gradient step: 50 steps per iteration of 15,000 chunks x 5 (the CPU
+    recipe's 40 steps per iteration were stable at --actor-lr 1e-4, docs/convergence.md; DPPO tunes it per task)"""
     vf_coef: float = 0.5
     """value-loss weight"""
     max_grad_norm: float = 1.0
@@ -132,12 +133,14 @@ class Args:
     """stop the epochs of an iteration once the approximate KL exceeds this (None: never)"""
     critic_warmup_iters: int = 2
     """iterations that train only the critic before the actor moves"""
-    actor_lr: float = 3e-5
-    """actor learning rate at the start of the cosine schedule (high: explore beyond the demos)"""
-    actor_lr_min: float = 3e-6
-    """actor learning rate at the end (low: keep the BC prior)"""
-    constant_lr: bool = False
-    """keep the actor learning rate constant (the paper's LR-schedule ablation)"""
+    actor_lr: float = 1e-4
+    """actor learning rate (DPPO's current robomimic configs; measured here: 3e-4 collapsed the policy at its first
+    update, 1e-4 did not)"""
+    actor_lr_min: float = 1e-5
+    """end of the cosine schedule when --no-constant-lr"""
+    constant_lr: bool = True
+    """hold the actor learning rate (DPPO's configs hold it too); --no-constant-lr: the paper's cosine annealing to
+    --actor-lr-min over --num-iterations (a cosine that decays within a short run stops learning early)"""
     critic_lr: float = 1e-3
     """critic learning rate"""
     weight_decay: float = 0.0

@@ -151,9 +151,9 @@ class Args:
     """PPO clip (small, as for the diffusion policy's action step: fine-tuning, not learning from scratch)"""
     update_epochs: int = 10
     """epochs per iteration"""
-    minibatch_size: int = 200
-    """chunks per gradient step: ppo_diffusion's 1000 (env step, denoising step) pairs over its 5 fine-tuned steps,
-    so both take the same number of gradient steps per iteration"""
+    minibatch_size: int = 3000
+    """chunks per gradient step: ppo_diffusion's 15,000 (env step, denoising step) pairs over its 5 fine-tuned
+    steps, so both take the same number of gradient steps per iteration"""
     logprob_clip: tuple[float, float] = (-5.0, 2.0)
     """per-element clamp of the log-probs (averaged over the chunk, as the denoising log-probs)"""
     vf_coef: float = 0.5
@@ -166,12 +166,12 @@ class Args:
     """stop the epochs of an iteration once the approximate KL exceeds this"""
     critic_warmup_iters: int = 2
     """iterations that train only the critic"""
-    actor_lr: float = 3e-5
-    """actor learning rate at the start of the cosine schedule"""
-    actor_lr_min: float = 3e-6
-    """actor learning rate at the end"""
-    constant_lr: bool = False
-    """keep the actor learning rate constant"""
+    actor_lr: float = 1e-4
+    """actor learning rate (ppo_diffusion.py's)"""
+    actor_lr_min: float = 1e-5
+    """end of the cosine schedule when --no-constant-lr"""
+    constant_lr: bool = True
+    """hold the actor learning rate; --no-constant-lr: cosine annealing to --actor-lr-min"""
     critic_lr: float = 1e-3
     """critic learning rate"""
     weight_decay: float = 0.0

@@ -1,4 +1,4 @@
-"""Learning curve of a PPO run from its metrics.jsonl: deterministic eval success and rollout success vs env steps.
+"""Learning curve of a PPO run from its metrics.jsonl: eval success (its --eval-mode) and rollout success vs env steps.
 
     python scripts/plot_learning_curve.py runs/ppo_diffusion/libero_object/task00__seed0 docs/ppo_learning_curve.png \
         --title "..."
@@ -43,7 +43,7 @@ def main() -> None:
         windows = [rates[max(0, i - w + 1) : i + 1] for i in range(len(rates))]
         smooth = [sum(win) / len(win) for win in windows]
         ax.plot(steps, smooth, color="C1", lw=1.5, label=f"rollout success, mean of last {w} iterations")
-    ax.plot(*zip(*evals), "o-", color="C0", label="eval success (deterministic, 50 init states)")
+    ax.plot(*zip(*evals), "o-", color="C0", label="eval success (the run's --eval-mode, 50 init states)")
     ax.set_xlabel("environment steps")
     ax.set_ylabel("success rate")
     ax.set_ylim(-0.02, 1.02)

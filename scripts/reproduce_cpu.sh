@@ -33,7 +33,9 @@ fast_eval=""
 step() { echo "=== [$(date +%H:%M:%S)] $*"; }
 bc_recipe="--obs-mode state --denoiser mlp --batch-size 256 --lr 3e-4 --total-steps $BC_STEPS --eval-episodes 0"
 ppo_budget="--num-envs 2 --num-steps 105 --num-iterations $PPO_ITERS --eval-every 20 --eval-episodes $EVAL_EPISODES"
-ppo_budget="$ppo_budget --actor-lr 2e-5 --actor-lr-min 2e-6"
+# the study's schedule and deterministic (eta = 0) evaluation and collection, as committed in docs/reproduction.md
+# (since then PPO's defaults changed: constant LR 1e-4, evaluation of the trained policy, time-limit critic)
+ppo_budget="$ppo_budget --actor-lr 2e-5 --actor-lr-min 2e-6 --no-constant-lr --eval-mode eta0"
 
 evaluate() {  # evaluate POLICY CKPT TAG SUITE ID: deterministic success over 4 seeds x 50 init states
   local policy=$1 ckpt=$2 tag=$3 suite=$4 id=$5

@@ -76,7 +76,7 @@ def test_the_gaussian_baseline_shares_every_default_with_the_diffusion_scripts()
     shared_ppo = (set(gauss) & set(diff)) - set(deliberate)
     assert len(shared_ppo) > 30
     assert {k: gauss[k] for k in shared_ppo} == {k: diff[k] for k in shared_ppo}
-    # the same gradient steps per iteration: N chunks / 200 = N x 5 pairs / 1000
+    # the same gradient steps per iteration: N chunks / 3000 = N x 5 pairs / 15000
     assert gauss["minibatch_size"] * diff["ft_denoising_steps"] == diff["minibatch_size"]
     # the BC warm start is bc_diffusion.py's recipe under bc_* names
     renamed = {"bc_steps": "total_steps", "bc_batch_size": "batch_size", "bc_lr": "lr", "bc_betas": "betas",
