@@ -63,10 +63,11 @@ def figure(run: dict, out: str, title: str) -> None:
     train = train_curve(run)
     if train:
         steps, rates = zip(*train)
-        w = min(10, len(rates))
+        w = min(5, len(rates))
         smooth = [
             sum(rates[max(0, i - w + 1) : i + 1]) / len(rates[max(0, i - w + 1) : i + 1]) for i in range(len(rates))
         ]
+        ax.plot(steps, rates, color="0.75", lw=0.8, label="rollouts (sample), per iteration")
         ax.plot(steps, smooth, color="C1", lw=1.2, label=f"rollouts (sample), mean of {w} iterations")
     mode = run["args"].get("eval_mode", "eta0")
     curve = evals(run)
