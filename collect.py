@@ -71,8 +71,8 @@ class Args:
     obs_mode: Literal["rgb", "state"] = "rgb"
     """rgb: store both cameras; state: no rendering, no images (fast; enough for --obs-mode state policies)"""
     action_mode: Literal["auto", "sample", "mean", "eta0"] = "auto"
-    """how a learned policy acts (ACTION_MODES): auto, the mode its checkpoint names (a PPO run's --eval-mode, the
-    policy PPO trained; eta0 for a BC diffusion checkpoint); sample, as in the RL rollouts; mean, the rollout
+    """how a learned policy acts (ACTION_MODES): auto, the mode its checkpoint names (a PPO run's --eval-mode, mean
+    by default; eta0 for a BC diffusion checkpoint); sample, as in the RL rollouts; mean, the rollout
     chain's means (Gaussian: its mean); eta0, deterministic DDIM (Gaussian: its mean)"""
     replan_steps: int = 0
     """actions executed per policy query (0: the policy's default: scripted 1, diffusion act_steps, vla 5)"""

@@ -75,8 +75,8 @@ class Args:
     replan_steps: int = 0
     """actions executed per policy query (0: the policy's default)"""
     action_mode: Literal["auto", "sample", "mean", "eta0"] = "auto"
-    """how a learned policy acts: auto, the mode its checkpoint names (a PPO run's --eval-mode: the policy PPO
-    trained; eta0 for a BC diffusion checkpoint); sample / mean / eta0 (collect.py's --action-mode)"""
+    """how a learned policy acts: auto, the mode its checkpoint names (a PPO run's --eval-mode, mean by default; eta0
+    for a BC diffusion checkpoint); sample / mean / eta0 (collect.py's --action-mode)"""
     ddim_steps: int = 5
     """DDIM steps of BC diffusion policies (run as the chain a PPO run starts from; ppo_diffusion checkpoints run
     their fine-tuned schedule)"""

@@ -186,11 +186,11 @@ class Args:
     """stop after this many consecutive updates skipped for non-finite values"""
 
     # evaluation, logging
-    eval_mode: Literal["sample", "mean"] = "sample"
-    """how the policy acts in evaluations, and by default in collect.py / evaluate.py: sample, the policy PPO
-    trains; mean, its mean chunk (ppo_diffusion.py's --eval-mode)"""
+    eval_mode: Literal["sample", "mean"] = "mean"
+    """how the policy acts in evaluations, and by default in collect.py / evaluate.py: mean, its mean chunk (as
+    ppo_diffusion.py's --eval-mode); sample, the stochastic policy PPO trains"""
     eval_every: int = 10
-    """iterations between evaluations (0: only at the end), in --eval-mode and with the mean beside it"""
+    """iterations between evaluations (0: only at the end), in --eval-mode and with the other mode beside it"""
     eval_episodes: int = 50
     """protocol episodes per evaluation (init states 0..N-1, each with its own noise seed; 0 disables)"""
     final_eval_episodes: int = 200
@@ -463,7 +463,7 @@ if __name__ == "__main__":
             scaler.reset()
         return out
 
-    eval_modes = list(dict.fromkeys([args.eval_mode, "mean"]))
+    eval_modes = list(dict.fromkeys([args.eval_mode, "sample"]))
     rollout = Rollout(venv, preprocess, args.seed, render)
     if rollout_state is not None:
         rollout.load_state_dict(rollout_state)

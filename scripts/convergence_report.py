@@ -183,6 +183,9 @@ def main() -> None:
         lines += [""]
     if groups["ablations"]:
         lines += ["## Every setting tried (LIBERO-Object 0)", ""] + ablation_table(groups["ablations"]) + [""]
+    findings = os.path.join(args.root, "findings.md")  # the measured conclusions, written from the tables above
+    if os.path.exists(findings):
+        lines += [open(findings).read().strip(), ""]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -444,7 +444,7 @@ def test_cli_smoke_on_the_real_simulator(tmp_path):
     cli = "ppo_diffusion.py --num-envs 2 --num-steps 3 --num-iterations 2 --eval-episodes 2 --minibatch-size 10"
     cli = [*cli.split(), *"--update-epochs 1 --critic-warmup-iters 1 --final-eval-episodes 2 --run-root".split(), runs]
     out = run_script(cli, cwd=ROOT, timeout=1200).stdout
-    assert "iteration 0 (BC start): eval success sample" in out and "iteration 2: eval success sample" in out
+    assert "iteration 0 (BC start): eval success mean" in out and "iteration 2: eval success mean" in out
     run_dir = tmp_path / "runs" / "ppo_diffusion" / "libero_object" / "task00__seed0"
     rows = run_utils.read_metrics(str(run_dir))
     updates = [r for r in rows if "pg_loss" in r]
@@ -464,11 +464,11 @@ def test_cli_smoke_on_the_real_simulator(tmp_path):
         assert r["ratio_first"] < 1e-5  # 0 up to kernel rounding (see the unit test above)
     evals = [r for r in rows if "eval/success_rate" in r]
     assert [r["step"] for r in evals] == [0, 2] and all(r["eval/episode_length"] == 280 for r in evals)
-    assert all(r["eval/success_rate"] == r["eval_sample/success_rate"] and "eval_eta0/success_rate" in r for r in evals)
+    assert all(r["eval/success_rate"] == r["eval_mean/success_rate"] and "eval_eta0/success_rate" in r for r in evals)
     final = json.loads((run_dir / "final_eval.json").read_text())
-    assert final["eval_mode"] == "sample" and final["episodes"] == 2 and final["iteration"] == 2
+    assert final["eval_mode"] == "mean" and final["episodes"] == 2 and final["iteration"] == 2
     assert set(ppo.ACTION_MODES) <= set(final) and final["sample"]["episode_length"] == 280
-    assert "action_std" in final["sample"] and "action_std" not in final["eta0"]  # the evaluated mode's spread
+    assert "action_std" in final["mean"] and "action_std" not in final["eta0"]  # the evaluated mode's spread
     ckpt = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)
     assert ckpt["format"] == "ppo_diffusion/v2" and ckpt["step"] == 2 and ckpt["env_steps"] > 0
     assert {"critic", "critic_optimizer", "reward_scaler", "optimizer", "scheduler"} <= set(ckpt)
