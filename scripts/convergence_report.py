@@ -175,7 +175,13 @@ def main() -> None:
              "(artefacts in `docs/convergence/`). Machine: "
              + (open(machine).read().strip() if os.path.exists(machine) else "not recorded") + ".", ""]  # fmt: skip
     if groups["tasks"]:
-        lines += ["## Diffusion PPO from the weak BC starts", ""] + task_table(groups["tasks"], "task") + [""]
+        lines += ["## Diffusion PPO from the weak BC starts", ""] + task_table(groups["tasks"], "task")
+        lines += [
+            "",
+            '"to X %": the first in-run evaluation (50 episodes, in the run\'s eval mode) at or above X; '
+            "the final columns are every mode on the same 200 episodes at the end of the run.",
+            "",
+        ]
         lines += [f"![{r['name']}](convergence/tasks/{r['name']}/learning_curve.png)" for r in groups["tasks"]] + [""]
     if groups["gaussian"]:
         lines += ["## Gaussian PPO at the same budget", ""] + task_table(groups["gaussian"], "task") + [""]
