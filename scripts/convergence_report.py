@@ -76,15 +76,23 @@ def figure(run: dict, out: str, title: str) -> None:
     eta0 = evals(run, "eval_eta0/success_rate")
     if eta0 and mode != "eta0":
         ax.plot([c[0] for c in eta0], [c[1] for c in eta0], "s--", color="C2", label="eval: eta0 (50 episodes)")
+    colors = {"sample": "C0", "mean": "C3", "eta0": "C2"}
     if run["final"]:
         f = run["final"]
-        ax.errorbar([f["env_steps"]], [f[mode]["success_rate"]], yerr=[1.96 * math.sqrt(
-            f[mode]["success_rate"] * (1 - f[mode]["success_rate"]) / f["episodes"])], fmt="*", color="k", ms=10,
-            label=f"final: {mode}, {f['episodes']} episodes (95% CI)")  # fmt: skip
+        for m in MODES:
+            if m in f:
+                p, n = f[m]["success_rate"], f["episodes"]
+                ax.errorbar([f["env_steps"]], [p], yerr=[1.96 * math.sqrt(p * (1 - p) / n)], fmt="*", ms=10,
+                            color=colors[m], label=f"final: {m}, {n} episodes (95% CI)")  # fmt: skip
+    start = os.path.join(run["path"], "bc_start_mean_eval.json")
+    if os.path.exists(start):  # the BC start evaluated in mean mode with evaluate.py
+        e = json.load(open(start))
+        ax.plot([0], [e["success_rate"]], "*", ms=10, color=colors["mean"],
+                label=f"BC start: mean, {e['num_episodes']} episodes")  # fmt: skip
     ax.set(xlabel="environment steps", ylabel="success rate", ylim=(-0.02, 1.02), title=title)
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
