@@ -38,6 +38,8 @@ from typing import Optional
 
 import numpy as np
 
+from fast_step import CONTROLLERS, FAST_PHYSICS, FastStep  # noqa: F401  (the fast step path's options)
+
 # ----------------------------------------------------------------------------------------------------------------
 # Protocol constants (OpenVLA / openpi LIBERO evaluation protocol)
 # ----------------------------------------------------------------------------------------------------------------
@@ -45,7 +47,6 @@ SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero
 SUITE_SIZES = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
 # Steps allowed after the wait steps. LeRobot's wrapper uses 280 for spatial; we follow OpenVLA/openpi (220).
 INSTRUCTION_CONVENTIONS = ("bddl", "benchmark")  # see Task.prompt
-FAST_PHYSICS = ("split", "split1", "robosuite")  # physics of the fast step path, see LiberoEnv._step_fast
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
 NUM_WAIT_STEPS = 10  # objects settle after set_init_state; these steps do not count toward the limit
 WAIT_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)  # hold still, gripper open
@@ -329,6 +330,7 @@ class LiberoEnv:
         num_wait_steps: int = NUM_WAIT_STEPS,
         fast_step: bool = False,
         physics: str = "split",
+        controller: str = "compiled",
     ):
         if obs_mode not in ("rgb", "state"):
             raise ValueError(f"obs_mode must be 'rgb' or 'state', got '{obs_mode}'.")
@@ -353,10 +355,8 @@ class LiberoEnv:
             horizon=100_000,
         )
         self.env = self._wrapper.env  # the robosuite/LIBERO environment
-        if physics not in FAST_PHYSICS:
-            raise ValueError(f"physics must be one of {FAST_PHYSICS}, got '{physics}'.")
-        self.fast_step, self.physics = fast_step, physics
-        self._substeps = int(round(self.env.control_timestep / self.env.model_timestep))
+        self.fast_step, self.physics, self.controller = fast_step, physics, controller
+        self._fast = FastStep(self.env, physics, controller)  # checks physics and controller
         self.t = 0
         self._obs: Optional[dict] = None
 
@@ -549,152 +549,12 @@ class LiberoEnv:
     # -- stepping ------------------------------------------------------------------------------------------------
     def _step(self, action: np.ndarray):
         """One environment step (``control_timestep``, 25 physics substeps): robosuite's and LIBERO's own loop, or
-        with ``fast_step`` the same physics without their per-substep overhead (:meth:`_step_fast`)."""
-        return self._step_fast(action) if self.fast_step else self._wrapper.step(action)
-
-    def _step_fast(self, action: np.ndarray):
-        """robosuite's ``MujocoEnv.step`` + LIBERO's ``step``, returning the same observations, reward and done,
-        without their per-substep overhead (each change measured in benchmarks/env_speed.py and checked against
-        robosuite's loop in tests/test_libero_env.py):
-
-        1. Physics (``physics``). robosuite runs, per substep, ``mj_forward``, the controller (which runs
-           ``mj_forward`` again) and ``mj_step`` (a third forward pass, then integration): three position/velocity
-           passes (kinematics, collisions, mass matrix) and three constraint solves. ``split`` (default) runs
-           ``mj_step1`` (one position/velocity pass: all the controller reads), the first two passes' constraint
-           solves, the controller, then ``mj_step2``: the solver still runs three times, as each solve warm-starts
-           the next (skipping them, ``split1``, changes the solution within the solver's tolerance, and contacts
-           amplify that: up to 0.19 in a velocity and 0.3 mm in a resting bowl's position over 320 steps). States
-           agree with robosuite's to ~1e-13 (not bit for bit: a repeated position pass is not a strict no-op on
-           every task). ``robosuite`` keeps its three forward passes: bit-identical, with only changes 2-3.
-        2. The arm controller's state update (:func:`_osc_update`) with one ``mj_jacSite`` call instead of four,
-           and robosuite's ``SingleArm.control`` without re-deriving its static limits and actuator ids every
-           substep (:class:`_FastRobot`): the same floating-point operations on the same values.
-        3. Observables advance their timers each substep but compute their sensors only on the substeps where
-           robosuite samples them (the first substep of each step: the same observations), and the success
-           predicates are evaluated once per step instead of twice (twice only for tasks whose object states
-           change in LIBERO's ``_post_process``, e.g. a stove that is turned on).
-        """
-        import mujoco
-
-        env = self.env
-        if env.done:
-            raise ValueError("executing action in terminated episode")
-        model, data = env.sim.model._model, env.sim.data._data
-        dt = env.model_timestep
-        observables = [o for o in env._observables.values() if o._enabled]
-        env.timestep += 1
-        robots = self._fast_robots()
-        for r in robots:  # shadows the class method for this loop only (reset() still runs robosuite's)
-            r.robot.controller.update = types.MethodType(_osc_update, r.robot.controller)
-            r.robot.controller._fast_forward = self.physics == "robosuite"
-        try:
-            for i in range(self._substeps):
-                if self.physics == "robosuite":  # its forward pass (the controller runs a second one)
-                    mujoco.mj_forward(model, data)
-                else:
-                    mujoco.mj_step1(model, data)  # positions and velocities: all that the controller reads
-                    for _ in range(2 if self.physics == "split" else 0):  # the two forward passes' solves
-                        mujoco.mj_fwdActuation(model, data)
-                        mujoco.mj_fwdAcceleration(model, data)
-                        mujoco.mj_fwdConstraint(model, data)
-                for r in robots:  # robosuite's RobotEnv._pre_action: each robot's slice of the action
-                    r.control(action[r.start : r.stop], policy_step=i == 0)
-                if self.physics == "robosuite":
-                    mujoco.mj_step(model, data)
-                else:
-                    mujoco.mj_step2(model, data)  # actuation, acceleration, constraint solve, integration
-                for o in observables:  # Observable.update's timer, sampling only where it would sample
-                    t = o._time_since_last_sample + dt
-                    if not o._sampled or t >= o._sampling_timestep:
-                        o.update(timestep=dt, obs_cache=env._obs_cache)
-                    else:
-                        o._time_since_last_sample = t
-        finally:
-            for r in robots:
-                del r.robot.controller.update, r.robot.controller._fast_forward
-        env.cur_time += env.control_timestep
-        success = env._check_success()  # LIBERO's reward: 1 on success (times reward_scale)
-        reward = (1.0 if success else 0.0) * (env.reward_scale / 1.0 if env.reward_scale is not None else 1.0)
-        env.done = (env.timestep >= env.horizon) and not env.ignore_done
-        env._post_process()
-        if env.tracking_object_states_change:  # LIBERO's done is checked after _post_process updated them
-            success = env._check_success()
-        return env._get_observations(), reward, success, {}
-
-    def _fast_robots(self) -> list:
-        if getattr(self, "_robots_cache", None) is None or self._robots_cache[0].robot is not self.env.robots[0]:
-            cutoff, self._robots_cache = 0, []
-            for robot in self.env.robots:
-                self._robots_cache.append(_FastRobot(robot, cutoff))
-                cutoff += robot.action_dim
-        return self._robots_cache
+        with ``fast_step`` the same dynamics without their per-substep overhead (fast_step.py: ``physics`` and
+        ``controller`` choose its variant)."""
+        return self._fast(action) if self.fast_step else self._wrapper.step(action)
 
     def close(self) -> None:
         self._wrapper.close()
-
-
-class _FastRobot:
-    """robosuite's ``SingleArm.control`` and ``Manipulator.grip_action`` for one robot, with the limits and actuator
-    ids they re-derive from the model every substep computed once (the same values: the model does not change)."""
-
-    def __init__(self, robot, start: int):
-        if not robot.has_gripper or robot.controller.control_dim + robot.gripper.dof != robot.action_dim:
-            raise ValueError(
-                "fast_step handles single-arm robots with a gripper (LIBERO's Panda); use fast_step=False."
-            )
-        self.robot, self.start, self.stop = robot, start, start + robot.action_dim
-        model = robot.sim.model
-        self.torque_low, self.torque_high = robot.torque_limits
-        self.gripper_ids = [model.actuator_name2id(a) for a in robot.gripper.actuators]
-        ctrl_range = model.actuator_ctrlrange[self.gripper_ids]
-        self.gripper_bias = 0.5 * (ctrl_range[:, 1] + ctrl_range[:, 0])
-        self.gripper_weight = 0.5 * (ctrl_range[:, 1] - ctrl_range[:, 0])
-
-    def control(self, action: np.ndarray, policy_step: bool) -> None:
-        robot = self.robot
-        controller, data = robot.controller, robot.sim.data
-        if policy_step:
-            controller.set_goal(action[: controller.control_dim])
-        robot.torques = np.clip(controller.run_controller(), self.torque_low, self.torque_high)
-        gripper_action = robot.gripper.format_action(action[controller.control_dim :])
-        data.ctrl[self.gripper_ids] = self.gripper_bias + self.gripper_weight * gripper_action
-        data.ctrl[robot._ref_joint_actuator_indexes] = robot.torques
-
-
-def _osc_update(self, force: bool = False) -> None:
-    """robosuite's ``Controller.update`` for the fast step path, bound to a controller instance: the same state
-    (end-effector pose and velocity, joint positions and velocities, Jacobians, mass matrix) computed by the same
-    floating-point operations, without the ``sim.forward()`` (``mj_step1`` just ran), with one ``mj_jacSite`` call
-    instead of four (robosuite computes the Jacobian anew for each velocity and each Jacobian half) and the site id
-    looked up once."""
-    import mujoco
-
-    if not (self.new_update or force):
-        return
-    sim = self.sim
-    model, data = sim.model._model, sim.data._data
-    if self._fast_forward:  # physics="robosuite": its second forward pass, kept
-        mujoco.mj_forward(model, data)
-    cache = self.__dict__.setdefault("_fast_cache", {})
-    if not cache:
-        cache["sid"] = sim.model.site_name2id(self.eef_name)
-        cache["jacp"], cache["jacr"] = np.zeros((3, model.nv)), np.zeros((3, model.nv))
-    sid, jacp, jacr = cache["sid"], cache["jacp"], cache["jacr"]
-    mujoco.mj_jacSite(model, data, jacp, jacr, sid)
-    qvel = sim.data.qvel
-    self.ee_pos = np.array(data.site_xpos[sid])
-    self.ee_ori_mat = np.array(data.site_xmat[sid].reshape([3, 3]))
-    self.ee_pos_vel = np.array(np.dot(jacp, qvel))
-    self.ee_ori_vel = np.array(np.dot(jacr, qvel))
-    self.joint_pos = np.array(sim.data.qpos[self.qpos_index])
-    self.joint_vel = np.array(qvel[self.qvel_index])
-    self.J_pos = np.array(jacp[:, self.qvel_index])
-    self.J_ori = np.array(jacr[:, self.qvel_index])
-    self.J_full = np.array(np.vstack([self.J_pos, self.J_ori]))
-    mass_matrix = np.ndarray(shape=(model.nv, model.nv), dtype=np.float64, order="C")
-    mujoco.mj_fullM(model, mass_matrix, data.qM)
-    self.mass_matrix = mass_matrix[self.qvel_index, :][:, self.qvel_index]
-    self.new_update = False
 
 
 def make_env(task: Task, **kwargs) -> LiberoEnv:

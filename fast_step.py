@@ -1,0 +1,453 @@
+"""fast_step.py — LIBERO's environment step without robosuite's per-substep overhead, checked against robosuite.
+
+One LIBERO env step is 25 MuJoCo substeps, and in each robosuite runs its Python arm controller (operational space
+control, OSC) and two extra forward passes. :class:`FastStep` runs the same dynamics with:
+
+1. **Physics** (``physics``). robosuite runs, per substep, ``mj_forward``, the controller (which runs ``mj_forward``
+   again) and ``mj_step`` (a third forward pass, then integration): three position/velocity passes (kinematics,
+   collisions, mass matrix) and three constraint solves. ``split`` (default) runs ``mj_step1`` (one
+   position/velocity pass: all that the controller reads), the first two passes' constraint solves, the controller,
+   then ``mj_step2``: the solver still runs three times, as each solve warm-starts the next (skipping them,
+   ``split1``, changes the solution within the solver's tolerance, and contacts amplify that: up to 0.19 in a
+   velocity and 0.3 mm in a resting bowl's position over 320 steps). ``robosuite`` keeps its three forward passes.
+2. **The arm controller** (``controller``). ``compiled`` (default): robosuite's OSC (``OSC_POSE``, fixed impedance, no
+   interpolator: LIBERO's configuration) and the Panda gripper's ramp as one numba routine per substep
+   (:func:`osc_substep`), fed by two MuJoCo calls (``mj_jacSite``, ``mj_fullM``); the dozens of NumPy calls on
+   7x7 matrices robosuite makes per substep are what made the controller ~43 % of the step. Its torques agree with
+   robosuite's ``run_controller`` to ~1e-12 (the inverses are Cholesky-based, robosuite's are LAPACK's ``inv`` and
+   SVD ``pinv``: the same matrices, other rounding). ``robosuite``: robosuite's own ``set_goal``/``run_controller``
+   with its state update done by one ``mj_jacSite`` instead of four; with ``physics="robosuite"`` the whole step is
+   then bit-identical to robosuite's loop.
+3. **Observations.** Observables advance their timers each substep but compute their sensors only on the substeps
+   where robosuite samples them (the first of each step: the same observations); LIBERO's success predicates run
+   once per step (twice for tasks whose object states change in ``_post_process``, e.g. a stove turned on).
+
+robosuite's loop stays the reference: tests/test_libero_env.py steps five tasks of four suites side by side (320
+steps, every chunk compared, states within 1e-9) and compares the compiled torques with ``run_controller`` on
+recorded states (1e-10). ``benchmarks/env_speed.py`` measures each variant against the stock loop.
+"""
+
+from __future__ import annotations
+
+import types
+from functools import cache
+
+import numpy as np
+
+FAST_PHYSICS = ("split", "split1", "robosuite")
+CONTROLLERS = ("compiled", "robosuite")
+NULLSPACE_KP = 10.0  # robosuite's nullspace_torques default gain (joint_kp), and its kv = 2 sqrt(kp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The compiled controller: robosuite's OSC_POSE + PandaGripper for one substep, in one routine
+# ----------------------------------------------------------------------------------------------------------------
+def _matmul(a, b, transpose_b=False):
+    """``a @ b`` (or ``a @ b.T``) as plain loops: for matrices this small (at most 7 x 7) a BLAS call costs more than
+    the arithmetic."""
+    rows, inner = a.shape
+    cols = b.shape[0] if transpose_b else b.shape[1]
+    out = np.zeros((rows, cols))
+    for i in range(rows):
+        for j in range(cols):
+            s = 0.0
+            for k in range(inner):
+                s += a[i, k] * (b[j, k] if transpose_b else b[k, j])
+            out[i, j] = s
+    return out
+
+
+def _matvec(a, x):
+    """``a @ x`` as plain loops (see :func:`_matmul`)."""
+    out = np.zeros(a.shape[0])
+    for i in range(a.shape[0]):
+        for k in range(a.shape[1]):
+            out[i] += a[i, k] * x[k]
+    return out
+
+
+def _spd_inverse(a):
+    """Inverse of a symmetric positive definite matrix by Cholesky (small matrices; no LAPACK call overhead)."""
+    n = a.shape[0]
+    low = np.zeros((n, n))
+    for j in range(n):
+        s = a[j, j]
+        for k in range(j):
+            s -= low[j, k] * low[j, k]
+        low[j, j] = np.sqrt(s)
+        for i in range(j + 1, n):
+            s = a[i, j]
+            for k in range(j):
+                s -= low[i, k] * low[j, k]
+            low[i, j] = s / low[j, j]
+    inv_low = np.zeros((n, n))  # L^-1 by forward substitution, then A^-1 = L^-T L^-1
+    for j in range(n):
+        inv_low[j, j] = 1.0 / low[j, j]
+        for i in range(j + 1, n):
+            s = 0.0
+            for k in range(j, i):
+                s -= low[i, k] * inv_low[k, j]
+            inv_low[i, j] = s / low[i, i]
+    return _matmul(inv_low.T.copy(), inv_low)
+
+
+def _lambda(jac, mass_inv):
+    """The operational-space inertia (J M^-1 J^T)^-1 of the rows ``jac``."""
+    return _spd_inverse(_matmul(_matmul(jac, mass_inv), jac, transpose_b=True))
+
+
+def osc_substep(qpos, qvel, qfrc_bias, site_xpos, site_xmat, jacp, jacr, full_mass, ctrl, goal, gains, joints,
+                ids, gripper, uncouple):  # fmt: skip
+    """One substep of robosuite's ``OSC_POSE`` controller and the Panda gripper: writes the actuator controls.
+
+    The same equations as robosuite's ``OperationalSpaceController.run_controller`` (Khatib's OSC with decoupled
+    position/orientation, gravity compensation and nullspace joint-posture torques), ``SingleArm.control``'s torque
+    clip, and ``PandaGripper.format_action``'s ramp, on MuJoCo's arrays after ``mj_step1``:
+
+    * ``jacp, jacr`` (3 x nv): the end-effector site's Jacobian (``mj_jacSite``); ``full_mass`` (nv x nv): ``mj_fullM``;
+    * ``goal`` (12): goal position (3) and row-major goal orientation (9), set per env step by ``set_goal``;
+    * ``gains`` (2, 6): kp and kd; ``joints`` (3, n): the nullspace posture (initial joints) and the torque limits;
+    * ``ids`` (4, n) int: the arm's qpos and qvel indexes, its actuators, then (site id, gripper actuator ids...);
+    * ``gripper`` (4, g): the ramped command (updated in place), its per-substep increment, ctrl bias and weight.
+
+    Returns the clipped arm torques (robosuite's ``robot.torques``).
+    """
+    qpos_ids, dof_ids, act_ids = ids[0], ids[1], ids[2]
+    site, grip_ids = ids[3, 0], ids[3, 1 : 1 + gripper.shape[1]]
+    n = dof_ids.shape[0]
+    jac = np.empty((6, n))  # J_full = [J_pos; J_ori] on the arm's dofs
+    mass = np.empty((n, n))
+    joint_pos, joint_vel = np.empty(n), np.empty(n)
+    for c in range(n):
+        d = dof_ids[c]
+        for r in range(3):
+            jac[r, c], jac[3 + r, c] = jacp[r, d], jacr[r, d]
+        for r in range(n):
+            mass[r, c] = full_mass[dof_ids[r], d]
+        joint_pos[c], joint_vel[c] = qpos[qpos_ids[c]], qvel[d]
+    ee_vel = np.zeros(6)  # (J over all dofs) qvel, as robosuite computes the end-effector velocity
+    for r in range(3):
+        for d in range(qvel.shape[0]):
+            ee_vel[r] += jacp[r, d] * qvel[d]
+            ee_vel[3 + r] += jacr[r, d] * qvel[d]
+    # desired force and torque: kp * error - kd * velocity; orientation error as robosuite's orientation_error
+    wrench_goal = np.empty(6)
+    cur, des = site_xmat[site].reshape(3, 3), goal[3:].reshape(3, 3)
+    ori_error = 0.5 * (np.cross(cur[:, 0], des[:, 0]) + np.cross(cur[:, 1], des[:, 1]) + np.cross(cur[:, 2], des[:, 2]))
+    for r in range(3):
+        wrench_goal[r] = (goal[r] - site_xpos[site, r]) * gains[0, r] + (-ee_vel[r]) * gains[1, r]
+        wrench_goal[3 + r] = ori_error[r] * gains[0, 3 + r] + (-ee_vel[3 + r]) * gains[1, 3 + r]
+    # operational space matrices (robosuite's opspace_matrices): Lambda = (J M^-1 J^T)^-1, nullspace I - Jbar J
+    mass_inv = _spd_inverse(mass)
+    lambda_full = _lambda(jac, mass_inv)
+    if uncouple:
+        wrench = np.concatenate((_matvec(_lambda(jac[:3].copy(), mass_inv), wrench_goal[:3]),
+                                 _matvec(_lambda(jac[3:].copy(), mass_inv), wrench_goal[3:])))  # fmt: skip
+    else:
+        wrench = _matvec(lambda_full, wrench_goal)
+    jbar = _matmul(_matmul(mass_inv, jac, transpose_b=True), lambda_full)
+    nullspace = np.eye(n) - _matmul(jbar, jac)
+    kv = np.sqrt(NULLSPACE_KP) * 2.0
+    posture = _matvec(mass, NULLSPACE_KP * (joints[0] - joint_pos) - kv * joint_vel)
+    torques = np.zeros(n)  # J^T wrench + gravity compensation + N^T posture
+    for c in range(n):
+        s = qfrc_bias[dof_ids[c]]
+        for r in range(6):
+            s += jac[r, c] * wrench[r]
+        for r in range(n):
+            s += nullspace[r, c] * posture[r]
+        torques[c] = s
+    for c in range(n):
+        torques[c] = min(max(torques[c], joints[1, c]), joints[2, c])
+        ctrl[act_ids[c]] = torques[c]
+    for g in range(gripper.shape[1]):  # PandaGripper.format_action's ramp, then the actuator's ctrl range
+        gripper[0, g] = min(max(gripper[0, g] + gripper[1, g], -1.0), 1.0)
+        ctrl[grip_ids[g]] = gripper[2, g] + gripper[3, g] * gripper[0, g]
+    return torques
+
+
+KERNEL = ("_matmul", "_matvec", "_spd_inverse", "_lambda", "osc_substep")  # compiled together, callees first
+
+
+@cache
+def compiled(name: str = "osc_substep"):
+    """A kernel function (:data:`KERNEL`) compiled by numba (robosuite's own dependency; cached on disk after the
+    first build). The Python functions above stay the readable reference and run the same arithmetic uncompiled."""
+    import numba
+
+    namespace = dict(globals())  # the kernel's callees resolve to their compiled versions
+    for fn_name in KERNEL:
+        fn = globals()[fn_name]
+        code = types.FunctionType(fn.__code__, namespace, fn_name, fn.__defaults__)
+        namespace[fn_name] = numba.njit(cache=True)(code)
+    return namespace[name]
+
+
+def compiled_osc_substep():
+    return compiled("osc_substep")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One robot's control per substep
+# ----------------------------------------------------------------------------------------------------------------
+class _Arm:
+    """One single-arm robot with a gripper (LIBERO's Panda): robosuite's ``SingleArm.control`` per substep, with the
+    limits and actuator ids it re-derives from the model every substep computed once (the model does not change)."""
+
+    def __init__(self, robot, start: int):
+        controller = robot.controller
+        if not robot.has_gripper or controller.control_dim + robot.gripper.dof != robot.action_dim:
+            raise ValueError(
+                "fast_step handles single-arm robots with a gripper (LIBERO's Panda); use fast_step=False."
+            )
+        self.robot, self.start, self.stop = robot, start, start + robot.action_dim
+        model = robot.sim.model
+        self.torque_low, self.torque_high = robot.torque_limits
+        self.gripper_ids = [model.actuator_name2id(a) for a in robot.gripper.actuators]
+        ctrl_range = model.actuator_ctrlrange[self.gripper_ids]
+        self.gripper_bias = 0.5 * (ctrl_range[:, 1] + ctrl_range[:, 0])
+        self.gripper_weight = 0.5 * (ctrl_range[:, 1] - ctrl_range[:, 0])
+        self.compilable = (
+            type(controller).__name__ == "OperationalSpaceController"
+            and controller.impedance_mode == "fixed"
+            and controller.interpolator_pos is None
+            and controller.interpolator_ori is None
+            and type(robot.gripper).__name__ == "PandaGripper"
+        )
+        n, nv, g = len(controller.qvel_index), model.nv, len(self.gripper_ids)
+        self.ids = np.zeros((4, max(n, 1 + g)), dtype=np.int64)
+        self.ids[0, :n], self.ids[1, :n] = controller.qpos_index, controller.qvel_index
+        self.ids[2, :n] = robot._ref_joint_actuator_indexes
+        self.ids[3, 0] = model.site_name2id(controller.eef_name)
+        self.ids[3, 1 : 1 + g] = self.gripper_ids
+        self.jacp, self.jacr, self.full_mass = np.zeros((3, nv)), np.zeros((3, nv)), np.zeros((nv, nv))
+        self.joints = np.stack([np.zeros(n), self.torque_low, self.torque_high])
+        self.goal, self.gains = np.zeros(12), np.zeros((2, 6))
+        self.gripper = np.stack([np.zeros(g), np.zeros(g), self.gripper_bias, self.gripper_weight])
+        self.uncouple = bool(getattr(controller, "uncoupling", True))
+
+    # robosuite's controller (controller="robosuite"), its state update by _osc_update
+    def control(self, action: np.ndarray, policy_step: bool) -> None:
+        robot = self.robot
+        controller, data = robot.controller, robot.sim.data
+        if policy_step:
+            controller.set_goal(action[: controller.control_dim])
+        robot.torques = np.clip(controller.run_controller(), self.torque_low, self.torque_high)
+        gripper_action = robot.gripper.format_action(action[controller.control_dim :])
+        data.ctrl[self.gripper_ids] = self.gripper_bias + self.gripper_weight * gripper_action
+        data.ctrl[robot._ref_joint_actuator_indexes] = robot.torques
+
+    # the compiled controller (controller="compiled")
+    def set_goal(self, action: np.ndarray) -> None:
+        """The first substep of an env step: robosuite's ``set_goal`` (its state update by :func:`_osc_update`),
+        then the goal, gains, posture and gripper increment packed for :func:`osc_substep`."""
+        controller = self.robot.controller
+        controller.set_goal(action[: controller.control_dim])
+        self.pack(action)
+
+    def pack(self, action: np.ndarray) -> None:
+        robot, controller = self.robot, self.robot.controller
+        self.goal[:3], self.goal[3:] = controller.goal_pos, np.asarray(controller.goal_ori).reshape(-1)
+        self.gains[0], self.gains[1] = controller.kp, controller.kd
+        self.joints[0] = controller.initial_joint
+        gripper = robot.gripper
+        self.gripper[0] = gripper.current_action
+        self.gripper[1] = np.array([-1.0, 1.0]) * gripper.speed * np.sign(action[controller.control_dim :])
+
+    def bind(self, kernel, model, data, mujoco):
+        """The per-substep controller for this step: a function of no arguments with MuJoCo's arrays looked up once
+        (each attribute access of the bindings builds a new array view)."""
+        jac_site, full_m, qM = mujoco.mj_jacSite, mujoco.mj_fullM, data.qM
+        jacp, jacr, full_mass, site = self.jacp, self.jacr, self.full_mass, int(self.ids[3, 0])
+        args = (data.qpos, data.qvel, data.qfrc_bias, data.site_xpos, data.site_xmat, jacp, jacr, full_mass, data.ctrl,
+                self.goal, self.gains, self.joints, self.ids, self.gripper, self.uncouple)  # fmt: skip
+
+        def substep() -> np.ndarray:
+            jac_site(model, data, jacp, jacr, site)
+            full_m(model, full_mass, qM)
+            return kernel(*args)
+
+        return substep
+
+    def finish_step(self, torques: np.ndarray) -> None:
+        """Leave robosuite's objects as its own step would: the gripper's ramped command, the last torques, and the
+        controller due for a state update at the next ``set_goal``."""
+        self.robot.gripper.current_action = self.gripper[0].copy()
+        self.robot.torques = torques
+        self.robot.controller.new_update = True
+
+
+def _osc_update(self, force: bool = False) -> None:
+    """robosuite's ``Controller.update`` for the fast step path, bound to a controller instance: the same state
+    (end-effector pose and velocity, joint positions and velocities, Jacobians, mass matrix) computed by the same
+    floating-point operations, without the ``sim.forward()`` (``mj_step1`` just ran), with one ``mj_jacSite`` call
+    instead of four (robosuite computes the Jacobian anew for each velocity and each Jacobian half) and the site id
+    looked up once."""
+    import mujoco
+
+    if not (self.new_update or force):
+        return
+    sim = self.sim
+    model, data = sim.model._model, sim.data._data
+    if self._fast_forward:  # physics="robosuite": its second forward pass, kept
+        mujoco.mj_forward(model, data)
+    cache = self.__dict__.setdefault("_fast_cache", {})
+    if not cache:
+        cache["sid"] = sim.model.site_name2id(self.eef_name)
+        cache["jacp"], cache["jacr"] = np.zeros((3, model.nv)), np.zeros((3, model.nv))
+    sid, jacp, jacr = cache["sid"], cache["jacp"], cache["jacr"]
+    mujoco.mj_jacSite(model, data, jacp, jacr, sid)
+    qvel = sim.data.qvel
+    self.ee_pos = np.array(data.site_xpos[sid])
+    self.ee_ori_mat = np.array(data.site_xmat[sid].reshape([3, 3]))
+    self.ee_pos_vel = np.array(np.dot(jacp, qvel))
+    self.ee_ori_vel = np.array(np.dot(jacr, qvel))
+    self.joint_pos = np.array(sim.data.qpos[self.qpos_index])
+    self.joint_vel = np.array(qvel[self.qvel_index])
+    self.J_pos = np.array(jacp[:, self.qvel_index])
+    self.J_ori = np.array(jacr[:, self.qvel_index])
+    self.J_full = np.array(np.vstack([self.J_pos, self.J_ori]))
+    mass_matrix = np.ndarray(shape=(model.nv, model.nv), dtype=np.float64, order="C")
+    mujoco.mj_fullM(model, mass_matrix, data.qM)
+    self.mass_matrix = mass_matrix[self.qvel_index, :][:, self.qvel_index]
+    self.new_update = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------------------------
+class _ObservableClocks:
+    """robosuite's ``Observable.update`` run per substep for every enabled observable, without calling it where it
+    would only advance its timer: observables whose timers agree (all of LIBERO's: one sampling rate, no delay) share
+    one timer between their samples, so a substep costs one addition per group instead of a call per observable.
+    ``update`` runs exactly where robosuite's would do more than add ``dt`` (sample or wrap the timer), on the same
+    timer values, so the observations and timers are the same."""
+
+    def __init__(self, observables: list, dt: float, obs_cache: dict):
+        self.observables, self.dt, self.obs_cache = observables, dt, obs_cache
+        by_state: dict = {}
+        for o in observables:
+            by_state.setdefault((o._time_since_last_sample, o._sampled, o._sampling_timestep), []).append(o)
+        self.groups = [[t, sampled, period, members] for (t, sampled, period), members in by_state.items()]
+
+    def tick(self) -> None:
+        due = []
+        for group in self.groups:
+            t, sampled, period, members = group
+            if not sampled:
+                due.append(group)
+                continue
+            t += self.dt  # update() would only advance the timer, and wrap it at the sampling period
+            if t >= period:
+                t %= period
+                group[1] = False
+            group[0] = t
+        if not due:
+            return
+        for t, sampled, _, members in due:
+            for o in members:
+                o._time_since_last_sample, o._sampled = t, sampled
+        members = due[0][3] if len(due) == 1 else [o for o in self.observables if any(o in g[3] for g in due)]
+        for o in members:  # robosuite's order: a sensor may read what an earlier one just put in the cache
+            o.update(timestep=self.dt, obs_cache=self.obs_cache)
+        split = False
+        for group in due:
+            first = group[3][0]
+            group[0], group[1] = first._time_since_last_sample, first._sampled
+            split |= any((o._time_since_last_sample, o._sampled) != (group[0], group[1]) for o in group[3])
+        if split:  # members diverged (e.g. a random sampling delay): regroup by their own timers
+            self.write_back()
+            self.__init__(self.observables, self.dt, self.obs_cache)
+
+    def write_back(self) -> None:
+        for t, sampled, _, members in self.groups:
+            for o in members:
+                o._time_since_last_sample, o._sampled = t, sampled
+
+
+class FastStep:
+    """robosuite's ``MujocoEnv.step`` + LIBERO's ``step`` for one environment (``env``: the robosuite/LIBERO env),
+    returning the same observations, reward and done; see the module docstring for what changes and how it is
+    checked."""
+
+    def __init__(self, env, physics: str = "split", controller: str = "compiled"):
+        if physics not in FAST_PHYSICS:
+            raise ValueError(f"physics must be one of {FAST_PHYSICS}, got '{physics}'.")
+        if controller not in CONTROLLERS:
+            raise ValueError(f"controller must be one of {CONTROLLERS}, got '{controller}'.")
+        self.env, self.physics, self.controller = env, physics, controller
+        self.substeps = int(round(env.control_timestep / env.model_timestep))
+        self._arms: list[_Arm] = []
+        self.compiled = False  # whether the last step ran the compiled controller
+
+    def arms(self) -> list[_Arm]:
+        """The robots' control, rebuilt when robosuite rebuilt its robots (a hard reset)."""
+        if not self._arms or self._arms[0].robot is not self.env.robots[0]:
+            start, self._arms = 0, []
+            for robot in self.env.robots:
+                self._arms.append(_Arm(robot, start))
+                start += robot.action_dim
+        return self._arms
+
+    def __call__(self, action: np.ndarray):
+        import mujoco
+
+        env = self.env
+        if env.done:
+            raise ValueError("executing action in terminated episode")
+        model, data = env.sim.model._model, env.sim.data._data
+        dt = env.model_timestep
+        clocks = _ObservableClocks([o for o in env._observables.values() if o._enabled], dt, env._obs_cache)
+        env.timestep += 1
+        arms = self.arms()
+        # physics="robosuite" is the bit-identical reference: robosuite's controller with its forward passes
+        compiled = self.controller == "compiled" and self.physics != "robosuite" and all(a.compilable for a in arms)
+        kernel = compiled_osc_substep() if compiled else None
+        self.compiled = compiled
+        for a in arms:  # shadows the class method for this step only (reset() still runs robosuite's)
+            a.robot.controller.update = types.MethodType(_osc_update, a.robot.controller)
+            a.robot.controller._fast_forward = self.physics == "robosuite"
+        torques = [None] * len(arms)
+        substeps = [a.bind(kernel, model, data, mujoco) for a in arms] if compiled else []
+        try:
+            for i in range(self.substeps):
+                if self.physics == "robosuite":  # its forward pass (the controller runs a second one)
+                    mujoco.mj_forward(model, data)
+                else:
+                    mujoco.mj_step1(model, data)  # positions and velocities: all that the controller reads
+                    for _ in range(2 if self.physics == "split" else 0):  # the two forward passes' solves
+                        mujoco.mj_fwdActuation(model, data)
+                        mujoco.mj_fwdAcceleration(model, data)
+                        mujoco.mj_fwdConstraint(model, data)
+                for k, a in enumerate(arms):  # robosuite's RobotEnv._pre_action: each robot's slice of the action
+                    arm_action = action[a.start : a.stop]
+                    if not compiled:
+                        a.control(arm_action, policy_step=i == 0)
+                    elif i > 0:
+                        torques[k] = substeps[k]()
+                    elif a.robot.controller.new_update:
+                        a.set_goal(arm_action)
+                        torques[k] = substeps[k]()
+                    else:  # robosuite's controller state is stale (the first step after a reset, which updates
+                        a.control(arm_action, policy_step=True)  # it once, forced): its own code, stale state too
+                        a.pack(arm_action)
+                        torques[k] = a.robot.torques
+                if self.physics == "robosuite":
+                    mujoco.mj_step(model, data)
+                else:
+                    mujoco.mj_step2(model, data)  # actuation, acceleration, constraint solve, integration
+                clocks.tick()
+        finally:
+            clocks.write_back()
+            for k, a in enumerate(arms):
+                del a.robot.controller.update, a.robot.controller._fast_forward
+                if compiled and torques[k] is not None:
+                    a.finish_step(torques[k])
+        env.cur_time += env.control_timestep
+        success = env._check_success()  # LIBERO's reward: 1 on success (times reward_scale)
+        reward = (1.0 if success else 0.0) * (env.reward_scale / 1.0 if env.reward_scale is not None else 1.0)
+        env.done = (env.timestep >= env.horizon) and not env.ignore_done
+        env._post_process()
+        if env.tracking_object_states_change:  # LIBERO's done is checked after _post_process updated them
+            success = env._check_success()
+        return env._get_observations(), reward, success, {}
