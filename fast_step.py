@@ -96,6 +96,41 @@ def _lambda(jac, mass_inv):
     return _spd_inverse(_matmul(_matmul(jac, mass_inv), jac, transpose_b=True))
 
 
+def quat2mat(quaternion):
+    """robosuite's ``transform_utils.quat2mat`` (it rounds the quaternion to float32 first); the compiled kernel
+    calls robosuite's own compiled function."""
+    from robosuite.utils.transform_utils import quat2mat as robosuite_quat2mat
+
+    return robosuite_quat2mat(quaternion)
+
+
+def osc_goal(action, site_xpos, site_xmat, site, scaling, goal):
+    """robosuite's ``OperationalSpaceController.set_goal`` for LIBERO's delta pose actions, once per env step: the
+    6-D action clipped and scaled (``scale_action``; ``scaling`` rows: input min, input max, input centre, scale,
+    output centre), the goal position the end effector's plus the position delta, and the goal orientation the end
+    effector's rotated by the axis-angle delta, unless that delta is exactly zero (the previous goal orientation
+    stays). Writes ``goal`` (12: position, row-major orientation)."""
+    delta = np.empty(6)
+    for i in range(6):
+        delta[i] = (min(max(action[i], scaling[0, i]), scaling[1, i]) - scaling[2, i]) * scaling[3, i] + scaling[4, i]
+    if delta[3] != 0.0 or delta[4] != 0.0 or delta[5] != 0.0:
+        angle = np.sqrt(delta[3] * delta[3] + delta[4] * delta[4] + delta[5] * delta[5])
+        quat = np.array([0.0, 0.0, 0.0, 1.0])  # robosuite's axisangle2quat
+        if angle != 0.0:
+            quat[3] = np.cos(angle / 2.0)
+            for i in range(3):
+                quat[i] = delta[3 + i] / angle * np.sin(angle / 2.0)
+        rotation = quat2mat(quat)
+        current = site_xmat[site].reshape(3, 3)
+        for i in range(3):
+            for j in range(3):
+                goal[3 + 3 * i + j] = (
+                    rotation[i, 0] * current[0, j] + rotation[i, 1] * current[1, j] + rotation[i, 2] * current[2, j]
+                )
+    for i in range(3):
+        goal[i] = site_xpos[site, i] + delta[i]
+
+
 def osc_substep(qpos, qvel, qfrc_bias, site_xpos, site_xmat, jacp, jacr, full_mass, ctrl, goal, gains, joints,
                 ids, gripper, uncouple):  # fmt: skip
     """One substep of robosuite's ``OSC_POSE`` controller and the Panda gripper: writes the actuator controls.
@@ -166,21 +201,28 @@ def osc_substep(qpos, qvel, qfrc_bias, site_xpos, site_xmat, jacp, jacr, full_ma
     return torques
 
 
-KERNEL = ("_matmul", "_matvec", "_spd_inverse", "_lambda", "osc_substep")  # compiled together, callees first
+KERNEL = ("_matmul", "_matvec", "_spd_inverse", "_lambda", "osc_goal", "osc_substep")  # compiled together
 
 
-@cache
 def compiled(name: str = "osc_substep"):
     """A kernel function (:data:`KERNEL`) compiled by numba (robosuite's own dependency; cached on disk after the
     first build). The Python functions above stay the readable reference and run the same arithmetic uncompiled."""
+    return _compiled_kernel()[name]
+
+
+@cache
+def _compiled_kernel() -> dict:
     import numba
+    from robosuite.utils.transform_utils import quat2mat as robosuite_quat2mat
 
     namespace = dict(globals())  # the kernel's callees resolve to their compiled versions
+    is_compiled = isinstance(robosuite_quat2mat, numba.core.registry.CPUDispatcher)  # robosuite's ENABLE_NUMBA
+    namespace["quat2mat"] = robosuite_quat2mat if is_compiled else numba.njit(robosuite_quat2mat)
     for fn_name in KERNEL:
         fn = globals()[fn_name]
         code = types.FunctionType(fn.__code__, namespace, fn_name, fn.__defaults__)
         namespace[fn_name] = numba.njit(cache=True)(code)
-    return namespace[name]
+    return namespace
 
 
 def compiled_osc_substep():
@@ -212,6 +254,10 @@ class _Arm:
             and controller.impedance_mode == "fixed"
             and controller.interpolator_pos is None
             and controller.interpolator_ori is None
+            and controller.use_delta
+            and controller.use_ori
+            and controller.position_limits is None
+            and controller.orientation_limits is None
             and type(robot.gripper).__name__ == "PandaGripper"
         )
         n, nv, g = len(controller.qvel_index), model.nv, len(self.gripper_ids)
@@ -225,6 +271,12 @@ class _Arm:
         self.goal, self.gains = np.zeros(12), np.zeros((2, 6))
         self.gripper = np.stack([np.zeros(g), np.zeros(g), self.gripper_bias, self.gripper_weight])
         self.uncouple = bool(getattr(controller, "uncoupling", True))
+        if self.compilable:  # robosuite's scale_action as rows: input min, max, centre, scale, output centre
+            low, high = controller.input_min * np.ones(6), controller.input_max * np.ones(6)
+            out_low, out_high = controller.output_min * np.ones(6), controller.output_max * np.ones(6)
+            scale = np.abs(out_high - out_low) / np.abs(high - low)
+            self.scaling = np.stack([low, high, (high + low) / 2.0, scale, (out_high + out_low) / 2.0])
+        self._goal_pos = self._goal_ori = None  # the arrays last handed to robosuite's controller
 
     # robosuite's controller (controller="robosuite"), its state update by _osc_update
     def control(self, action: np.ndarray, policy_step: bool) -> None:
@@ -238,16 +290,23 @@ class _Arm:
         data.ctrl[robot._ref_joint_actuator_indexes] = robot.torques
 
     # the compiled controller (controller="compiled")
-    def set_goal(self, action: np.ndarray) -> None:
-        """The first substep of an env step: robosuite's ``set_goal`` (its state update by :func:`_osc_update`),
-        then the goal, gains, posture and gripper increment packed for :func:`osc_substep`."""
+    def set_goal(self, action: np.ndarray, data) -> None:
+        """The first substep of an env step: the goal from the fresh end-effector pose (:func:`osc_goal`), the
+        gripper's increment for this step, the controller's posture and gains."""
         controller = self.robot.controller
-        controller.set_goal(action[: controller.control_dim])
-        self.pack(action)
+        if controller.goal_pos is not self._goal_pos or controller.goal_ori is not self._goal_ori:
+            self.goal[:3], self.goal[3:] = controller.goal_pos, np.asarray(controller.goal_ori).reshape(-1)  # reset
+        compiled("osc_goal")(action, data.site_xpos, data.site_xmat, self.ids[3, 0], self.scaling, self.goal)
+        self.pack_step(action)
 
     def pack(self, action: np.ndarray) -> None:
-        robot, controller = self.robot, self.robot.controller
+        """After robosuite's own ``set_goal``: its goal, and the rest of the step's controller inputs."""
+        controller = self.robot.controller
         self.goal[:3], self.goal[3:] = controller.goal_pos, np.asarray(controller.goal_ori).reshape(-1)
+        self.pack_step(action)
+
+    def pack_step(self, action: np.ndarray) -> None:
+        robot, controller = self.robot, self.robot.controller
         self.gains[0], self.gains[1] = controller.kp, controller.kd
         self.joints[0] = controller.initial_joint
         gripper = robot.gripper
@@ -272,9 +331,12 @@ class _Arm:
     def finish_step(self, torques: np.ndarray) -> None:
         """Leave robosuite's objects as its own step would: the gripper's ramped command, the last torques, and the
         controller due for a state update at the next ``set_goal``."""
-        self.robot.gripper.current_action = self.gripper[0].copy()
-        self.robot.torques = torques
-        self.robot.controller.new_update = True
+        robot, controller = self.robot, self.robot.controller
+        robot.gripper.current_action = self.gripper[0].copy()
+        robot.torques = torques
+        controller.goal_pos, controller.goal_ori = self.goal[:3].copy(), self.goal[3:].reshape(3, 3).copy()
+        self._goal_pos, self._goal_ori = controller.goal_pos, controller.goal_ori
+        controller.new_update = True
 
 
 def _osc_update(self, force: bool = False) -> None:
@@ -426,7 +488,7 @@ class FastStep:
                     elif i > 0:
                         torques[k] = substeps[k]()
                     elif a.robot.controller.new_update:
-                        a.set_goal(arm_action)
+                        a.set_goal(arm_action, data)
                         torques[k] = substeps[k]()
                     else:  # robosuite's controller state is stale (the first step after a reset, which updates
                         a.control(arm_action, policy_step=True)  # it once, forced): its own code, stale state too

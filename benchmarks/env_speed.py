@@ -9,10 +9,14 @@
   rollout with the sampler, then the update) of ppo_diffusion.py's machinery;
 * many envs on few cores (``--grouped``): env-steps/s and resident memory per env of the vector env with 2, 8, 16
   and 32 envs, one worker process per env vs the envs grouped over one worker per core (physics only, fast step),
-  and one PPO iteration at the CPU recipe's batch (16 envs x 35 chunks) with grouped workers.
+  and one PPO iteration at the CPU recipe's batch (16 envs x 35 chunks) with grouped workers;
+* stock vs fast stepping (``--stepping-only``): one env with robosuite's controller and the compiled one
+  (fast_step.py), the raw ``mj_step`` floor, grouped workers at 8 and 16 envs, one PPO iteration at the convergence
+  recipe's batch (16 envs x 140 chunks), stock and fast, and where the fast path's time goes.
 
     python benchmarks/env_speed.py --task-id 10 --image-size 128
     python benchmarks/env_speed.py --grouped-only
+    python benchmarks/env_speed.py --stepping-only
 """
 
 import os
@@ -51,6 +55,11 @@ class Args:
     """env counts of the grouped comparison (a count whose estimated memory exceeds what is free is skipped)"""
     grouped_chunks: int = 20
     """chunk steps (8 actions each) timed per env in the grouped comparison"""
+    recipe_chunks: int = 140
+    """chunk steps per env of the PPO iteration timed by ``--stepping-only`` (the convergence recipe: 140)"""
+    stepping_only: bool = False
+    """only stock vs fast stepping: one env (each controller and physics variant, the raw mj_step floor), grouped
+    workers at 8 and 16 envs, one PPO iteration at the convergence recipe's batch, and the fast path's profile"""
 
 
 def timed(fn, n):
@@ -67,6 +76,9 @@ def main(args: Args) -> None:
     actions = rng.uniform(-0.3, 0.3, (args.num_steps, 7))
     if args.grouped_only:
         grouped_vs_per_process(args, task)
+        return
+    if args.stepping_only:
+        stepping(args, task, actions)
         return
     if not args.only_fast:
         stock_speeds(args, task, rng, actions)
@@ -155,7 +167,7 @@ def mj_step_floor(task: le.Task, n: int = 2000) -> float:
     for _ in range(n):
         mujoco.mj_step(model, data)
     sec = (time.perf_counter() - start) / n
-    substeps = env._substeps
+    substeps = env._fast.substeps
     env.close()
     return 1.0 / (sec * substeps)
 
@@ -295,6 +307,56 @@ def grouped_vs_per_process(args: Args, task: le.Task) -> None:
     rollout, update = ppo_iteration_s(task, True, 35, num_envs=16, minibatch=700)
     print(f"PPO iteration at the CPU recipe's batch (16 envs x 35 chunks, grouped, fast): rollout {rollout:5.1f} s "
           f"+ update {update:5.1f} s = {rollout + update:5.1f} s")  # fmt: skip
+
+
+def stepping(args: Args, task: le.Task, actions: np.ndarray, repeats: int = 3) -> None:
+    """Stock vs fast stepping, side by side: each variant timed ``repeats`` times in turn (best taken), so a load that
+    comes and goes slows them alike."""
+    variants = {"stock (robosuite's loop)": {}}
+    variants["fast, robosuite controller"] = dict(fast_step=True, controller="robosuite")
+    variants["fast, compiled controller"] = dict(fast_step=True)  # the default of fast_step=True
+    variants["fast, compiled, split1"] = dict(fast_step=True, physics="split1")  # not robosuite's dynamics
+    envs = {name: le.make_env(task, obs_mode="state", **kw) for name, kw in variants.items()}
+    best = dict.fromkeys(envs, 0.0)
+    floor = 0.0
+    for _ in range(repeats):
+        for name, env in envs.items():
+            best[name] = max(best[name], env_steps_per_s(env, actions, None))
+        floor = max(floor, mj_step_floor(task))
+    for env in envs.values():
+        env.close()
+    stock = best["stock (robosuite's loop)"]
+    print(f"\none env, physics only, env-steps/s (best of {repeats}, {len(actions)} steps in chunks of 8)")
+    for name, sps in best.items():
+        print(f"  {name:<28} {sps:7.1f}   {sps / stock:5.2f}x stock   {floor / sps:5.2f}x from the floor")
+    print(f"  {'raw mj_step floor':<28} {floor:7.1f}   {floor / stock:5.2f}x stock")
+
+    cores = le.default_num_workers(10**6)
+    rng = np.random.default_rng(1)
+    for num_envs in (8, 16):
+        row = {}
+        for fast in (False, True):
+            with le.VectorLiberoEnv(task, num_envs, obs_mode="state", fast_step=fast) as venv:
+                ids = list(range(num_envs))
+                venv.reset(ids, ids, ids, render=False)
+                chunks = rng.uniform(-0.3, 0.3, (args.grouped_chunks, num_envs, 8, 7))
+                venv.step_chunk(ids, chunks[0], render=False)  # warm-up
+                start = time.perf_counter()
+                for chunk in chunks:
+                    venv.step_chunk(ids, chunk, render=False)
+                row[fast] = num_envs * 8 * len(chunks) / (time.perf_counter() - start)
+        print(f"{num_envs:3d} envs grouped over {cores} workers: stock {row[False]:7.1f}  fast {row[True]:7.1f} "
+              f"env-steps/s  ({row[True] / row[False]:.2f}x)")  # fmt: skip
+
+    totals = {}
+    for fast in (False, True):
+        rollout, update = ppo_iteration_s(task, fast, args.recipe_chunks, num_envs=16, minibatch=2800)
+        totals[fast] = rollout + update
+        path = "fast " if fast else "stock"
+        print(f"PPO iteration at the convergence recipe's batch (16 envs x {args.recipe_chunks} chunks), {path}: "
+              f"rollout {rollout:6.1f} s + update {update:5.1f} s = {totals[fast]:6.1f} s")  # fmt: skip
+    print(f"PPO iteration: stock / fast = {totals[False] / totals[True]:.2f}x")
+    profile_fast_path(task, actions)
 
 
 def profile_fast_path(task: le.Task, actions: np.ndarray, top: int = 14) -> None:

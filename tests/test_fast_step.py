@@ -150,31 +150,42 @@ def test_fast_step_keeps_robosuites_dynamics(suite, local_id):
 
 @pytest.mark.sim
 @pytest.mark.parametrize("suite,local_id", [("libero_object", 0), ("libero_goal", 0)])
-def test_compiled_controller_torques_match_robosuites_run_controller(suite, local_id):
-    """On 40 states recorded along a random-action rollout: robosuite's ``set_goal`` + ``run_controller`` (+ the
-    torque clip of ``SingleArm.control``) against the compiled kernel and its uncompiled Python reference, with the
-    position/orientation decoupling LIBERO uses and without it. Bound: 1e-10 (torques up to ~80 N m)."""
+def test_compiled_controller_matches_robosuites_set_goal_and_run_controller(suite, local_id):
+    """On 40 states recorded along a random-action rollout (every 4th action without rotation: the goal orientation
+    stays): robosuite's ``set_goal`` against :func:`fast_step.osc_goal` (compiled and Python), then
+    ``run_controller`` (+ the torque clip of ``SingleArm.control``) against the compiled kernel and its Python
+    reference, with the position/orientation decoupling LIBERO uses and without it. Bounds: goal 1e-12, torques
+    1e-10 (torques up to ~80 N m)."""
     import mujoco
 
     task = le.resolve_task(suite, local_id)
     env = le.make_env(task, obs_mode="state", fast_step=True)
-    kernel = fs.compiled_osc_substep()
-    worst, largest = 0.0, 0.0
+    kernel, goal_kernel = fs.compiled_osc_substep(), fs.compiled("osc_goal")
+    worst, worst_goal, largest = 0.0, 0.0, 0.0
+    actions = random_actions(40, seed=1)
+    actions[::4, 3:6] = 0.0
     try:
         env.reset(5, 5, render=False)
         sim = env.env.sim
         model, data = sim.model._model, sim.data._data
         arm = env._fast.arms()[0]
         controller = arm.robot.controller
-        for action in random_actions(40, seed=1):
+        site = arm.ids[3, 0]
+        for action in actions:
             env.step_chunk(action[None], render=False)
             mujoco.mj_forward(model, data)
             for uncouple in (True, False):
                 ctrl, gripper = data.ctrl.copy(), arm.robot.gripper.current_action.copy()
+                previous = np.concatenate([controller.goal_pos, np.asarray(controller.goal_ori).reshape(-1)])
                 controller.uncoupling = arm.uncouple = uncouple
                 controller.update(force=True)
                 controller.set_goal(action[:6])
                 reference = np.clip(controller.run_controller(), arm.torque_low, arm.torque_high)
+                for goal_fn in (goal_kernel, fs.osc_goal):
+                    goal = previous.copy()
+                    goal_fn(action, data.site_xpos, data.site_xmat, site, arm.scaling, goal)
+                    expected = np.concatenate([controller.goal_pos, np.asarray(controller.goal_ori).reshape(-1)])
+                    worst_goal = max(worst_goal, np.abs(goal - expected).max())
                 arm.pack(action)
                 gripper_state = arm.gripper.copy()
                 compiled = arm.bind(kernel, model, data, mujoco)()  # also fills jacp, jacr, full_mass
@@ -192,4 +203,5 @@ def test_compiled_controller_torques_match_robosuites_run_controller(suite, loca
     finally:
         env.close()
     assert largest > 5.0  # the rollout drove the arm: torques well above gravity compensation's noise
+    assert worst_goal < 1e-12, f"goals differ from robosuite's set_goal by {worst_goal:.2e}"
     assert worst < 1e-10, f"compiled torques differ from robosuite's by {worst:.2e}"
