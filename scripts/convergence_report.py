@@ -139,8 +139,10 @@ def rollout_success(run: dict, first: bool, n: int = 5) -> float:
 
 
 def ablation_table(runs: list[dict]) -> list[str]:
-    lines = ["| run | envs x chunks | actor LR | clip (first -> last step) | target KL | epochs | env steps | rollout "
-             "success, first 5 -> last 5 iterations | in-run evals (eval mode; eta0) | mean EV | final (200 ep.) |",
+    lines = ["| run | envs x chunks | actor LR | clip (first -> last step) | target KL | gradient steps per iteration "
+             "(epochs x minibatches) | env steps | rollout "
+             "success, first 5 -> last 5 iterations | in-run evals (eval mode; eta0) | mean EV | "
+             "final (200 ep., every mode) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for run in runs:
         a = run["args"]
@@ -156,10 +158,13 @@ def ablation_table(runs: list[dict]) -> list[str]:
         final = "–"
         if run["final"]:
             f = run["final"]
-            final = f"{f['eval_mode']} " + rate(f[f["eval_mode"]]["success_rate"], f["episodes"])
+            final = "; ".join(f"{m} " + rate(f[m]["success_rate"], f["episodes"]) for m in MODES if m in f)
         steps = max(r.get("env_steps", 0) for r in run["rows"])
+        pairs = a["num_envs"] * a["num_steps"] * a.get("ft_denoising_steps", 5)  # (chunk, denoising step) pairs
+        minibatches = max(1, pairs // a["minibatch_size"])  # full minibatches, the remainder dropped
+        grad = f"{a['update_epochs'] * minibatches} ({a['update_epochs']} x {minibatches})"
         lines.append(f"| {run['name'].split('__')[0]} | {a['num_envs']} x {a.get('num_steps')} | {lr} | {clip} | "
-                     f"{a.get('target_kl')} | {a['update_epochs']} | {steps / 1e3:.0f}k | "
+                     f"{a.get('target_kl')} | {grad} | {steps / 1e3:.0f}k | "
                      f"{100 * rollout_success(run, True):.0f} → {100 * rollout_success(run, False):.0f} | {curve} | "
                      f"{ev:.2f} | {final} |")  # fmt: skip
     return lines
