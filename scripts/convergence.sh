@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 ROOT=${CONV_ROOT:-convergence}
-ITERS=${ITERS:-40}                   # PPO iterations (x 16 envs x 140 chunks x 8 actions = 17,920 env steps each)
+ITERS=${ITERS:-83}                   # PPO iterations x 17,920 env steps (16 envs x 140 chunks x 8) = 1.49M: the goal's budget
 EVAL_EVERY=${EVAL_EVERY:-10}
 FINAL_EPISODES=${FINAL_EPISODES:-200}
 ABLATION=${ABLATION:-}               # name of a recipe variation (EXTRA flags); results under docs/convergence/ablations
