@@ -70,13 +70,14 @@ def figure(run: dict, out: str, title: str) -> None:
         ax.plot(steps, rates, color="0.75", lw=0.8, label="rollouts (sample), per iteration")
         ax.plot(steps, smooth, color="C1", lw=1.2, label=f"rollouts (sample), mean of {w} iterations")
     mode = run["args"].get("eval_mode", "eta0")
+    colors = {"sample": "C0", "mean": "C3", "eta0": "C2"}  # one colour per action mode, curves and final stars alike
     curve = evals(run)
     if curve:
-        ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", color="C0", label=f"eval: {mode} (50 episodes)")
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", color=colors.get(mode, "C0"),
+                label=f"eval: {mode} (50 episodes)")  # fmt: skip
     eta0 = evals(run, "eval_eta0/success_rate")
     if eta0 and mode != "eta0":
         ax.plot([c[0] for c in eta0], [c[1] for c in eta0], "s--", color="C2", label="eval: eta0 (50 episodes)")
-    colors = {"sample": "C0", "mean": "C3", "eta0": "C2"}
     if run["final"]:
         f = run["final"]
         for m in MODES:
