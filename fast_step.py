@@ -13,24 +13,26 @@ control, OSC) and two extra forward passes. :class:`FastStep` runs the same dyna
 2. **The arm controller** (``controller``). ``compiled`` (default): robosuite's OSC (``OSC_POSE``, fixed impedance, no
    interpolator: LIBERO's configuration) and the Panda gripper's ramp as one numba routine per substep
    (:func:`osc_substep`), fed by two MuJoCo calls (``mj_jacSite``, ``mj_fullM``); the dozens of NumPy calls on
-   7x7 matrices robosuite makes per substep are what made the controller ~43 % of the step. Its torques agree with
-   robosuite's ``run_controller`` to ~1e-12 (the inverses are Cholesky-based, robosuite's are LAPACK's ``inv`` and
-   SVD ``pinv``: the same matrices, other rounding). ``robosuite``: robosuite's own ``set_goal``/``run_controller``
-   with its state update done by one ``mj_jacSite`` instead of four; with ``physics="robosuite"`` the whole step is
-   then bit-identical to robosuite's loop.
+   7x7 matrices robosuite makes per substep are what made the controller ~43 % of the step. The substeps after the
+   first of an env step run as one compiled call (:func:`osc_substeps`: MuJoCo's C functions called directly, the
+   physics of a substep before the observable ticks that only advance timers), so a substep costs no Python.
+   Its torques agree with robosuite's ``run_controller`` to ~1e-12 (the inverses are Cholesky-based, robosuite's are
+   LAPACK's ``inv`` and SVD ``pinv``: the same matrices, other rounding). ``robosuite``: robosuite's own
+   ``set_goal``/``run_controller`` with its state update done by one ``mj_jacSite`` instead of four; with
+   ``physics="robosuite"`` the whole step is then bit-identical to robosuite's loop.
 3. **Observations.** Observables advance their timers each substep but compute their sensors only on the substeps
    where robosuite samples them (the first of each step: the same observations); LIBERO's success predicates run
    once per step (twice for tasks whose object states change in ``_post_process``, e.g. a stove turned on).
 
-robosuite's loop stays the reference: tests/test_libero_env.py steps five tasks of four suites side by side (320
-steps, every chunk compared, states within 1e-9) and compares the compiled torques with ``run_controller`` on
-recorded states (1e-10). ``benchmarks/env_speed.py`` measures each variant against the stock loop.
+robosuite's loop stays the reference: tests/test_fast_step.py steps five tasks of four suites side by side (320
+steps, every chunk compared, states within 1e-9), compares the compiled torques with ``run_controller`` on
+recorded states (1e-10) and the compiled substep loop with the Python one (bit for bit). ``benchmarks/env_speed.py`` measures each variant against the stock loop.
 """
 
 from __future__ import annotations
 
 import types
-from functools import cache
+from functools import cache, partial
 
 import numpy as np
 
@@ -201,7 +203,40 @@ def osc_substep(qpos, qvel, qfrc_bias, site_xpos, site_xmat, jacp, jacr, full_ma
     return torques
 
 
-KERNEL = ("_matmul", "_matvec", "_spd_inverse", "_lambda", "osc_goal", "osc_substep")  # compiled together
+def osc_substeps(count, mj, model, data, solves, site, jacp, jacr, full_mass, qM, qpos, qvel, qfrc_bias, site_xpos,
+                 site_xmat, ctrl, goal, gains, joints, ids, gripper, uncouple):  # fmt: skip
+    """``count`` substeps of the ``split`` physics with the controller (:func:`osc_substep`) in between, for an arm
+    whose goal is set: the substeps that follow the first of an env step, in one call. ``mj``: MuJoCo's C functions
+    (:func:`mujoco_c_functions`), called with the addresses of the ``mjModel`` and ``mjData`` (``model``, ``data``),
+    in the order the Python loop of :class:`FastStep` calls them; ``solves``: the constraint solves before the
+    controller's (2 for ``split``, 0 for ``split1``); the arrays are views of ``data`` and the controller's inputs,
+    as for :func:`osc_substep`. Returns the last substep's torques."""
+    step1, actuation, acceleration, constraint, jac_site, full_m, step2 = mj
+    torques = np.zeros(0)
+    for _ in range(count):
+        step1(model, data)
+        if solves > 0:
+            actuation(model, data)  # the solves' inputs: the same for each, as neither ctrl nor the state changes
+            acceleration(model, data)
+            for _ in range(solves):
+                constraint(model, data)
+        jac_site(model, data, jacp.ctypes.data, jacr.ctypes.data, site)
+        full_m(model, full_mass.ctypes.data, qM.ctypes.data)
+        torques = osc_substep(qpos, qvel, qfrc_bias, site_xpos, site_xmat, jacp, jacr, full_mass, ctrl, goal, gains,
+                              joints, ids, gripper, uncouple)  # fmt: skip
+        step2(model, data)
+    return torques
+
+
+KERNEL = (
+    "_matmul",
+    "_matvec",
+    "_spd_inverse",
+    "_lambda",
+    "osc_goal",
+    "osc_substep",
+    "osc_substeps",
+)  # compiled together
 
 
 def compiled(name: str = "osc_substep"):
@@ -227,6 +262,44 @@ def _compiled_kernel() -> dict:
 
 def compiled_osc_substep():
     return compiled("osc_substep")
+
+
+MUJOCO_C_FUNCTIONS = (  # what osc_substeps calls, with its argument types: "p" a pointer, "i" an int
+    ("mj_step1", "pp"), ("mj_fwdActuation", "pp"), ("mj_fwdAcceleration", "pp"), ("mj_fwdConstraint", "pp"),
+    ("mj_jacSite", "ppppi"), ("mj_fullM", "ppp"), ("mj_step2", "pp"),
+)  # fmt: skip
+
+
+@cache
+def mujoco_c_functions() -> tuple | None:
+    """MuJoCo's C functions that :func:`osc_substeps` calls, from the shared library the ``mujoco`` package loaded
+    (ctypes; pointers passed as addresses), or None where that library cannot be found or is another version (the
+    step then stays in Python, with the same results)."""
+    import ctypes
+    import glob
+    import os
+
+    import mujoco
+
+    folder = os.path.dirname(mujoco.__file__)
+    paths = sorted(glob.glob(os.path.join(folder, "libmujoco.so*")) + glob.glob(os.path.join(folder, "*mujoco*.dylib")))
+    paths += glob.glob(os.path.join(folder, "mujoco.dll"))
+    if not paths:
+        return None
+    try:
+        lib = ctypes.CDLL(paths[0])
+        lib.mj_version.restype = ctypes.c_int
+        if lib.mj_version() != mujoco.mj_version():
+            return None
+        types_ = {"p": ctypes.c_size_t, "i": ctypes.c_int}  # a pointer is passed as a size_t (the same ABI)
+        functions = []
+        for name, args in MUJOCO_C_FUNCTIONS:
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = [types_[a] for a in args], None
+            functions.append(fn)
+    except (OSError, AttributeError):
+        return None
+    return tuple(functions)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -328,6 +401,14 @@ class _Arm:
 
         return substep
 
+    def bind_substeps(self, kernel, mj, model, data, solves: int):
+        """The substeps after the first of this step as one compiled call (:func:`osc_substeps`): a function of the
+        number of substeps to run, returning the last torques."""
+        args = (mj, model._address, data._address, solves, int(self.ids[3, 0]), self.jacp, self.jacr, self.full_mass,
+                data.qM, data.qpos, data.qvel, data.qfrc_bias, data.site_xpos, data.site_xmat, data.ctrl, self.goal,
+                self.gains, self.joints, self.ids, self.gripper, self.uncouple)  # fmt: skip
+        return lambda count: kernel(count, *args)
+
     def finish_step(self, torques: np.ndarray) -> None:
         """Leave robosuite's objects as its own step would: the gripper's ramped command, the last torques, and the
         controller due for a state update at the next ``set_goal``."""
@@ -421,6 +502,23 @@ class _ObservableClocks:
             self.write_back()
             self.__init__(self.observables, self.dt, self.obs_cache)
 
+    def quiet(self, limit: int) -> int:
+        """How many of the next ``limit`` ticks would only advance timers (no observable samples or regroups): the
+        physics of that many substeps, and of the one after, can run before their ticks."""
+        state = [(t, sampled, period) for t, sampled, period, _ in self.groups]
+        for k in range(limit):
+            if not all(sampled for _, sampled, _ in state):
+                return k
+            advanced = []
+            for t, sampled, period in state:  # as tick() does
+                t += self.dt
+                if t >= period:
+                    t %= period
+                    sampled = False
+                advanced.append((t, sampled, period))
+            state = advanced
+        return limit
+
     def write_back(self) -> None:
         for t, sampled, _, members in self.groups:
             for o in members:
@@ -441,6 +539,28 @@ class FastStep:
         self.substeps = int(round(env.control_timestep / env.model_timestep))
         self._arms: list[_Arm] = []
         self.compiled = False  # whether the last step ran the compiled controller
+        self.compiled_loop = True  # the substeps after an env step's first in one compiled call (osc_substeps)
+
+    def _forward(self, model, data, mujoco):
+        """What runs before the controller in each substep, as one function of no arguments."""
+        if self.physics == "robosuite":  # its forward pass (the controller runs a second one)
+            return partial(mujoco.mj_forward, model, data)
+        step1 = partial(mujoco.mj_step1, model, data)  # positions and velocities: all the controller reads
+        if self.physics == "split1":
+            return step1
+        actuation, acceleration, constraint = (
+            partial(f, model, data)
+            for f in (mujoco.mj_fwdActuation, mujoco.mj_fwdAcceleration, mujoco.mj_fwdConstraint)
+        )
+
+        def split() -> None:  # robosuite's two forward passes' constraint solves, each warm-starting the next
+            step1()
+            actuation()  # the solves' inputs (actuator forces, smooth acceleration): the same for both, as
+            acceleration()  # neither ctrl nor the state changes between them
+            constraint()
+            constraint()
+
+        return split
 
     def arms(self) -> list[_Arm]:
         """The robots' control, rebuilt when robosuite rebuilt its robots (a hard reset)."""
@@ -465,40 +585,53 @@ class FastStep:
         # physics="robosuite" is the bit-identical reference: robosuite's controller with its forward passes
         compiled = self.controller == "compiled" and self.physics != "robosuite" and all(a.compilable for a in arms)
         kernel = compiled_osc_substep() if compiled else None
+        loop = compiled and self.compiled_loop and len(arms) == 1
+        mj = mujoco_c_functions() if loop else None  # the substep loop compiled too (None: not found)
         self.compiled = compiled
         for a in arms:  # shadows the class method for this step only (reset() still runs robosuite's)
             a.robot.controller.update = types.MethodType(_osc_update, a.robot.controller)
             a.robot.controller._fast_forward = self.physics == "robosuite"
         torques = [None] * len(arms)
         substeps = [a.bind(kernel, model, data, mujoco) for a in arms] if compiled else []
+        forward = self._forward(model, data, mujoco)
+        step2 = mujoco.mj_step if self.physics == "robosuite" else mujoco.mj_step2
         try:
-            for i in range(self.substeps):
-                if self.physics == "robosuite":  # its forward pass (the controller runs a second one)
-                    mujoco.mj_forward(model, data)
+            forward()
+            for k, a in enumerate(arms):  # robosuite's RobotEnv._pre_action: each robot's slice of the action
+                arm_action = action[a.start : a.stop]
+                if not compiled:
+                    a.control(arm_action, policy_step=True)
+                elif a.robot.controller.new_update:
+                    a.set_goal(arm_action, data)
+                    torques[k] = substeps[k]()
+                else:  # robosuite's controller state is stale (the first step after a reset, which updates it
+                    a.control(arm_action, policy_step=True)  # once, forced): its own code, stale state too
+                    a.pack(arm_action)
+                    torques[k] = a.robot.torques
+            step2(model, data)  # (mj_step2: actuation, acceleration, constraint solve, integration)
+            clocks.tick()
+            # the other substeps: the goal is set, so each is the physics, the controller and the clocks
+            arm_actions = [action[a.start : a.stop] for a in arms]
+            tick, i = clocks.tick, 1
+            if mj is not None:  # in compiled runs up to each substep whose tick samples an observable
+                solves = 2 if self.physics == "split" else 0
+                run = arms[0].bind_substeps(_compiled_kernel()["osc_substeps"], mj, model, data, solves)
+                while i < self.substeps:
+                    count = min(clocks.quiet(self.substeps - i) + 1, self.substeps - i)
+                    torques[0] = run(count)
+                    for _ in range(count):
+                        tick()
+                    i += count
+            for _ in range(i, self.substeps):
+                forward()
+                if compiled:
+                    for k, substep in enumerate(substeps):
+                        torques[k] = substep()
                 else:
-                    mujoco.mj_step1(model, data)  # positions and velocities: all that the controller reads
-                    for _ in range(2 if self.physics == "split" else 0):  # the two forward passes' solves
-                        mujoco.mj_fwdActuation(model, data)
-                        mujoco.mj_fwdAcceleration(model, data)
-                        mujoco.mj_fwdConstraint(model, data)
-                for k, a in enumerate(arms):  # robosuite's RobotEnv._pre_action: each robot's slice of the action
-                    arm_action = action[a.start : a.stop]
-                    if not compiled:
-                        a.control(arm_action, policy_step=i == 0)
-                    elif i > 0:
-                        torques[k] = substeps[k]()
-                    elif a.robot.controller.new_update:
-                        a.set_goal(arm_action, data)
-                        torques[k] = substeps[k]()
-                    else:  # robosuite's controller state is stale (the first step after a reset, which updates
-                        a.control(arm_action, policy_step=True)  # it once, forced): its own code, stale state too
-                        a.pack(arm_action)
-                        torques[k] = a.robot.torques
-                if self.physics == "robosuite":
-                    mujoco.mj_step(model, data)
-                else:
-                    mujoco.mj_step2(model, data)  # actuation, acceleration, constraint solve, integration
-                clocks.tick()
+                    for a, arm_action in zip(arms, arm_actions):
+                        a.control(arm_action, policy_step=False)
+                step2(model, data)
+                tick()
         finally:
             clocks.write_back()
             for k, a in enumerate(arms):

@@ -56,7 +56,9 @@ class Args:
     grouped_chunks: int = 20
     """chunk steps (8 actions each) timed per env in the grouped comparison"""
     recipe_chunks: int = 140
-    """chunk steps per env of the PPO iteration timed by ``--stepping-only`` (the convergence recipe: 140)"""
+    """chunk steps per env of the PPO iteration timed by ``--stepping-only`` (the recipe's: 140; 0: not timed)"""
+    stepping_grouped: tuple[int, ...] = (8, 16)
+    """env counts of ``--stepping-only``'s grouped-worker comparison (none: one env only)"""
     stepping_only: bool = False
     """only stock vs fast stepping: one env (each controller and physics variant, the raw mj_step floor), grouped
     workers at 8 and 16 envs, one PPO iteration at the convergence recipe's batch, and the fast path's profile"""
@@ -314,9 +316,11 @@ def stepping(args: Args, task: le.Task, actions: np.ndarray, repeats: int = 3) -
     comes and goes slows them alike."""
     variants = {"stock (robosuite's loop)": {}}
     variants["fast, robosuite controller"] = dict(fast_step=True, controller="robosuite")
+    variants["fast, compiled, Python loop"] = dict(fast_step=True)  # each substep called from Python
     variants["fast, compiled controller"] = dict(fast_step=True)  # the default of fast_step=True
     variants["fast, compiled, split1"] = dict(fast_step=True, physics="split1")  # not robosuite's dynamics
     envs = {name: le.make_env(task, obs_mode="state", **kw) for name, kw in variants.items()}
+    envs["fast, compiled, Python loop"]._fast.compiled_loop = False
     best = dict.fromkeys(envs, 0.0)
     floor = 0.0
     for _ in range(repeats):
@@ -333,7 +337,7 @@ def stepping(args: Args, task: le.Task, actions: np.ndarray, repeats: int = 3) -
 
     cores = le.default_num_workers(10**6)
     rng = np.random.default_rng(1)
-    for num_envs in (8, 16):
+    for num_envs in args.stepping_grouped:
         row = {}
         for fast in (False, True):
             with le.VectorLiberoEnv(task, num_envs, obs_mode="state", fast_step=fast) as venv:
@@ -349,13 +353,14 @@ def stepping(args: Args, task: le.Task, actions: np.ndarray, repeats: int = 3) -
               f"env-steps/s  ({row[True] / row[False]:.2f}x)")  # fmt: skip
 
     totals = {}
-    for fast in (False, True):
+    for fast in (False, True) if args.recipe_chunks > 0 else ():
         rollout, update = ppo_iteration_s(task, fast, args.recipe_chunks, num_envs=16, minibatch=2800)
         totals[fast] = rollout + update
         path = "fast " if fast else "stock"
         print(f"PPO iteration at the convergence recipe's batch (16 envs x {args.recipe_chunks} chunks), {path}: "
               f"rollout {rollout:6.1f} s + update {update:5.1f} s = {totals[fast]:6.1f} s")  # fmt: skip
-    print(f"PPO iteration: stock / fast = {totals[False] / totals[True]:.2f}x")
+    if totals:
+        print(f"PPO iteration: stock / fast = {totals[False] / totals[True]:.2f}x")
     profile_fast_path(task, actions)
 
 

@@ -89,6 +89,32 @@ def test_observable_clocks_sample_and_time_like_robosuites_update():
     assert runs[0][3] >= 5  # the random delay was drawn at each of its samples
 
 
+def test_observable_clocks_know_which_ticks_only_advance_timers():
+    """``quiet(k)`` (how many of the next ticks only advance timers, which lets the compiled loop run the physics of
+    those substeps before their ticks) against the ticks themselves: none of the next ``quiet`` ticks calls an
+    observable's ``update``, and the tick after them does; two clocks and a random sampling delay, 150 substeps."""
+    le.configure_rendering()
+    calls, delays, cache = {}, [], {}
+    observables = make_observables(calls, delays)
+    updates = []
+    for o in observables:  # count robosuite's update calls, sampling or not
+        o.update = (lambda original: lambda **kw: updates.append(1) or original(**kw))(o.update)
+    clocks = fs._ObservableClocks(observables, 0.002, cache)
+    checked = 0
+    for _ in range(150):
+        quiet = clocks.quiet(30)
+        for _ in range(quiet):
+            before = len(updates)
+            clocks.tick()
+            assert len(updates) == before, "a tick that quiet() counted as timer-only called update"
+            checked += 1
+        if quiet < 30:
+            before = len(updates)
+            clocks.tick()
+            assert len(updates) > before, "quiet() stopped before a tick that only advanced timers"
+    assert checked > 1000 and len(delays) >= 5  # mostly timer-only ticks; the delayed clock sampled
+
+
 # ------------------------------------------------------------------------------------- against robosuite (sim)
 
 FAST_STEP_TASKS = [
@@ -146,6 +172,31 @@ def test_fast_step_keeps_robosuites_dynamics(suite, local_id):
         deviation = max(np.abs(np.asarray(a[k], float) - np.asarray(b[k], float)).max() for k in a)
         assert deviation < 1e-9, f"{suite} {local_id}: fast path deviation {deviation:.2e}"
     assert [(a["reward"], a["done"], a["t"]) for a in stock[1:]] == [(b["reward"], b["done"], b["t"]) for b in fast[1:]]
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("suite,local_id", [("libero_object", 0), ("libero_goal", 7)])
+def test_compiled_substep_loop_matches_the_python_loop(suite, local_id):
+    """The substeps after the first of each env step as one compiled call (:func:`fast_step.osc_substeps`, MuJoCo's
+    C functions called directly) against the same step with the substep loop in Python, 160 steps: the same states
+    and observations, bit for bit. Exact, as the two paths run the same MuJoCo functions and the same numba kernel
+    (no fast-math: LLVM keeps IEEE rounding when it inlines it) in the same order, in one process. A tolerance would
+    hide a wrong call sequence: one constraint solve fewer per substep moves this rollout by only 3e-13."""
+    assert fs.mujoco_c_functions() is not None, "MuJoCo's shared library was not found next to the mujoco package"
+    task = le.resolve_task(suite, local_id)
+    actions = random_actions(160, seed=2)
+    runs = []
+    for loop in (True, False):
+        env = le.make_env(task, obs_mode="state", fast_step=True)
+        env._fast.compiled_loop = loop
+        obs = [env.reset(2, 4, render=False)]
+        for c in range(0, len(actions), 8):
+            obs.append(env.step_chunk(actions[c : c + 8], render=False).obs)
+        env.close()
+        runs.append(obs)
+    for a, b in zip(*runs):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 @pytest.mark.sim
