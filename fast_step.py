@@ -26,7 +26,8 @@ control, OSC) and two extra forward passes. :class:`FastStep` runs the same dyna
 
 robosuite's loop stays the reference: tests/test_fast_step.py steps five tasks of four suites side by side (320
 steps, every chunk compared, states within 1e-9), compares the compiled torques with ``run_controller`` on
-recorded states (1e-10) and the compiled substep loop with the Python one (bit for bit). ``benchmarks/env_speed.py`` measures each variant against the stock loop.
+recorded states (1e-10) and the compiled substep loop with the Python one (bit for bit).
+``benchmarks/env_speed.py`` measures each variant against the stock loop.
 """
 
 from __future__ import annotations
