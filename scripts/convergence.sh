@@ -3,6 +3,7 @@
 #
 #   bash scripts/convergence.sh                        # the three tasks, then the Gaussian baseline on the first
 #   bash scripts/convergence.sh libero_object:1        # one task (suite:local id)
+#   GAUSSIAN_ONLY=1 bash scripts/convergence.sh libero_object:0   # only the Gaussian baseline of that task
 #   ABLATION=lr3e-4 EXTRA="--actor-lr 3e-4" bash scripts/convergence.sh libero_object:0   # one recipe variation
 #
 # Per task: 10 DART-noised scripted demos (the human stand-in), the study's weak BC start (MLP denoiser, 8000 steps),
@@ -23,6 +24,7 @@ ABLATION=${ABLATION:-}               # name of a recipe variation (EXTRA flags);
 EXTRA=${EXTRA:-}
 GAUSSIAN=${GAUSSIAN-libero_object:0}  # task(s) the Gaussian baseline runs on at the same budget ("" to skip)
 GAUSSIAN_EXTRA=${GAUSSIAN_EXTRA:-}
+GAUSSIAN_ONLY=${GAUSSIAN_ONLY:-}     # 1: run only the Gaussian baseline of the given task(s) (no diffusion BC/PPO)
 TASKS=("$@")
 [ ${#TASKS[@]} -gt 0 ] || TASKS=(libero_object:0 libero_object:1 libero_spatial:0)
 D=$ROOT/data R=$ROOT/runs
@@ -52,7 +54,7 @@ for spec in "${TASKS[@]}"; do
   [ -f "$demos" ] || $PY collect.py --policy scripted --suite "$suite" --task-id "$id" --obs-mode state \
     --num-success 10 --scripted-noise 0.3 --source scripted_dart --data-root "$D" --num-envs 2
   bc=$R/bc_diffusion/$suite/task${nn}__seed0/checkpoints/final.pt
-  [ -f "$bc" ] || $PY bc_diffusion.py --suite "$suite" --task-id "$id" --demo-source scripted_dart --num-demos 10 \
+  [ -n "$GAUSSIAN_ONLY" ] || [ -f "$bc" ] || $PY bc_diffusion.py --suite "$suite" --task-id "$id" --demo-source scripted_dart --num-demos 10 \
     --data-root "$D" --run-root "$R" $bc_recipe
 
   tag=${ABLATION:-recipe}
@@ -60,15 +62,17 @@ for spec in "${TASKS[@]}"; do
   dest=docs/convergence/tasks/${suite}_task$nn
   [ -n "$ABLATION" ] && dest=docs/convergence/ablations/${ABLATION}__${suite}_task$nn
   run=$runs/ppo_diffusion/$suite/task${nn}__seed0
-  if [ ! -f "$run/final_eval.json" ]; then
+  if [ -z "$GAUSSIAN_ONLY" ] && [ ! -f "$run/final_eval.json" ]; then
     start=$(date +%s)
     $PY ppo_diffusion.py --suite "$suite" --task-id "$id" --run-root "$runs" --bc-ckpt "$bc" $RECIPE \
       --num-iterations "$ITERS" --eval-every "$EVAL_EVERY" --eval-episodes 50 --final-eval-episodes "$FINAL_EPISODES" \
       $EXTRA
     echo "$(( $(date +%s) - start ))" >>"$run/wall_s.txt"  # one line per (resumed) invocation
   fi
-  export_run "$run" "$dest"
-  [ -f "$run/wall_s.txt" ] && cp "$run/wall_s.txt" "$dest/"
+  if [ -z "$GAUSSIAN_ONLY" ]; then
+    export_run "$run" "$dest"
+    [ -f "$run/wall_s.txt" ] && cp "$run/wall_s.txt" "$dest/"
+  fi
 
   if [ -z "$ABLATION" ] && [[ " $GAUSSIAN " == *" $spec "* ]]; then
     grun=$runs/ppo_gaussian/$suite/task${nn}__seed0
