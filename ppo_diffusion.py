@@ -672,7 +672,8 @@ def finetuning_start(bc_policy: DiffusionPolicy, denoising_steps: int = 5) -> Fi
 
 def evaluate_policy(venv: le.VectorLiberoEnv, act: Callable, episodes: int, seed: int, replan_steps: int,
                     record: bool = False) -> dict:  # fmt: skip
-    """Success rate and mean length of ``act(obs, generators) -> (B, T, 7)`` over protocol episodes 0..episodes-1.
+    """Success rate and mean length of ``act(obs, generators) -> (B, T, 7)`` over protocol episodes 0..episodes-1,
+    and ``successes``, each episode's outcome (0/1) in episode order (episode e starts from init state e % 50).
 
     Episode e draws its policy noise from its own generator, seeded by (seed, e): its outcome depends neither on
     the worker count nor on the training RNG, which is left where it was. ``record``: also ``action_std``, the
@@ -685,7 +686,8 @@ def evaluate_policy(venv: le.VectorLiberoEnv, act: Callable, episodes: int, seed
     results = le.run_episodes(venv, learned, range(episodes), seed, replan_steps, record=record,
                               render=venv.obs_mode == "rgb", reset_policy=learned.reset)  # fmt: skip
     stats = {"success_rate": float(np.mean([r.success for r in results])),
-             "episode_length": float(np.mean([r.length for r in results]))}  # fmt: skip
+             "episode_length": float(np.mean([r.length for r in results])),
+             "successes": [int(r.success) for r in sorted(results, key=lambda r: r.episode)]}  # fmt: skip
     if record:
         actions = [np.stack([s["action"] for s in r.steps]) for r in results if r.success]
         spread = analyze.action_consistency(actions)["mean_std"] if len(actions) >= 2 else None
@@ -696,8 +698,9 @@ def evaluate_policy(venv: le.VectorLiberoEnv, act: Callable, episodes: int, seed
 def log_evaluation(logger, step: int, env_steps: int, results: dict, eval_mode: str) -> None:
     """An in-run evaluation {mode: stats}: the evaluated mode's under eval/ (the learning curve), every mode's under
     eval_<mode>/, and one printed line."""
-    flat = {f"eval/{k}": v for k, v in results[eval_mode].items()}
-    flat.update({f"eval_{m}/{k}": v for m, stats in results.items() for k, v in stats.items()})
+    scalars = {m: {k: v for k, v in stats.items() if not isinstance(v, list)} for m, stats in results.items()}
+    flat = {f"eval/{k}": v for k, v in scalars[eval_mode].items()}
+    flat.update({f"eval_{m}/{k}": v for m, stats in scalars.items() for k, v in stats.items()})
     logger.log(step, env_steps=env_steps, **flat)
     rates = ", ".join(f"{m} {r['success_rate']:.3f}" for m, r in results.items())
     print(f"iteration {step}{' (BC start)' if step == 0 else ''}: eval success {rates}")
@@ -710,8 +713,8 @@ def write_final_evaluation(path: str, logger, results: dict, iteration: int, env
     episodes = args.final_eval_episodes
     run_utils.write_json(path, {"iteration": iteration, "env_steps": env_steps, "eval_mode": args.eval_mode,
                                 "episodes": episodes, "seed": args.seed, **results})  # fmt: skip
-    logger.log(iteration, env_steps=env_steps,
-               **{f"final_{m}/{k}": v for m, stats in results.items() for k, v in stats.items()})  # fmt: skip
+    logger.log(iteration, env_steps=env_steps, **{f"final_{m}/{k}": v for m, stats in results.items()
+                                                  for k, v in stats.items() if not isinstance(v, list)})  # fmt: skip
     for m, r in results.items():
         spread = f", action std {r['action_std']:.4f}" if "action_std" in r else ""
         print(f"final ({episodes} episodes) {m:>6}: success {r['success_rate']:.3f}, length "

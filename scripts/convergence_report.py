@@ -4,7 +4,9 @@
 
 Each run directory there holds what convergence.sh exported from a PPO run: args.json, metrics.jsonl (in-run
 evaluations every few iterations: 50 protocol episodes in the evaluated mode and in eta0), final_eval.json (every
-action mode over the same 200 episodes) and wall_s.txt. Success rates carry their binomial standard error
+action mode over the same 200 episodes) and wall_s.txt; an ablation that branched from another run's checkpoint
+also has branch.json ({"from": that run, "iteration": N}): its table row then covers only what came after the branch.
+Success rates carry their binomial standard error
 sqrt(p (1 - p) / n); "env steps to X %" is the first in-run evaluation at or above X (50 episodes: +-7 points).
 """
 
@@ -31,7 +33,15 @@ def load_run(path: str) -> dict:
     run["final"] = json.load(open(final)) if os.path.exists(final) else None
     wall = os.path.join(path, "wall_s.txt")
     run["wall_s"] = sum(float(x) for x in open(wall).read().split()) if os.path.exists(wall) else None
+    branch = os.path.join(path, "branch.json")
+    run["branch"] = json.load(open(branch)) if os.path.exists(branch) else None
     return run
+
+
+def after_branch(run: dict) -> list[dict]:
+    """The metric rows of what the run itself did: after its branch point (the evaluation at it included)."""
+    start = run["branch"]["iteration"] if run["branch"] else 0
+    return [r for r in run["rows"] if r.get("step", 0) > start or (r.get("step") == start and "eval/success_rate" in r)]
 
 
 def evals(run: dict, key: str = "eval/success_rate") -> list[tuple]:
@@ -133,28 +143,28 @@ def task_table(runs: list[dict], label: str) -> list[str]:
 
 def rollout_success(run: dict, first: bool, n: int = 5) -> float:
     """Mean success of the rollouts (the policy PPO trains) over the first or last ``n`` iterations."""
-    rows = [r["train_success_rate"] for r in run["rows"] if r.get("train_success_rate") == r.get("train_success_rate")
-            and "train_success_rate" in r]  # fmt: skip
+    rows = [r["train_success_rate"] for r in after_branch(run)
+            if r.get("train_success_rate") == r.get("train_success_rate") and "train_success_rate" in r]  # fmt: skip
     rows = rows[:n] if first else rows[-n:]
     return sum(rows) / len(rows) if rows else float("nan")
 
 
 def ablation_table(runs: list[dict]) -> list[str]:
-    lines = ["| run | envs x chunks | actor LR | clip (first -> last step) | target KL | gradient steps per iteration "
-             "(epochs x minibatches) | env steps | rollout "
+    lines = ["| run | task | envs x chunks | actor LR | clip (first -> last step) | min std | target KL | gradient steps "
+             "per iteration (epochs x minibatches) | env steps | rollout "
              "success, first 5 -> last 5 iterations | in-run evals (eval mode; eta0) | mean EV | "
              "final (200 ep., every mode) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for run in runs:
-        a = run["args"]
+        a, own = run["args"], {**run, "rows": after_branch(run)}
         lr = f"{a['actor_lr']:g}" + (" const" if a.get("constant_lr") else f" cos -> {a.get('actor_lr_min', 0):g}")
         clip = f"{a['clip_coef']:g}" if a.get("constant_clip") else f"{a['clip_coef_base']:g} -> {a['clip_coef']:g}"
         curve = "–"
-        if evals(run):
-            curve = " → ".join(f"{100 * s:.0f}" for _, s, _ in evals(run))
-            eta0 = evals(run, "eval_eta0/success_rate")
+        if evals(own):
+            curve = " → ".join(f"{100 * s:.0f}" for _, s, _ in evals(own))
+            eta0 = evals(own, "eval_eta0/success_rate")
             curve += f"; {' → '.join(f'{100 * s:.0f}' for _, s, _ in eta0)}" if eta0 else ""
-        updates = [r for r in run["rows"] if "explained_variance" in r]
+        updates = [r for r in own["rows"] if "explained_variance" in r]
         ev = sum(r["explained_variance"] for r in updates) / len(updates) if updates else float("nan")
         final = "–"
         if run["final"]:
@@ -164,8 +174,11 @@ def ablation_table(runs: list[dict]) -> list[str]:
         pairs = a["num_envs"] * a["num_steps"] * a.get("ft_denoising_steps", 5)  # (chunk, denoising step) pairs
         minibatches = max(1, pairs // a["minibatch_size"])  # full minibatches, the remainder dropped
         grad = f"{a['update_epochs'] * minibatches} ({a['update_epochs']} x {minibatches})"
-        lines.append(f"| {run['name'].split('__')[0]} | {a['num_envs']} x {a.get('num_steps')} | {lr} | {clip} | "
-                     f"{a.get('target_kl')} | {grad} | {steps / 1e3:.0f}k | "
+        name, task = run["name"].split("__")
+        if run["branch"]:  # its first iterations are the other run's
+            name += f" (from iteration {run['branch']['iteration']} of {run['branch']['from']})"
+        lines.append(f"| {name} | {task} | {a['num_envs']} x {a.get('num_steps')} | {lr} | {clip} | "
+                     f"{a.get('min_std', 0.1):g} | {a.get('target_kl')} | {grad} | {steps / 1e3:.0f}k | "
                      f"{100 * rollout_success(run, True):.0f} → {100 * rollout_success(run, False):.0f} | {curve} | "
                      f"{ev:.2f} | {final} |")  # fmt: skip
     return lines
@@ -202,7 +215,7 @@ def main() -> None:
         lines += [f"![{r['name']}](convergence/gaussian/{r['name']}/learning_curve.png)" for r in groups["gaussian"]]
         lines += [""]
     if groups["ablations"]:
-        lines += ["## Every setting tried (LIBERO-Object 0)", ""] + ablation_table(groups["ablations"]) + [""]
+        lines += ["## Every setting tried", ""] + ablation_table(groups["ablations"]) + [""]
     findings = os.path.join(args.root, "findings.md")  # the measured conclusions, written from the tables above
     if os.path.exists(findings):
         lines += [open(findings).read().strip(), ""]

@@ -469,6 +469,9 @@ def test_cli_smoke_on_the_real_simulator(tmp_path):
     assert final["eval_mode"] == "mean" and final["episodes"] == 2 and final["iteration"] == 2
     assert set(ppo.ACTION_MODES) <= set(final) and final["sample"]["episode_length"] == 280
     assert "action_std" in final["mean"] and "action_std" not in final["eta0"]  # the evaluated mode's spread
+    for mode in ppo.ACTION_MODES:  # each episode's outcome, in episode order, agrees with the rate
+        assert len(final[mode]["successes"]) == 2 and np.mean(final[mode]["successes"]) == final[mode]["success_rate"]
+    assert not any(isinstance(v, list) for r in rows for v in r.values())  # the metrics hold scalars only
     ckpt = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)
     assert ckpt["format"] == "ppo_diffusion/v2" and ckpt["step"] == 2 and ckpt["env_steps"] > 0
     assert {"critic", "critic_optimizer", "reward_scaler", "optimizer", "scheduler"} <= set(ckpt)

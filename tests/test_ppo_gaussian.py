@@ -150,6 +150,7 @@ def test_cli_bc_ppo_then_collect_with_the_checkpoint(tmp_path):
     assert all("explained_variance" in r for r in updates)  # NaN when no return varied (no success)
     final = json.loads((run_dir / "final_eval.json").read_text())
     assert final["eval_mode"] == "mean" and {"sample", "mean"} <= set(final) and final["episodes"] == 2
+    assert len(final["mean"]["successes"]) == 2 and np.mean(final["mean"]["successes"]) == final["mean"]["success_rate"]
     ckpt = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)
     assert ckpt["format"] == "ppo_gaussian/v2" and ckpt["bc_step"] == 30 and ckpt["step"] == 3
     bc_start = torch.load(run_dir / "checkpoints" / "bc.pt", weights_only=True)
