@@ -1,0 +1,85 @@
+"""What a learned policy's protocol episodes did with the object it has to move: lifted it or not, dropped it, placed it.
+
+    python scripts/failure_modes.py --ckpt runs/ppo_diffusion/libero_spatial/task00__seed0/checkpoints/final.pt \\
+        --suite libero_spatial --task-id 0 --episodes 26 27 31 50 --object akita_black_bowl_1
+
+Replays protocol episodes exactly as evaluate.py runs them (episode e: init state e % 50, env seed seed + e, the
+policy's noise from the generator of (seed, e)) on the fast step path, with the simulator's ground-truth poses,
+and prints per episode: outcome, length, the gripper commands (closes, re-opens), the object's highest lift above
+its start, the time it spent lifted, and where it ended relative to its start. Writes the same as JSON (--out).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+LIFTED = 0.02  # m above the object's start height that counts as lifted
+
+
+def summarize(result, obj: str) -> dict:
+    """Per-episode facts from the recorded steps (each holds the pre-action observation and the action)."""
+    z = np.array([s["obs"]["poses"][obj][2] for s in result.steps])
+    xy = np.array([s["obs"]["poses"][obj][:2] for s in result.steps])
+    grip = np.array([s["action"][-1] for s in result.steps])  # +1 close, -1 open
+    closes = int(np.sum((grip[1:] > 0) & (grip[:-1] <= 0)) + (grip[0] > 0))
+    lift = z - z[0]
+    lifted = lift > LIFTED
+    drops = int(np.sum(lifted[:-1] & ~lifted[1:]))
+    return {
+        "episode": result.episode,
+        "init_state": result.init_state,
+        "success": bool(result.success),
+        "length": result.length,
+        "gripper_closes": closes,
+        "first_close_step": int(np.argmax(grip > 0)) if closes else None,
+        "max_lift_m": round(float(lift.max()), 4),
+        "steps_lifted": int(lifted.sum()),
+        "lifted_then_lowered": drops,
+        "final_xy_shift_m": round(float(np.linalg.norm(xy[-1] - xy[0])), 4),
+        "final_lift_m": round(float(lift[-1]), 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--policy", default="diffusion", choices=("diffusion", "gaussian"))
+    parser.add_argument("--suite", required=True)
+    parser.add_argument("--task-id", type=int, required=True)
+    parser.add_argument("--episodes", type=int, nargs="+", required=True)
+    parser.add_argument("--object", required=True, help="the object the task moves, as the scene names it")
+    parser.add_argument("--action-mode", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-envs", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    import collect
+    import libero_env as le
+
+    task = le.resolve_task(args.suite, args.task_id)
+    policy = collect.load_learned_policy(args.policy, args.ckpt, task, args.action_mode, seed=args.seed, cuda=False)
+    venv = le.VectorLiberoEnv(task, args.num_envs, obs_mode=policy.obs_mode, fast_step=True, privileged=True)
+    try:
+        objects = venv.call("poses", env_ids=[0])[0]
+        if args.object not in objects:
+            sys.exit(f"error: no object '{args.object}' in this scene; pass one of: {', '.join(sorted(objects))}.")
+        results = le.run_episodes(venv, policy, args.episodes, args.seed, policy.replan_steps, record=True,
+                                  reset_policy=policy.reset)  # fmt: skip
+    finally:
+        venv.close()
+    rows = [summarize(r, args.object) for r in sorted(results, key=lambda r: r.episode)]
+    for r in rows:
+        print(json.dumps(r))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"ckpt": args.ckpt, "task": f"{task.suite} {task.local_id}", "object": args.object,
+                       "action_mode": args.action_mode, "seed": args.seed, "episodes": rows}, f, indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
