@@ -150,8 +150,8 @@ def rollout_success(run: dict, first: bool, n: int = 5) -> float:
 
 
 def ablation_table(runs: list[dict]) -> list[str]:
-    lines = ["| run | task | envs x chunks | actor LR | clip (first -> last step) | min std | target KL | gradient steps "
-             "per iteration (epochs x minibatches) | env steps | rollout "
+    lines = ["| run | task | envs x chunks | actor LR | clip (first -> last step) | min std | target KL | "
+             "gradient steps per iteration (epochs x minibatches) | env steps | rollout "
              "success, first 5 -> last 5 iterations | in-run evals (eval mode; eta0) | mean EV | "
              "final (200 ep., every mode) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

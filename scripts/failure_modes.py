@@ -1,4 +1,4 @@
-"""What a learned policy's protocol episodes did with the object it has to move: lifted it or not, dropped it, placed it.
+"""What the protocol episodes of a learned policy did with the object it moves: lifted, dropped, placed.
 
     python scripts/failure_modes.py --ckpt runs/ppo_diffusion/libero_spatial/task00__seed0/checkpoints/final.pt \\
         --suite libero_spatial --task-id 0 --episodes 26 27 31 50 --object akita_black_bowl_1
