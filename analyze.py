@@ -91,6 +91,17 @@ def action_consistency(trajectories: list[np.ndarray]) -> dict:
     return {"mean": mean, "std": std, "count": count, "mean_std": mean_std}
 
 
+def consistency_se(trajectories: list[np.ndarray]) -> float:
+    """Jackknife standard error of the all-axes consistency (``mean_std`` averaged over axes): leave each trajectory
+    out once, sqrt((n - 1) / n * sum((theta_i - mean theta_i)^2)); NaN under three trajectories."""
+    n = len(trajectories)
+    if n < 3:
+        return float("nan")
+    loo = np.array([np.nanmean(action_consistency(trajectories[:i] + trajectories[i + 1 :])["mean_std"])
+                    for i in range(n)])  # fmt: skip
+    return float(np.sqrt((n - 1) / n * np.sum((loo - loo.mean()) ** 2)))
+
+
 def demo_success(f: demo_hdf5.DemoFile, key: str, data: dict) -> bool:
     attrs = f.demo_attrs(key)
     if "success" in attrs:
@@ -130,8 +141,10 @@ def task_metrics(paths: list[str], dt: float) -> dict:
             length_median=float(np.median(lengths)),
             length_std=float(np.std(lengths)),
             msj_mean=float(np.nanmean(jerks)),
+            msj_std=float(np.nanstd(jerks)),
             consistency_mean_std={a: float(v) for a, v in zip(AXES, cons["mean_std"])},
             consistency_mean_std_all=float(np.nanmean(cons["mean_std"])),
+            consistency_se_all=consistency_se(actions),
         )
         out["_curves"] = cons
     return out

@@ -34,6 +34,20 @@ def test_identical_trajectories_have_zero_consistency_std_and_a_stated_std_is_re
     np.testing.assert_allclose(cons["mean"][10:], base[10:], atol=1e-12)
 
 
+def test_consistency_standard_error_is_the_jackknife_of_the_spread_of_offsets():
+    """Trajectories base + c_i (one offset per trajectory) have consistency std(c) at every step and axis, so the
+    jackknife over trajectories reduces to the jackknife of a population std of the offsets (computed here)."""
+    rng = np.random.default_rng(1)
+    base, c = rng.normal(size=(25, 7)), rng.normal(size=12)
+    se = analyze.consistency_se([base + ci for ci in c])
+    loo = np.array([np.std(np.delete(c, i)) for i in range(len(c))])
+    expected = np.sqrt((len(c) - 1) / len(c) * np.sum((loo - loo.mean()) ** 2))
+    np.testing.assert_allclose(se, expected, rtol=1e-9)
+    assert 0.05 < se < 0.5  # a real spread: about std(c) / sqrt(2 n) = 0.2 for 12 standard-normal offsets
+    assert analyze.consistency_se([base, base.copy(), base.copy()]) == 0.0
+    assert np.isnan(analyze.consistency_se([base, base + 1]))
+
+
 def plant_noops(path):
     """Make demo_0 of a file have exactly 3 no-op steps, one of them next to a gripper change that is kept."""
     with h5py.File(path, "r+") as f:
@@ -109,6 +123,7 @@ def test_cli_two_sources_with_gaps_missing_tasks_and_original_libero_files(tmp_p
     task = metrics["per_task"]["KITCHEN_SCENE1_put_the_black_bowl_on_top_of_the_cabinet"]
     assert task["human"]["trajectories"] == 3 and task["human"]["length_mean"] == 19  # re-aligned: one step less
     assert task["diffusion_rl"]["length_mean"] == 15
+    assert task["diffusion_rl"]["msj_std"] >= 0 and task["diffusion_rl"]["consistency_se_all"] >= 0  # 4 trajectories
     assert metrics["aggregate"]["diffusion_rl"]["libero_90"]["tasks"] == 2
     assert metrics["figure_task"] == "KITCHEN_SCENE1_put_the_black_bowl_on_top_of_the_cabinet"
     assert metrics["figure_axis"] == "y" and len(metrics["figure_curves"]["human"]["mean"]) == 19
