@@ -1,0 +1,98 @@
+"""scripts/reproduction_report.py on a synthetic study tree: two tasks, evaluation JSONs, data-quality metrics, budgets
+and PPO wall times written here, with numbers chosen so that every table cell and every claim verdict is known."""
+
+import json
+import os
+
+from helpers import ROOT, run_script
+
+TASKS = ("libero_object_task00", "libero_object_task01")
+TEACHER = {"libero_object_task00": 95, "libero_object_task01": 80}  # diffusion PPO successes of 100; task01 < 90 %
+STUDENTS = {"diffusion_rl": 90, "gaussian_rl": 50, "scripted_dart": 88, "scripted": 70}  # per task, of 100
+QUALITY = {  # per source, the same on both tasks: (length mean, std), (jerk mean, std), (consistency, its SE)
+    "diffusion_rl": ((100, 10), (500, 100), (0.25, 0.01)),
+    "gaussian_rl": ((120, 10), (900, 100), (0.30, 0.01)),
+    "scripted_dart": ((160, 20), (520, 100), (0.20, 0.01)),
+    "scripted": ((115, 1), (170, 10), (0.02, 0.001)),
+}
+
+
+def write_eval(results, tag, key, successes, n=100, length=100):
+    suite, nn = key.rsplit("_task", 1)
+    path = os.path.join(results, "eval", f"{tag}_seed0", suite, f"task{nn}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    episodes = [{"episode": e, "success": e < successes, "length": length} for e in range(n)]
+    with open(path, "w") as f:
+        json.dump({"tag": tag, "episodes": episodes, "success_rate": successes / n}, f)
+
+
+def make_study(root):
+    results = os.path.join(root, "results")
+    for key in TASKS:
+        suite, nn = key.rsplit("_task", 1)
+        os.makedirs(os.path.join(results, "budget"), exist_ok=True)
+        with open(os.path.join(results, "budget", f"{key}.env"), "w") as f:
+            f.write('DEMOS=50\nBC_STEPS=8000\nPPO_ITERS=83\nEVAL_SEEDS="0"\nEVAL_EPISODES=100\nMAX_EPISODES=400\n'
+                    "STUDENT_DEMOS=50\nNUM_ENVS=16\nNUM_STEPS=140\n")  # fmt: skip
+        policies = {"diffusion_bc": 30, "diffusion_ppo": TEACHER[key], "gaussian_bc": 40, "gaussian_ppo": 60}
+        for tag, k in policies.items():
+            write_eval(results, tag, key, k)
+        for src, k in STUDENTS.items():
+            write_eval(results, f"student_{src}", key, k)
+        metrics = {
+            src: {"successful": 50, "trajectories": 50, "noop_steps": 0, "length_mean": ln[0], "length_std": ln[1],
+                  "msj_mean": j[0], "msj_std": j[1], "consistency_mean_std_all": c[0], "consistency_se_all": c[1]}
+            for src, (ln, j, c) in QUALITY.items()
+        }  # fmt: skip
+        os.makedirs(os.path.join(results, "analysis", key))
+        with open(os.path.join(results, "analysis", key, "metrics.json"), "w") as f:
+            json.dump({"per_task": {"some_task": metrics}}, f)
+        run = os.path.join(root, "ppo", "recipe", "ppo_diffusion", suite, f"task{nn}__seed0")
+        os.makedirs(run)
+        with open(os.path.join(run, "wall_s.txt"), "w") as f:
+            f.write("3600\n1800\n")  # two invocations of a resumed run
+        with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+            for i, s in enumerate((0.3, 0.6, 0.9)):
+                f.write(json.dumps({"step": 10 * i, "env_steps": 179200 * i, "eval/success_rate": s}) + "\n")
+
+
+def test_tables_marks_and_claims_of_a_synthetic_two_task_study(tmp_path):
+    study, out = str(tmp_path / "study"), str(tmp_path / "docs")
+    make_study(study)
+    run_script(["scripts/reproduction_report.py", "--study-root", study, "--out", out], cwd=ROOT)
+    text = open(os.path.join(out, "reproduction.md")).read()
+    assert "**Status: 2 of 2 tasks complete**" in text
+    # each task's budget, wall time and command; the curves were drawn from the recipe layout's metrics
+    assert "PPO 83 iterations x 16 envs x 140 chunks x 8 actions = 1,487,360 env steps per policy class" in text
+    assert "Wall time: diffusion PPO 1.5 h." in text and "bash scripts/reproduce_cpu.sh libero_object:1`" in text
+    assert os.path.getsize(os.path.join(out, "reproduction", "libero_object_task00", "learning_curve.png")) > 10_000
+    # the teacher below 90 % is reported and its task's student column marked, the other not
+    assert "**Teacher below 90 %**: diffusion PPO 80.0 ± 4.0 (80/100)" in text
+    assert text.count("**Teacher below 90 %**") == 1
+    table = text.split("## Students")[1].split("## Claims")[0].strip().splitlines()
+    assert table[2] == "| training data | libero_object_task00 | libero_object_task01 ‡ | average |"
+    assert all(line.startswith("|") for line in table[2:8]) and table[-1].startswith("‡: the task's diffusion teacher")
+    # students pooled over both tasks
+    assert "| diffusion RL | 90.0 ± 3.0 (90/100) | 90.0 ± 3.0 (90/100) | 90.0 ± 2.1 (180/200) |" in text
+    claims = text.split("## Claims")[1].split("## Why")[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in claims.splitlines() if line.startswith("| ")}
+
+    def row(prefix):
+        return next(v for k, v in rows.items() if k.startswith(prefix))
+
+    # 0.90 vs 0.50 over 200 episodes each: se = sqrt(.9 * .1 / 200 + .5 * .5 / 200) = 4.1 points
+    assert "holds (beyond noise) | 90.0 % vs 50.0 %, difference +40.0 ± 4.1 points" in row(
+        "diffusion-RL data trains a better student than Gaussian"
+    )
+    assert "holds (within noise: < 2 standard errors) | 90.0 % vs 88.0 %, difference +2.0 ± 3.1 points" in row(
+        "diffusion-RL data trains a better student than human"
+    )
+    # lengths: per task se 10/sqrt(50) and 20/sqrt(50); over two tasks /sqrt(2): 1.0 and 2.0 -> 2.2
+    assert "holds (beyond noise) | 100 steps vs 160 steps, difference -60 ± 2.2 |" in row("RL trajectories are shorter")
+    assert "holds (within noise: < 2 standard errors) | 500 vs 520, difference -20 ± 14 |" in row(
+        "RL trajectories are smoother"
+    )
+    assert "holds (beyond noise) | 500 vs 900, difference -400 ± 14 |" in row("diffusion RL is smoother")
+    # consistency: 0.25 vs 0.20 with se 0.01 / sqrt(2) each -> 0.01; the claim does not hold, beyond noise
+    consistency = row("RL actions are more consistent")
+    assert "does not hold (beyond noise) | 0.25 vs 0.2, difference +0.05 ± 0.01 |" in consistency
