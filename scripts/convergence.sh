@@ -11,7 +11,7 @@
 # iterations (50 protocol episodes, in the evaluated mode and in eta0) and at the end every action mode over the same
 # 200 episodes (final_eval.json). Every step skips work whose output exists and the phase scripts resume their own
 # checkpoints, so a killed study continues where it stopped. Checkpoints and HDF5 stay under $CONV_ROOT (not
-# committed); the small artefacts (args, metrics, final evaluation, timing) are copied to docs/convergence/ for
+# committed); the small artefacts (args, metrics, final evaluation, timing) are copied to $EXPORT (docs/convergence/) for
 # scripts/convergence_report.py, which writes docs/convergence.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,9 @@ PY=${PY:-.venv/bin/python}
 ROOT=${CONV_ROOT:-convergence}
 ITERS=${ITERS:-83}                   # PPO iterations x 17,920 env steps (16 envs x 140 chunks x 8) = 1.49M: the goal's budget
 EVAL_EVERY=${EVAL_EVERY:-10}
+EVAL_EPISODES=${EVAL_EPISODES:-50}   # protocol episodes of each in-run evaluation
+BC_STEPS=${BC_STEPS:-8000}           # the weak BC starts' gradient steps (both policy classes)
+EXPORT=${EXPORT-docs/convergence}    # where the small artefacts go for the report ("" to keep them in the run dirs)
 FINAL_EPISODES=${FINAL_EPISODES:-200}
 ABLATION=${ABLATION:-}               # name of a recipe variation (EXTRA flags); results under docs/convergence/ablations
 EXTRA=${EXTRA:-}
@@ -35,13 +38,14 @@ export PYTHONUNBUFFERED=1 MUJOCO_GL=${MUJOCO_GL:-egl}
 # policy drifted down), actor LR 1e-4 held constant (3e-4 collapsed at the first update), 40 gradient steps per
 # iteration (minibatches of 2800 pairs), the PPO clip of ppo_diffusion.py. Its own defaults are the cluster recipe.
 RECIPE=${RECIPE:-"--num-envs 16 --num-steps 140 --actor-lr 1e-4 --constant-lr --minibatch-size 2800"}
-bc_recipe="--obs-mode state --denoiser mlp --batch-size 256 --lr 3e-4 --total-steps 8000 --eval-episodes 0"
+bc_recipe="--obs-mode state --denoiser mlp --batch-size 256 --lr 3e-4 --total-steps $BC_STEPS --eval-episodes 0"
 step() { echo "=== [$(date +%H:%M:%S)] $*"; }
 
-export_run() {  # export_run RUN_DIR DEST: the small artefacts of a run, for the report
+export_run() {  # export_run RUN_DIR DEST: the small artefacts of a run, for the report (none when EXPORT is "")
   local run=$1 dest=$2
+  [ -n "$EXPORT" ] || return 0
   mkdir -p "$dest"
-  for f in args.json metrics.jsonl final_eval.json; do [ -f "$run/$f" ] && cp "$run/$f" "$dest/"; done
+  for f in args.json metrics.jsonl final_eval.json wall_s.txt; do [ -f "$run/$f" ] && cp "$run/$f" "$dest/"; done
   return 0
 }
 
@@ -59,33 +63,30 @@ for spec in "${TASKS[@]}"; do
 
   tag=${ABLATION:-recipe}
   runs=$ROOT/ppo/$tag
-  dest=docs/convergence/tasks/${suite}_task$nn
-  [ -n "$ABLATION" ] && dest=docs/convergence/ablations/${ABLATION}__${suite}_task$nn
+  dest=$EXPORT/tasks/${suite}_task$nn
+  [ -n "$ABLATION" ] && dest=$EXPORT/ablations/${ABLATION}__${suite}_task$nn
   run=$runs/ppo_diffusion/$suite/task${nn}__seed0
   if [ -z "$GAUSSIAN_ONLY" ] && [ ! -f "$run/final_eval.json" ]; then
     start=$(date +%s)
     $PY ppo_diffusion.py --suite "$suite" --task-id "$id" --run-root "$runs" --bc-ckpt "$bc" $RECIPE \
-      --num-iterations "$ITERS" --eval-every "$EVAL_EVERY" --eval-episodes 50 --final-eval-episodes "$FINAL_EPISODES" \
-      $EXTRA
+      --num-iterations "$ITERS" --eval-every "$EVAL_EVERY" --eval-episodes "$EVAL_EPISODES" \
+      --final-eval-episodes "$FINAL_EPISODES" $EXTRA
     echo "$(( $(date +%s) - start ))" >>"$run/wall_s.txt"  # one line per (resumed) invocation
   fi
-  if [ -z "$GAUSSIAN_ONLY" ]; then
-    export_run "$run" "$dest"
-    [ -f "$run/wall_s.txt" ] && cp "$run/wall_s.txt" "$dest/"
-  fi
+  [ -n "$GAUSSIAN_ONLY" ] || export_run "$run" "$dest"
 
   if [ -z "$ABLATION" ] && [[ " $GAUSSIAN " == *" $spec "* ]]; then
     grun=$runs/ppo_gaussian/$suite/task${nn}__seed0
     if [ ! -f "$grun/final_eval.json" ]; then
       start=$(date +%s)
       $PY ppo_gaussian.py --suite "$suite" --task-id "$id" --run-root "$runs" --obs-mode state \
-        --demo-source scripted_dart --num-demos 10 --data-root "$D" --bc-steps 8000 --bc-batch-size 256 --bc-lr 3e-4 \
-        $RECIPE --minibatch-size 560 --num-iterations "$ITERS" --eval-every "$EVAL_EVERY" --eval-episodes 50 \
+        --demo-source scripted_dart --num-demos 10 --data-root "$D" --bc-steps "$BC_STEPS" --bc-batch-size 256 \
+        --bc-lr 3e-4 $RECIPE --minibatch-size 560 --num-iterations "$ITERS" --eval-every "$EVAL_EVERY" \
+        --eval-episodes "$EVAL_EPISODES" \
         --final-eval-episodes "$FINAL_EPISODES" $GAUSSIAN_EXTRA  # 560 chunks = 2800 pairs / 5 steps
       echo "$(( $(date +%s) - start ))" >>"$grun/wall_s.txt"
     fi
-    export_run "$grun" "docs/convergence/gaussian/${suite}_task$nn"
-    [ -f "$grun/wall_s.txt" ] && cp "$grun/wall_s.txt" "docs/convergence/gaussian/${suite}_task$nn/"
+    export_run "$grun" "$EXPORT/gaussian/${suite}_task$nn"
   fi
   step "$suite $id: done"
 done

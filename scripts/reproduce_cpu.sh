@@ -14,8 +14,8 @@
 # not committed); scripts/reproduction_report.py writes the committed summary into docs/reproduction/. Budgets
 # (environment variables): DEMOS, BC_STEPS, PPO_ITERS, EVAL_SEEDS, EVAL_EPISODES, MAX_EPISODES, STUDENT_DEMOS (a
 # smoke run: DEMOS=3 BC_STEPS=50 PPO_ITERS=1 EVAL_SEEDS=0 EVAL_EPISODES=2 MAX_EPISODES=4 STUDENT_DEMOS=2
-# FINAL_EPISODES=2 STUDY_ROOT=/tmp/study bash scripts/reproduce_cpu.sh libero_object:0; convergence.sh reads
-# BC_STEPS, EVAL_EPISODES and FINAL_EPISODES too).
+# FINAL_EPISODES=2 RECIPE="--num-envs 2 --num-steps 4 --minibatch-size 10" STUDY_ROOT=/tmp/study bash
+# scripts/reproduce_cpu.sh libero_object:0; convergence.sh reads BC_STEPS, EVAL_EPISODES, FINAL_EPISODES, RECIPE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
