@@ -1,0 +1,63 @@
+"""scripts/convergence_report.py on synthetic run artefacts: a task run and an ablation branched from another run's
+checkpoint, with numbers chosen so that the table rows are known."""
+
+import json
+import os
+
+from helpers import ROOT, run_script
+
+T0 = 1.8e9  # the first metrics row's time stamp
+
+
+def write_run(path, args, rows, final=None, wall=None, branch=None):
+    os.makedirs(path)
+    with open(os.path.join(path, "args.json"), "w") as f:
+        json.dump(args, f)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    for name, content in (("final_eval.json", final), ("branch.json", branch)):
+        if content is not None:
+            with open(os.path.join(path, name), "w") as f:
+                json.dump(content, f)
+    if wall:
+        with open(os.path.join(path, "wall_s.txt"), "w") as f:
+            f.write(wall)
+
+
+ARGS = {"eval_mode": "mean", "num_envs": 16, "num_steps": 140, "actor_lr": 1e-4, "constant_lr": True,
+        "clip_coef": 0.01, "clip_coef_base": 0.001, "constant_clip": False, "min_std": 0.1, "target_kl": 1.0,
+        "update_epochs": 10, "minibatch_size": 2800, "ft_denoising_steps": 5}  # fmt: skip
+
+
+def evaluation(step, rate, eta0, minutes):
+    return {"step": step, "env_steps": 17920 * step, "time": T0 + 60 * minutes, "eval/success_rate": rate,
+            "eval_eta0/success_rate": eta0}  # fmt: skip
+
+
+def update(step, success, ev):
+    return {"step": step, "env_steps": 17920 * step, "time": T0 + step, "train_success_rate": success,
+            "explained_variance": ev}  # fmt: skip
+
+
+def test_task_and_branched_ablation_rows(tmp_path):
+    root = tmp_path / "convergence"
+    rows = [evaluation(0, 0.14, 0.12, 0), *[update(i, 0.5, 0.4) for i in range(1, 21)], evaluation(10, 0.85, 0.3, 10),
+            evaluation(20, 0.96, 0.3, 20)]  # fmt: skip
+    final = {"episodes": 200, "eval_mode": "mean", "env_steps": 358400, "sample": {"success_rate": 0.5},
+             "mean": {"success_rate": 0.935, "action_std": 0.175}, "eta0": {"success_rate": 0.3}}  # fmt: skip
+    write_run(str(root / "tasks" / "libero_object_task00"), ARGS, rows, final, wall="3600\n2520\n")
+    # an ablation branched at iteration 5: its row covers only iterations 6-10 and the evaluations from 5 on
+    rows = [evaluation(0, 0.36, 0.22, 0), *[update(i, 0.7, 0.2) for i in range(1, 6)], evaluation(5, 0.84, 0.48, 5),
+            *[update(i, 0.8, 0.5) for i in range(6, 11)], evaluation(10, 0.9, 0.5, 10)]  # fmt: skip
+    write_run(str(root / "ablations" / "G_lowstd__libero_spatial_task00"), {**ARGS, "min_std": 0.05}, rows,
+              branch={"from": "tasks/libero_spatial_task00", "iteration": 5})  # fmt: skip
+    out = tmp_path / "convergence.md"
+    run_script(["scripts/convergence_report.py", "--root", str(root), "--out", str(out)], cwd=ROOT)
+    text = out.read_text()
+    assert ("| libero_object_task00 | mean | 14 / 12 | 358k | 1.7 h | 179k (10 min) | 358k (20 min) | 358k (20 min) | "
+            "50.0 ± 3.5 | 93.5 ± 1.7 | 30.0 ± 3.2 | 0.175 |") in text  # fmt: skip
+    assert ("| G_lowstd (from iteration 5 of tasks/libero_spatial_task00) | libero_spatial_task00 | 16 x 140 | "
+            "0.0001 const | 0.001 -> 0.01 | 0.05 | 1.0 | 40 (10 x 4) | 179k | 80 → 80 | 84 → 90; 48 → 50 | 0.50 | – |"
+            ) in text  # fmt: skip
+    for png in ("tasks/libero_object_task00", "ablations/G_lowstd__libero_spatial_task00"):
+        assert os.path.getsize(root / png / "learning_curve.png") > 10_000
