@@ -23,7 +23,6 @@ ROOT=${STUDY_ROOT:-study}
 DEMOS=${DEMOS:-50}                   # demonstrations per source (DART and clean scripted) and RL trajectories
 BC_STEPS=${BC_STEPS:-8000}           # BC gradient steps (batch 256) of the students (the BC starts: convergence.sh's 8000)
 PPO_ITERS=${PPO_ITERS:-83}           # PPO iterations of 16 envs x 140 chunks (x 8 actions): 1,487,360 env steps
-NUM_ENVS=16 NUM_STEPS=140            # the recipe's batch (scripts/convergence.sh), recorded in the budget
 GAUSSIAN_LR=${GAUSSIAN_LR:-1e-4}     # the Gaussian's actor LR (tune it as the diffusion recipe's was tuned)
 EVAL_MODE=${EVAL_MODE:-mean}         # action mode of every diffusion evaluation and of the collection
 EVAL_SEEDS=${EVAL_SEEDS:-"0 100 200 300"}  # 4 x 50 protocol episodes per checkpoint
@@ -63,8 +62,7 @@ for spec in "${TASKS[@]}"; do
     mkdir -p "$E/budget"
     printf 'DEMOS=%s\nBC_STEPS=%s\nPPO_ITERS=%s\nEVAL_SEEDS="%s"\nEVAL_EPISODES=%s\nMAX_EPISODES=%s\nSTUDENT_DEMOS=%s\n' \
       "$DEMOS" "$BC_STEPS" "$PPO_ITERS" "$EVAL_SEEDS" "$EVAL_EPISODES" "$MAX_EPISODES" "$STUDENT_DEMOS" >"$budget"
-    printf 'NUM_ENVS=%s\nNUM_STEPS=%s\nGAUSSIAN_LR=%s\nEVAL_MODE=%s\n' "$NUM_ENVS" "$NUM_STEPS" "$GAUSSIAN_LR" \
-      "$EVAL_MODE" >>"$budget"
+    printf 'GAUSSIAN_LR=%s\nEVAL_MODE=%s\n' "$GAUSSIAN_LR" "$EVAL_MODE" >>"$budget"
   fi
 
   # 1. demonstrations: DEMOS DART-noised (the BC start uses the first 10) and DEMOS clean, state mode

@@ -206,7 +206,9 @@ def main() -> None:
         b = budget(results, key)
         ppo_dirs = {alg: ppo_run_dir(args.study_root, alg, suite, nn) for alg in ("diffusion", "gaussian")}
         if b:
-            iters, envs, chunks = int(b["PPO_ITERS"]), int(b.get("NUM_ENVS", 2)), int(b.get("NUM_STEPS", 105))
+            run_args = os.path.join(ppo_dirs["diffusion"], "args.json")  # the batch the teacher ran with
+            run_args = json.load(open(run_args)) if os.path.exists(run_args) else {"num_envs": 2, "num_steps": 105}
+            iters, envs, chunks = int(b["PPO_ITERS"]), run_args["num_envs"], run_args["num_steps"]
             seeds = b["EVAL_SEEDS"].strip('"').split()
             walls = {alg: wall_hours(d) for alg, d in ppo_dirs.items()}
             wall = ", ".join(f"{alg} PPO {h:.1f} h" for alg, h in walls.items() if h is not None) or "not recorded"

@@ -33,7 +33,7 @@ def make_study(root):
         os.makedirs(os.path.join(results, "budget"), exist_ok=True)
         with open(os.path.join(results, "budget", f"{key}.env"), "w") as f:
             f.write('DEMOS=50\nBC_STEPS=8000\nPPO_ITERS=83\nEVAL_SEEDS="0"\nEVAL_EPISODES=100\nMAX_EPISODES=400\n'
-                    "STUDENT_DEMOS=50\nNUM_ENVS=16\nNUM_STEPS=140\n")  # fmt: skip
+                    "STUDENT_DEMOS=50\n")  # fmt: skip
         policies = {"diffusion_bc": 30, "diffusion_ppo": TEACHER[key], "gaussian_bc": 40, "gaussian_ppo": 60}
         for tag, k in policies.items():
             write_eval(results, tag, key, k)
@@ -49,6 +49,8 @@ def make_study(root):
             json.dump({"per_task": {"some_task": metrics}}, f)
         run = os.path.join(root, "ppo", "recipe", "ppo_diffusion", suite, f"task{nn}__seed0")
         os.makedirs(run)
+        with open(os.path.join(run, "args.json"), "w") as f:
+            json.dump({"num_envs": 16, "num_steps": 140}, f)  # the batch the teacher ran with
         with open(os.path.join(run, "wall_s.txt"), "w") as f:
             f.write("3600\n1800\n")  # two invocations of a resumed run
         with open(os.path.join(run, "metrics.jsonl"), "w") as f:
