@@ -40,6 +40,11 @@ def summarize(result, obj: str) -> dict:
         "max_lift_m": round(float(lift.max()), 4),
         "steps_lifted": int(lifted.sum()),
         "lifted_then_lowered": drops,
+        # robosuite moves the fingers by the sign of the command: a flip while the object is up opens or closes them
+        "grip_sign_flips_while_lifted": int(
+            np.sum(lifted[1:] & lifted[:-1] & (np.sign(grip[1:]) != np.sign(grip[:-1])))
+        ),
+        "open_cmds_while_lifted": int(np.sum(lifted & (grip < 0))),
         "final_xy_shift_m": round(float(np.linalg.norm(xy[-1] - xy[0])), 4),
         "final_lift_m": round(float(lift[-1]), 4),
     }
