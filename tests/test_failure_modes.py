@@ -1,0 +1,33 @@
+"""scripts/failure_modes.py's per-episode facts on a planted episode: a grasp, a lift, a drop, a re-grasp, gripper
+flips while the object is up."""
+
+import os
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import failure_modes  # noqa: E402
+
+
+def test_lifts_drops_and_gripper_flips_of_a_planted_episode():
+    # object height (start 0.9 m) and gripper command per step: open 3 steps, closed and lifted 4 steps (one open
+    # command in the middle), dropped back for 2 steps, re-grasped and lifted 3 steps
+    z = 0.9 + np.array([0, 0, 0, 0.01, 0.05, 0.08, 0.08, 0.08, 0.0, 0.0, 0.03, 0.06, 0.06])
+    grip = np.array([-1, -1, -1, 1, 1, 1, -0.2, 1, -1, 1, 1, 1, 1])
+    x = np.linspace(0.0, 0.12, len(z))
+    steps = [{"obs": {"poses": {"bowl": np.array([x[t], 0.0, z[t], 1, 0, 0, 0])}}, "action": np.r_[np.zeros(6), g]}
+             for t, g in enumerate(grip)]  # fmt: skip
+    result = SimpleNamespace(episode=7, init_state=7, success=False, length=len(z), steps=steps)
+    facts = failure_modes.summarize(result, "bowl")
+    assert facts["gripper_closes"] == 3  # steps 3, 7 and 9 start a close
+    assert facts["first_close_step"] == 3
+    np.testing.assert_allclose(facts["max_lift_m"], 0.08, atol=1e-9)
+    assert facts["steps_lifted"] == 7  # above 2 cm: steps 4-7 and 10-12
+    assert facts["lifted_then_lowered"] == 1  # step 7 -> 8
+    assert facts["grip_sign_flips_while_lifted"] == 2  # 5 -> 6 and 6 -> 7, both lifted; 7 -> 8 is not (dropped)
+    assert facts["open_cmds_while_lifted"] == 1
+    np.testing.assert_allclose(facts["final_xy_shift_m"], 0.12, atol=1e-9)
+    np.testing.assert_allclose(facts["final_lift_m"], 0.06, atol=1e-9)
