@@ -112,7 +112,7 @@ def figure(run: dict, out: str, title: str) -> None:
 def final_cells(run: dict) -> list[str]:
     f = run["final"]
     if f is None:
-        return ["(running)"] * 4
+        return ["(unfinished)"] * 4
     cells = [rate(f[m]["success_rate"], f["episodes"]) if m in f else "–" for m in MODES]
     std = f.get(f["eval_mode"], {}).get("action_std")
     return cells + [f"{std:.3f}" if std is not None and std == std else "–"]
@@ -123,7 +123,8 @@ def start_cells(run: dict) -> str:
     if not first:
         return "–"
     r = first[0]
-    return f"{100 * r['eval/success_rate']:.0f} / {100 * r.get('eval_eta0/success_rate', float('nan')):.0f}"
+    eta0 = r.get("eval_eta0/success_rate")  # a Gaussian policy has no eta0
+    return f"{100 * r['eval/success_rate']:.0f} / " + (f"{100 * eta0:.0f}" if eta0 is not None else "–")
 
 
 def task_table(runs: list[dict], label: str) -> list[str]:
