@@ -695,12 +695,16 @@ def evaluate_policy(venv: le.VectorLiberoEnv, act: Callable, episodes: int, seed
     return stats
 
 
+def scalar_stats(stats: dict) -> dict:
+    """The numbers of an evaluation's stats for the metrics log (the per-episode list stays in final_eval.json)."""
+    return {k: v for k, v in stats.items() if not isinstance(v, list)}
+
+
 def log_evaluation(logger, step: int, env_steps: int, results: dict, eval_mode: str) -> None:
     """An in-run evaluation {mode: stats}: the evaluated mode's under eval/ (the learning curve), every mode's under
     eval_<mode>/, and one printed line."""
-    scalars = {m: {k: v for k, v in stats.items() if not isinstance(v, list)} for m, stats in results.items()}
-    flat = {f"eval/{k}": v for k, v in scalars[eval_mode].items()}
-    flat.update({f"eval_{m}/{k}": v for m, stats in scalars.items() for k, v in stats.items()})
+    flat = {f"eval/{k}": v for k, v in scalar_stats(results[eval_mode]).items()}
+    flat.update({f"eval_{m}/{k}": v for m, stats in results.items() for k, v in scalar_stats(stats).items()})
     logger.log(step, env_steps=env_steps, **flat)
     rates = ", ".join(f"{m} {r['success_rate']:.3f}" for m, r in results.items())
     print(f"iteration {step}{' (BC start)' if step == 0 else ''}: eval success {rates}")
@@ -713,8 +717,8 @@ def write_final_evaluation(path: str, logger, results: dict, iteration: int, env
     episodes = args.final_eval_episodes
     run_utils.write_json(path, {"iteration": iteration, "env_steps": env_steps, "eval_mode": args.eval_mode,
                                 "episodes": episodes, "seed": args.seed, **results})  # fmt: skip
-    logger.log(iteration, env_steps=env_steps, **{f"final_{m}/{k}": v for m, stats in results.items()
-                                                  for k, v in stats.items() if not isinstance(v, list)})  # fmt: skip
+    flat = {f"final_{m}/{k}": v for m, stats in results.items() for k, v in scalar_stats(stats).items()}
+    logger.log(iteration, env_steps=env_steps, **flat)
     for m, r in results.items():
         spread = f", action std {r['action_std']:.4f}" if "action_std" in r else ""
         print(f"final ({episodes} episodes) {m:>6}: success {r['success_rate']:.3f}, length "
