@@ -6,8 +6,9 @@ Each run directory there holds what convergence.sh exported from a PPO run: args
 evaluations every few iterations: 50 protocol episodes in the evaluated mode and in eta0), final_eval.json (every
 action mode over the same 200 episodes) and wall_s.txt; an ablation that branched from another run's checkpoint
 also has branch.json ({"from": that run, "iteration": N}): its table row then covers only what came after the branch.
-Success rates carry their binomial standard error
-sqrt(p (1 - p) / n); "env steps to X %" is the first in-run evaluation at or above X (50 episodes: +-7 points).
+Success rates carry their binomial standard error sqrt(p (1 - p) / n), n the distinct episodes: a noise-free mode
+(the Gaussian policy's `mean`) repeats each of the 50 init states' episodes, so its n is 50 however many episodes ran;
+"env steps to X %" is the first in-run evaluation at or above X (50 episodes: +-7 points).
 """
 
 import argparse
@@ -17,6 +18,8 @@ import math
 import os
 
 import matplotlib
+
+NUM_INIT_STATES = 50  # LIBERO's fixed init states per task (episode e starts from init state e mod 50)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -33,6 +36,7 @@ def load_run(path: str) -> dict:
     run["final"] = json.load(open(final)) if os.path.exists(final) else None
     wall = os.path.join(path, "wall_s.txt")
     run["wall_s"] = sum(float(x) for x in open(wall).read().split()) if os.path.exists(wall) else None
+    run["noise_free"] = set()  # action modes without any noise (set by the caller: the Gaussian policy's mean)
     branch = os.path.join(path, "branch.json")
     run["branch"] = json.load(open(branch)) if os.path.exists(branch) else None
     return run
@@ -92,7 +96,7 @@ def figure(run: dict, out: str, title: str) -> None:
         f = run["final"]
         for m in MODES:
             if m in f:
-                p, n = f[m]["success_rate"], f["episodes"]
+                p, n = f[m]["success_rate"], distinct_episodes(run, m)
                 ax.errorbar([f["env_steps"]], [p], yerr=[1.96 * math.sqrt(p * (1 - p) / n)], fmt="*", ms=10,
                             color=colors[m], label=f"final: {m}, {n} episodes (95% CI)")  # fmt: skip
     start = os.path.join(run["path"], "bc_start_mean_eval.json")
@@ -109,11 +113,18 @@ def figure(run: dict, out: str, title: str) -> None:
     plt.close(fig)
 
 
+def distinct_episodes(run: dict, mode: str) -> int:
+    """The final evaluation's independent episodes in ``mode``: a noise-free mode repeats each init state's."""
+    n = run["final"]["episodes"]
+    return min(n, NUM_INIT_STATES) if mode in run["noise_free"] else n
+
+
 def final_cells(run: dict) -> list[str]:
     f = run["final"]
     if f is None:
         return ["(unfinished)"] * 4
-    cells = [rate(f[m]["success_rate"], f["episodes"]) if m in f else "–" for m in MODES]
+    cells = [rate(f[m]["success_rate"], distinct_episodes(run, m)) + (" †" if m in run["noise_free"] else "")
+             if m in f else "–" for m in MODES]  # fmt: skip
     std = f.get(f["eval_mode"], {}).get("action_std")
     return cells + [f"{std:.3f}" if std is not None and std == std else "–"]
 
@@ -194,6 +205,8 @@ def main() -> None:
     for g in ("tasks", "gaussian", "ablations"):
         paths = sorted(glob.glob(os.path.join(args.root, g, "*")))
         groups[g] = [load_run(p) for p in paths if os.path.exists(os.path.join(p, "metrics.jsonl"))]
+    for run in groups["gaussian"]:
+        run["noise_free"] = {"mean"}  # the Gaussian's mean action: a function of the observation alone
     for g, runs in groups.items():
         for run in runs:
             figure(run, os.path.join(run["path"], "learning_curve.png"), f"{g}: {run['name']}")
@@ -213,6 +226,8 @@ def main() -> None:
         lines += [f"![{r['name']}](convergence/tasks/{r['name']}/learning_curve.png)" for r in groups["tasks"]] + [""]
     if groups["gaussian"]:
         lines += ["## Gaussian PPO at the same budget", ""] + task_table(groups["gaussian"], "task") + [""]
+        lines += ["† noise-free: the episodes of an init state repeat one another, so the standard error is over the "
+                  f"{NUM_INIT_STATES} init states.", ""]  # fmt: skip
         lines += [f"![{r['name']}](convergence/gaussian/{r['name']}/learning_curve.png)" for r in groups["gaussian"]]
         lines += [""]
     if groups["ablations"]:

@@ -51,6 +51,12 @@ def test_task_and_branched_ablation_rows(tmp_path):
             *[update(i, 0.8, 0.5) for i in range(6, 11)], evaluation(10, 0.9, 0.5, 10)]  # fmt: skip
     write_run(str(root / "ablations" / "G_lowstd__libero_spatial_task00"), {**ARGS, "min_std": 0.05}, rows,
               branch={"from": "tasks/libero_spatial_task00", "iteration": 5})  # fmt: skip
+    # a Gaussian run: its noise-free mean repeats each init state's episode, so 200 episodes are 50 independent ones
+    gfinal = {"episodes": 200, "eval_mode": "mean", "env_steps": 358400, "sample": {"success_rate": 0.95},
+              "mean": {"success_rate": 0.98, "action_std": 0.138}}  # fmt: skip
+    start = {"step": 0, "env_steps": 0, "time": T0, "eval/success_rate": 0.34}  # a Gaussian policy has no eta0
+    grows = [start, *[update(i, 0.9, 0.6) for i in range(1, 21)]]
+    write_run(str(root / "gaussian" / "libero_object_task00"), ARGS, grows, gfinal, wall="7200\n")
     out = tmp_path / "convergence.md"
     run_script(["scripts/convergence_report.py", "--root", str(root), "--out", str(out)], cwd=ROOT)
     text = out.read_text()
@@ -59,5 +65,7 @@ def test_task_and_branched_ablation_rows(tmp_path):
     assert ("| G_lowstd (from iteration 5 of tasks/libero_spatial_task00) | libero_spatial_task00 | 16 x 140 | "
             "0.0001 const | 0.001 -> 0.01 | 0.05 | 1.0 | 40 (10 x 4) | 179k | 80 → 80 | 84 → 90; 48 → 50 | 0.50 | – |"
             ) in text  # fmt: skip
+    assert ("| libero_object_task00 | mean | 34 / – | 358k | 2.0 h | not reached | not reached | not reached | "
+            "95.0 ± 1.5 | 98.0 ± 2.0 † | – | 0.138 |") in text  # fmt: skip
     for png in ("tasks/libero_object_task00", "ablations/G_lowstd__libero_spatial_task00"):
         assert os.path.getsize(root / png / "learning_curve.png") > 10_000
