@@ -41,6 +41,14 @@ RECIPE=${RECIPE:-"--num-envs 16 --num-steps 140 --actor-lr 1e-4 --constant-lr --
 bc_recipe="--obs-mode state --denoiser mlp --batch-size 256 --lr 3e-4 --total-steps $BC_STEPS --eval-episodes 0"
 step() { echo "=== [$(date +%H:%M:%S)] $*"; }
 
+# Wall time of each PPO invocation, one line per (resumed) invocation in the run's wall_s.txt: written when the run
+# returns and also when this script is stopped or killed part-way (kill -TERM pre-empts the PPO script at the end of
+# its iteration), so a run resumed over several sessions still adds up its whole wall time.
+wall_file="" wall_start=0
+timed_start() { wall_file=$1 wall_start=$(date +%s); }
+timed_end() { [ -z "$wall_file" ] || echo "$(( $(date +%s) - wall_start ))" >>"$wall_file"; wall_file=""; }
+trap timed_end EXIT
+
 export_run() {  # export_run RUN_DIR DEST: the small artefacts of a run, for the report (none when EXPORT is "")
   local run=$1 dest=$2
   [ -n "$EXPORT" ] || return 0
@@ -67,24 +75,24 @@ for spec in "${TASKS[@]}"; do
   [ -n "$ABLATION" ] && dest=$EXPORT/ablations/${ABLATION}__${suite}_task$nn
   run=$runs/ppo_diffusion/$suite/task${nn}__seed0
   if [ -z "$GAUSSIAN_ONLY" ] && [ ! -f "$run/final_eval.json" ]; then
-    start=$(date +%s)
+    timed_start "$run/wall_s.txt"
     $PY ppo_diffusion.py --suite "$suite" --task-id "$id" --run-root "$runs" --bc-ckpt "$bc" $RECIPE \
       --num-iterations "$ITERS" --eval-every "$EVAL_EVERY" --eval-episodes "$EVAL_EPISODES" \
       --final-eval-episodes "$FINAL_EPISODES" $EXTRA
-    echo "$(( $(date +%s) - start ))" >>"$run/wall_s.txt"  # one line per (resumed) invocation
+    timed_end
   fi
   [ -n "$GAUSSIAN_ONLY" ] || export_run "$run" "$dest"
 
   if [ -z "$ABLATION" ] && [[ " $GAUSSIAN " == *" $spec "* ]]; then
     grun=$runs/ppo_gaussian/$suite/task${nn}__seed0
     if [ ! -f "$grun/final_eval.json" ]; then
-      start=$(date +%s)
+      timed_start "$grun/wall_s.txt"
       $PY ppo_gaussian.py --suite "$suite" --task-id "$id" --run-root "$runs" --obs-mode state \
         --demo-source scripted_dart --num-demos 10 --data-root "$D" --bc-steps "$BC_STEPS" --bc-batch-size 256 \
         --bc-lr 3e-4 $RECIPE --minibatch-size 560 --num-iterations "$ITERS" --eval-every "$EVAL_EVERY" \
         --eval-episodes "$EVAL_EPISODES" \
         --final-eval-episodes "$FINAL_EPISODES" $GAUSSIAN_EXTRA  # 560 chunks = 2800 pairs / 5 steps
-      echo "$(( $(date +%s) - start ))" >>"$grun/wall_s.txt"
+      timed_end
     fi
     export_run "$grun" "$EXPORT/gaussian/${suite}_task$nn"
   fi
