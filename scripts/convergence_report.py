@@ -16,13 +16,15 @@ import glob
 import json
 import math
 import os
+import sys
 
 import matplotlib
 
-NUM_INIT_STATES = 50  # LIBERO's fixed init states per task (episode e starts from init state e mod 50)
-
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from libero_env import NUM_INIT_STATES  # noqa: E402  (episode e starts from init state e mod 50)
 
 THRESHOLDS = (0.8, 0.9, 0.95)
 MODES = ("sample", "mean", "eta0")
