@@ -95,6 +95,9 @@ class Args:
     """DDIM eta of the rollouts (1: the DDPM-like variance)"""
     min_std: float = 0.1
     """floor of each denoising step's std during rollouts and in the log-probs"""
+    noise_scale: float = 1.0
+    """multiplies each denoising step's sigma (before the floor) in the rollouts and the log-probs: < 1 trains a less
+    noisy chain around the same step means, so ``mean`` mode is unchanged"""
     noise_clip: float = 3.0
     """standard-normal draws are clamped to +-noise_clip"""
     logprob_clip: tuple[float, float] = (-5.0, 2.0)
@@ -182,9 +185,10 @@ ACTION_MODES = ("sample", "mean", "eta0")  # see FineTunedDiffusion.sample_chain
 # ================================================================================================================
 class DenoisingSchedule(nn.Module):
     """Per denoising step k (0 = noisiest): timestep, abar_t, abar_prev; the step's mean and sigma (DDIM with
-    the rollout eta, or the DDPM posterior)."""
+    the rollout eta, or the DDPM posterior), the sigma times ``noise_scale``."""
 
-    def __init__(self, alphas_cumprod: torch.Tensor, sampler: str, num_steps: int, eta: float):
+    def __init__(self, alphas_cumprod: torch.Tensor, sampler: str, num_steps: int, eta: float,
+                 noise_scale: float = 1.0):  # fmt: skip
         super().__init__()
         steps = step_schedule(alphas_cumprod, sampler, num_steps)
         self.sampler, self.K = sampler, len(steps)
@@ -192,7 +196,7 @@ class DenoisingSchedule(nn.Module):
         self.register_buffer("t", torch.tensor([s[0] for s in steps]), persistent=False)
         self.register_buffer("abar_t", torch.stack([s[1] for s in steps]).float(), persistent=False)
         self.register_buffer("abar_prev", torch.stack([s[2] for s in steps]).float(), persistent=False)
-        self.eta = eta
+        self.eta, self.noise_scale = eta, noise_scale
 
     def mean(self, x_k, eps, k: torch.Tensor, eta0: bool = False):
         """Mean and sigma of p(x_{k-1} | x_k) at denoising indices ``k`` (tensor, per sample or scalar); ``eta0``:
@@ -200,8 +204,10 @@ class DenoisingSchedule(nn.Module):
         shape = (-1,) + (1,) * (x_k.dim() - 1)
         abar_t, abar_prev = self.abar_t[k].view(shape), self.abar_prev[k].view(shape)
         if self.sampler == "ddim":
-            return ddim_step(x_k, eps, abar_t, abar_prev, 0.0 if eta0 else self.eta)
-        return ddpm_step(x_k, eps, abar_t, abar_prev)
+            mean, sigma = ddim_step(x_k, eps, abar_t, abar_prev, 0.0 if eta0 else self.eta)
+        else:
+            mean, sigma = ddpm_step(x_k, eps, abar_t, abar_prev)
+        return mean, sigma * self.noise_scale
 
 
 def denoising_logprob(model, sched: DenoisingSchedule, cond, x_k, x_next, k, min_std, act_steps, clip):
@@ -655,8 +661,9 @@ def load_policy(path: str, device="cpu") -> FineTunedDiffusion:
     ckpt = run_utils.load_checkpoint(path, CKPT_FORMATS)
     cfg, ppo = ckpt["config"], ckpt["ppo_config"]
     bc_policy = DiffusionPolicy(cfg)
-    sched = DenoisingSchedule(bc_policy.alphas_cumprod, ppo["sampler"], ppo["denoising_steps"], ppo["eta"])
     args = ckpt["args"]
+    sched = DenoisingSchedule(bc_policy.alphas_cumprod, ppo["sampler"], ppo["denoising_steps"], ppo["eta"],
+                              args.get("noise_scale", 1.0))  # fmt: skip
     policy = FineTunedDiffusion(bc_policy, sched, ppo["ft_denoising_steps"], cfg, args["noise_clip"], args["min_std"])
     policy.load_state_dict(ckpt["model"])
     return policy.to(device).eval()
@@ -665,7 +672,7 @@ def load_policy(path: str, device="cpu") -> FineTunedDiffusion:
 def finetuning_start(bc_policy: DiffusionPolicy, denoising_steps: int = 5) -> FineTunedDiffusion:
     """A BC policy as the PPO run's iteration 0 sees it: the rollout chain of this script's defaults."""
     args = Args()
-    sched = DenoisingSchedule(bc_policy.alphas_cumprod, "ddim", denoising_steps, args.eta)
+    sched = DenoisingSchedule(bc_policy.alphas_cumprod, "ddim", denoising_steps, args.eta, args.noise_scale)
     sched = sched.to(bc_policy.alphas_cumprod.device)
     return FineTunedDiffusion(bc_policy, sched, denoising_steps, bc_policy.cfg, args.noise_clip, args.min_std).eval()
 
@@ -743,6 +750,8 @@ def check_args(args, bc_cfg: dict) -> None:
         raise ValueError("--num-envs must be >= 1 and --batch-chunks >= --num-envs.")
     if args.minibatch_size < 1:
         raise ValueError("--minibatch-size must be >= 1.")
+    if args.noise_scale < 0 or args.noise_scale == 0 and args.min_std <= 0:
+        raise ValueError("--noise-scale must be >= 0 (and --min-std > 0 when it is 0, or the rollouts have no noise).")
 
 
 # ================================================================================================================
@@ -771,7 +780,7 @@ if __name__ == "__main__":
     render = cfg["obs_mode"] == "rgb"
 
     # Networks and optimisers
-    sched = DenoisingSchedule(bc_policy.alphas_cumprod, args.sampler, args.denoising_steps, args.eta)
+    sched = DenoisingSchedule(bc_policy.alphas_cumprod, args.sampler, args.denoising_steps, args.eta, args.noise_scale)
     policy = FineTunedDiffusion(bc_policy, sched, args.ft_denoising_steps, cfg, args.noise_clip, args.min_std)
     policy = policy.to(device)
     critic = Critic(cfg, args.critic_hidden).to(device)

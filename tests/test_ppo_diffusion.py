@@ -172,6 +172,41 @@ def test_the_action_modes_follow_the_trained_chain_or_ddim_eta0():
         torch.testing.assert_close(chain[:, k + 1], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_noise_scale_shrinks_the_trained_chains_noise_around_the_same_means(tmp_path):
+    """--noise-scale c: each ``sample`` step is mean + max(c sigma, min_std) z with the eta = 1 means (so ``mean``
+    mode is unchanged), the log-probs use that std, and a checkpoint restores c (older ones: 1)."""
+    full, half = tiny_finetuned().eval(), tiny_finetuned().eval()
+    half.sched.noise_scale = 0.5
+    K, B = full.sched.K, 3
+    noise = torch.randn(B, K + 1, 8, 7, generator=torch.Generator().manual_seed(0))
+    chain_full_m, _ = full.sample_chain(obs_t(B), 3.0, 0.1, "mean", noise)
+    chain_half_m, _ = half.sample_chain(obs_t(B), 3.0, 0.1, "mean", noise)
+    torch.testing.assert_close(chain_half_m, chain_full_m, rtol=0, atol=0)
+    chain, _ = half.sample_chain(obs_t(B), 3.0, 0.1, "sample", noise)
+    cond = half.ft.encode(obs_t(B))
+    sigmas = []
+    for k in range(K):
+        k_t = torch.full((B,), k)
+        eps = half.ft.denoise(chain[:, k], half.sched.t[k].expand(B), cond)
+        mean, _ = full.sched.mean(chain[:, k], eps, k_t)
+        _, sigma = full.sched.mean(chain[:, k], eps, k)  # the eta = 1 sigma, unscaled
+        sigmas.append(float(sigma))
+        std = (0.5 * sigma).clamp(min=0.1)
+        torch.testing.assert_close(chain[:, k + 1], mean + std * noise[:, k + 1].clamp(-3, 3), rtol=1e-5, atol=1e-5)
+        expected = torch.distributions.Normal(mean, std).log_prob(chain[:, k + 1]).clamp(-5, 2)[:, :4].mean((1, 2))
+        got = ppo.denoising_logprob(half.ft, half.sched, cond, chain[:, k], chain[:, k + 1], k_t, 0.1, 4, (-5, 2))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert sigmas[0] > 0.4  # the scale acts on the noisy steps (0.5 sigma above the 0.1 floor there)
+    ckpt = {"format": "ppo_diffusion/v1", "model": half.state_dict(), "config": TINY,
+            "ppo_config": dict(sampler="ddim", denoising_steps=5, ft_denoising_steps=5, eta=1.0),
+            "args": dict(noise_clip=3.0, min_std=0.1, noise_scale=0.5)}  # fmt: skip
+    run_utils.save_checkpoint(str(tmp_path / "final.pt"), ckpt)
+    assert ppo.load_policy(str(tmp_path / "final.pt")).sched.noise_scale == 0.5
+    del ckpt["args"]["noise_scale"]  # a run from before the flag
+    run_utils.save_checkpoint(str(tmp_path / "old.pt"), ckpt)
+    assert ppo.load_policy(str(tmp_path / "old.pt")).sched.noise_scale == 1.0
+
+
 def test_act_takes_each_rows_noise_from_its_generator_and_the_rollout_settings_from_the_checkpoint(tmp_path):
     """Evaluation passes one seeded generator per row (its episode's): the same seeds give the same chunks, another
     seed others, a row's chunk does not depend on the other rows, and the global RNG is left as it was.
@@ -368,12 +403,15 @@ def test_reward_scaler_updates_once_per_batch_clips_and_resets():
 
 def test_ddpm_fine_tuning_steps_are_checked_against_the_bc_checkpoints_schedule():
     args = SimpleNamespace(suite="libero_object", task_id=0, sampler="ddpm", denoising_steps=5, ft_denoising_steps=30,
-                           num_envs=2, batch_chunks=10, minibatch_size=10)  # fmt: skip
+                           num_envs=2, batch_chunks=10, minibatch_size=10, noise_scale=1.0, min_std=0.1)  # fmt: skip
     with pytest.raises(ValueError, match=r"--ft-denoising-steps must be in 1..20 .* 20 diffusion steps"):
         ppo.check_args(args, {**TINY, "num_train_timesteps": 20})
     ppo.check_args(args, {**TINY, "num_train_timesteps": 50})  # K = 50: 30 fine-tuned DDPM steps are fine
     args.sampler, args.ft_denoising_steps, args.denoising_steps = "ddim", 3, 3
     with pytest.raises(ValueError, match="--denoising-steps must divide"):
+        ppo.check_args(args, {**TINY, "num_train_timesteps": 100})
+    args.denoising_steps, args.noise_scale, args.min_std = 5, -0.5, 0.1
+    with pytest.raises(ValueError, match="--noise-scale must be >= 0"):
         ppo.check_args(args, {**TINY, "num_train_timesteps": 100})
 
 
