@@ -164,11 +164,11 @@ def rollout_success(run: dict, first: bool, n: int = 5) -> float:
 
 
 def ablation_table(runs: list[dict]) -> list[str]:
-    lines = ["| run | task | envs x chunks | actor LR | clip (first -> last step) | min std | gamma | target KL | "
-             "gradient steps per iteration (epochs x minibatches) | env steps | rollout "
+    lines = ["| run | task | envs x chunks | actor LR | clip (first -> last step) | min std | noise scale | gamma | "
+             "target KL | gradient steps per iteration (epochs x minibatches) | env steps | rollout "
              "success, first 5 -> last 5 iterations | in-run evals (eval mode; eta0) | mean EV | "
              "final (200 ep., every mode) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for run in runs:
         a, own = run["args"], {**run, "rows": after_branch(run)}
         lr = f"{a['actor_lr']:g}" + (" const" if a.get("constant_lr") else f" cos -> {a.get('actor_lr_min', 0):g}")
@@ -192,7 +192,8 @@ def ablation_table(runs: list[dict]) -> list[str]:
         if run["branch"]:  # its first iterations are the other run's
             name += f" (from iteration {run['branch']['iteration']} of {run['branch']['from']})"
         lines.append(f"| {name} | {task} | {a['num_envs']} x {a.get('num_steps')} | {lr} | {clip} | "
-                     f"{a.get('min_std', 0.1):g} | {a.get('gamma', 0.999):g} | {a.get('target_kl')} | {grad} | "
+                     f"{a.get('min_std', 0.1):g} | {a.get('noise_scale', 1.0):g} | {a.get('gamma', 0.999):g} | "
+                     f"{a.get('target_kl')} | {grad} | "
                      f"{steps / 1e3:.0f}k | "
                      f"{100 * rollout_success(run, True):.0f} → {100 * rollout_success(run, False):.0f} | {curve} | "
                      f"{ev:.2f} | {final} |")  # fmt: skip

@@ -49,7 +49,8 @@ def test_task_and_branched_ablation_rows(tmp_path):
     # an ablation branched at iteration 5: its row covers only iterations 6-10 and the evaluations from 5 on
     rows = [evaluation(0, 0.36, 0.22, 0), *[update(i, 0.7, 0.2) for i in range(1, 6)], evaluation(5, 0.84, 0.48, 5),
             *[update(i, 0.8, 0.5) for i in range(6, 11)], evaluation(10, 0.9, 0.5, 10)]  # fmt: skip
-    write_run(str(root / "ablations" / "G_lowstd__libero_spatial_task00"), {**ARGS, "min_std": 0.05, "gamma": 0.99},
+    write_run(str(root / "ablations" / "G_lowstd__libero_spatial_task00"), {**ARGS, "min_std": 0.05, "gamma": 0.99,
+                                                                              "noise_scale": 0.5},
               rows, branch={"from": "tasks/libero_spatial_task00", "iteration": 5})  # fmt: skip
     # a Gaussian run: its noise-free mean repeats each init state's episode, so 200 episodes are 50 independent ones
     gfinal = {"episodes": 200, "eval_mode": "mean", "env_steps": 358400, "sample": {"success_rate": 0.95},
@@ -63,8 +64,8 @@ def test_task_and_branched_ablation_rows(tmp_path):
     assert ("| libero_object_task00 | mean | 14 / 12 | 358k | 1.7 h | 179k (10 min) | 358k (20 min) | 358k (20 min) | "
             "50.0 ± 3.5 | 93.5 ± 1.7 | 30.0 ± 3.2 | 0.175 |") in text  # fmt: skip
     assert ("| G_lowstd (from iteration 5 of tasks/libero_spatial_task00) | libero_spatial_task00 | 16 x 140 | "
-            "0.0001 const | 0.001 -> 0.01 | 0.05 | 0.99 | 1.0 | 40 (10 x 4) | 179k | 80 → 80 | 84 → 90; 48 → 50 | "
-            "0.50 | – |") in text  # fmt: skip
+            "0.0001 const | 0.001 -> 0.01 | 0.05 | 0.5 | 0.99 | 1.0 | 40 (10 x 4) | 179k | 80 → 80 | 84 → 90; "
+            "48 → 50 | 0.50 | – |") in text  # fmt: skip
     assert ("| libero_object_task00 | mean | 34 / – | 358k | 2.0 h | not reached | not reached | not reached | "
             "95.0 ± 1.5 | 98.0 ± 2.0 † | – | 0.138 |") in text  # fmt: skip
     for png in ("tasks/libero_object_task00", "ablations/G_lowstd__libero_spatial_task00"):
