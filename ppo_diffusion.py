@@ -11,8 +11,9 @@ samples x_{k-1} ~ N(mu_theta(x_k, k, s), sigma_k^2). PPO's likelihood ratio is t
 with chunk-level GAE advantages A_t (gamma 0.999, lambda 0.95), the denoising discount g = 0.9, and a clip eps_k
 growing exponentially from 0.001 (noisiest step) to 0.01 (the step that emits the action). Success and the step
 limit both end an episode with value 0; the critic V(s, t / limit) sees the elapsed fraction. Rollouts sample
-with DDIM eta = 1 and a std floor of 0.1, and evaluation runs that same policy by default (``--eval-mode``; eta = 0
-is another chain that PPO does not train). On CUDA the whole sampler (encoder, all denoising steps, noise) is
+with DDIM eta = 1 and a std floor of 0.1 (``--noise-scale`` shrinks the step sigmas around the same means), and
+evaluation runs that same policy without the noise after x_K by default (``--eval-mode mean``; eta = 0 is another
+chain that PPO does not train). On CUDA the whole sampler (encoder, all denoising steps, noise) is
 replayed as one CUDA graph per batch size.
 
     python ppo_diffusion.py --suite libero_object --task-id 0 --num-envs 50
