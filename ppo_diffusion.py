@@ -751,7 +751,7 @@ def check_args(args, bc_cfg: dict) -> None:
         raise ValueError("--num-envs must be >= 1 and --batch-chunks >= --num-envs.")
     if args.minibatch_size < 1:
         raise ValueError("--minibatch-size must be >= 1.")
-    if args.noise_scale < 0 or args.noise_scale == 0 and args.min_std <= 0:
+    if args.noise_scale < 0 or (args.noise_scale == 0 and args.min_std <= 0):
         raise ValueError("--noise-scale must be >= 0 (and --min-std > 0 when it is 0, or the rollouts have no noise).")
 
 

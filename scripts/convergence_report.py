@@ -193,8 +193,7 @@ def ablation_table(runs: list[dict]) -> list[str]:
             name += f" (from iteration {run['branch']['iteration']} of {run['branch']['from']})"
         lines.append(f"| {name} | {task} | {a['num_envs']} x {a.get('num_steps')} | {lr} | {clip} | "
                      f"{a.get('min_std', 0.1):g} | {a.get('noise_scale', 1.0):g} | {a.get('gamma', 0.999):g} | "
-                     f"{a.get('target_kl')} | {grad} | "
-                     f"{steps / 1e3:.0f}k | "
+                     f"{a.get('target_kl')} | {grad} | {steps / 1e3:.0f}k | "
                      f"{100 * rollout_success(run, True):.0f} → {100 * rollout_success(run, False):.0f} | {curve} | "
                      f"{ev:.2f} | {final} |")  # fmt: skip
     return lines
