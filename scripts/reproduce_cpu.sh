@@ -7,19 +7,23 @@
 #
 # The teachers are trained by scripts/convergence.sh (the converged recipe: 16 envs x 140 chunks per iteration, actor
 # LR 1e-4 held constant, PPO_ITERS iterations) for both policy classes at the same env-step budget, from the same
-# weak BC starts (10 DART demos); the Gaussian with its own LR (GAUSSIAN_LR). Every policy is evaluated and its data
+# weak BC starts (10 DART demos); the Gaussian with its own LR (GAUSSIAN_LR). They live under TEACHERS (default
+# convergence/, convergence.sh's own root), so the teachers of docs/convergence.md are the study's and a run of either
+# script reuses the other's (their small artefacts are exported to docs/convergence/ as convergence.sh does). Every policy is evaluated and its data
 # collected in the mode the teacher is evaluated in (EVAL_MODE, `mean`: the trained chain without its noise).
 # Every step skips work whose output exists (and the phase scripts resume their own checkpoints and .partial
 # files), so a killed study continues where it stopped. Outputs: study/{data,runs,ppo,results}/ (checkpoints and HDF5,
 # not committed); scripts/reproduction_report.py writes the committed summary into docs/reproduction/. Budgets
 # (environment variables): DEMOS, BC_STEPS, PPO_ITERS, EVAL_SEEDS, EVAL_EPISODES, MAX_EPISODES, STUDENT_DEMOS (a
 # smoke run: DEMOS=3 BC_STEPS=50 PPO_ITERS=1 EVAL_SEEDS=0 EVAL_EPISODES=2 MAX_EPISODES=4 STUDENT_DEMOS=2
-# FINAL_EPISODES=2 RECIPE="--num-envs 2 --num-steps 4 --minibatch-size 10" STUDY_ROOT=/tmp/study bash
-# scripts/reproduce_cpu.sh libero_object:0; convergence.sh reads BC_STEPS, EVAL_EPISODES, FINAL_EPISODES, RECIPE).
+# FINAL_EPISODES=2 RECIPE="--num-envs 2 --num-steps 4 --minibatch-size 10" STUDY_ROOT=/tmp/study TEACHERS=/tmp/study
+# EXPORT="" bash scripts/reproduce_cpu.sh libero_object:0; convergence.sh reads BC_STEPS, EVAL_EPISODES,
+# FINAL_EPISODES, RECIPE, EXPORT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 ROOT=${STUDY_ROOT:-study}
+TEACHERS=${TEACHERS:-convergence}    # convergence.sh's root: BC starts and PPO teachers (shared with its study)
 DEMOS=${DEMOS:-50}                   # demonstrations per source (DART and clean scripted) and RL trajectories
 BC_STEPS=${BC_STEPS:-8000}           # BC gradient steps (batch 256) of the students (the BC starts: convergence.sh's 8000)
 PPO_ITERS=${PPO_ITERS:-83}           # PPO iterations of 16 envs x 140 chunks (x 8 actions): 1,487,360 env steps
@@ -72,10 +76,10 @@ for spec in "${TASKS[@]}"; do
     --obs-mode state --num-success "$DEMOS" --source scripted --data-root "$D" --num-envs 2
 
   # 2. the teachers: both policy classes with the converged recipe at the same budget, from the same BC data
-  bc=$R/bc_diffusion/$suite/task${nn}__seed0/checkpoints/final.pt
-  ppo_d=$ROOT/ppo/recipe/ppo_diffusion/$suite/task${nn}__seed0/checkpoints/final.pt
-  ppo_g=$ROOT/ppo/recipe/ppo_gaussian/$suite/task${nn}__seed0/checkpoints/final.pt
-  CONV_ROOT=$ROOT ITERS=$PPO_ITERS GAUSSIAN="$spec" GAUSSIAN_EXTRA="--actor-lr $GAUSSIAN_LR" EXPORT="" PY=$PY \
+  bc=$TEACHERS/runs/bc_diffusion/$suite/task${nn}__seed0/checkpoints/final.pt
+  ppo_d=$TEACHERS/ppo/recipe/ppo_diffusion/$suite/task${nn}__seed0/checkpoints/final.pt
+  ppo_g=$TEACHERS/ppo/recipe/ppo_gaussian/$suite/task${nn}__seed0/checkpoints/final.pt
+  CONV_ROOT=$TEACHERS ITERS=$PPO_ITERS GAUSSIAN="$spec" GAUSSIAN_EXTRA="--actor-lr $GAUSSIAN_LR" ABLATION="" PY=$PY \
     bash scripts/convergence.sh "$spec"
   step "$suite $id: evaluation of BC starts and final policies"
   evaluate diffusion "$bc" diffusion_bc "$suite" "$id"
