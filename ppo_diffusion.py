@@ -11,10 +11,10 @@ samples x_{k-1} ~ N(mu_theta(x_k, k, s), sigma_k^2). PPO's likelihood ratio is t
 with chunk-level GAE advantages A_t (gamma 0.999, lambda 0.95), the denoising discount g = 0.9, and a clip eps_k
 growing exponentially from 0.001 (noisiest step) to 0.01 (the step that emits the action). Success and the step
 limit both end an episode with value 0; the critic V(s, t / limit) sees the elapsed fraction. Rollouts sample
-with DDIM eta = 1 and a std floor of 0.1 (``--noise-scale`` shrinks the step sigmas around the same means), and
-evaluation runs that same policy without the noise after x_K by default (``--eval-mode mean``; eta = 0 is another
-chain that PPO does not train). On CUDA the whole sampler (encoder, all denoising steps, noise) is
-replayed as one CUDA graph per batch size.
+with DDIM eta = 1 and a std floor of 0.1 (``--noise-scale`` shrinks the step sigmas around the same means,
+``--noise-scale-final`` from a fraction of the run on), and evaluation runs that same policy without the noise after
+x_K by default (``--eval-mode mean``; eta = 0 is another chain that PPO does not train). On CUDA the whole sampler
+(encoder, all denoising steps, noise) is replayed as one CUDA graph per batch size.
 
     python ppo_diffusion.py --suite libero_object --task-id 0 --num-envs 50
 """
@@ -99,6 +99,11 @@ class Args:
     noise_scale: float = 1.0
     """multiplies each denoising step's sigma (before the floor) in the rollouts and the log-probs: < 1 trains a less
     noisy chain around the same step means, so ``mean`` mode is unchanged"""
+    noise_scale_final: Optional[float] = None
+    """the noise scale from --noise-scale-switch of the run on (None: --noise-scale throughout): explore with the full
+    chain, then train a quieter one once rollout success plateaus (docs/convergence.md, LIBERO-Spatial 0)"""
+    noise_scale_switch: float = 0.78
+    """fraction of --num-iterations after which --noise-scale-final applies (0.78 of 83: the last 18 iterations)"""
     noise_clip: float = 3.0
     """standard-normal draws are clamped to +-noise_clip"""
     logprob_clip: tuple[float, float] = (-5.0, 2.0)
@@ -655,6 +660,15 @@ def mean_stats(stats: dict) -> dict:
     return {k: torch.stack(v).double().mean().item() for k, v in stats.items() if v}
 
 
+def noise_scale_at(args: dict, iteration: int) -> float:
+    """The rollout chain's noise scale for the iteration that starts after ``iteration`` completed ones (and for a
+    checkpoint saved after them): --noise-scale, then --noise-scale-final from round(switch x num_iterations) on."""
+    final = args.get("noise_scale_final")
+    if final is None or iteration < round(args.get("noise_scale_switch", 0.78) * args["num_iterations"]):
+        return args.get("noise_scale", 1.0)
+    return final
+
+
 def load_policy(path: str, device="cpu") -> FineTunedDiffusion:
     """The fine-tuned policy of a ppo_diffusion checkpoint (for collect.py / evaluate.py)."""
     import run_utils
@@ -664,7 +678,7 @@ def load_policy(path: str, device="cpu") -> FineTunedDiffusion:
     bc_policy = DiffusionPolicy(cfg)
     args = ckpt["args"]
     sched = DenoisingSchedule(bc_policy.alphas_cumprod, ppo["sampler"], ppo["denoising_steps"], ppo["eta"],
-                              args.get("noise_scale", 1.0))  # fmt: skip
+                              noise_scale_at(args, ckpt.get("step", 0)))  # fmt: skip
     policy = FineTunedDiffusion(bc_policy, sched, ppo["ft_denoising_steps"], cfg, args["noise_clip"], args["min_std"])
     policy.load_state_dict(ckpt["model"])
     return policy.to(device).eval()
@@ -751,8 +765,11 @@ def check_args(args, bc_cfg: dict) -> None:
         raise ValueError("--num-envs must be >= 1 and --batch-chunks >= --num-envs.")
     if args.minibatch_size < 1:
         raise ValueError("--minibatch-size must be >= 1.")
-    if args.noise_scale < 0 or (args.noise_scale == 0 and args.min_std <= 0):
-        raise ValueError("--noise-scale must be >= 0 (and --min-std > 0 when it is 0, or the rollouts have no noise).")
+    for flag, scale in (("--noise-scale", args.noise_scale), ("--noise-scale-final", args.noise_scale_final)):
+        if scale is not None and (scale < 0 or (scale == 0 and args.min_std <= 0)):
+            raise ValueError(f"{flag} must be >= 0 (and --min-std > 0 when it is 0, or the rollouts have no noise).")
+    if not 0 <= args.noise_scale_switch <= 1:
+        raise ValueError("--noise-scale-switch is a fraction of --num-iterations: give a value in [0, 1].")
 
 
 # ================================================================================================================
@@ -867,6 +884,11 @@ if __name__ == "__main__":
         log_evaluation(logger, 0, env_steps, run_eval(eval_modes, args.eval_episodes), args.eval_mode)
     while iteration < args.num_iterations:
         timers = {"env": 0.0, "policy": 0.0, "update": 0.0}
+        noise_scale = noise_scale_at(vars(args), iteration)
+        if noise_scale != sched.noise_scale:  # --noise-scale-final from here on (or again after a resume)
+            sched.noise_scale = noise_scale
+            sampler.graphs.clear()  # the captured graphs hold the old scale
+            print(f"iteration {iteration + 1}: noise scale {noise_scale:g} from here on")
         # ALGO LOGIC: rollout with the stochastic denoising chain (the whole chain is stored)
         policy.eval()
         if args.reset_at_iteration:
@@ -913,7 +935,7 @@ if __name__ == "__main__":
         bad_updates = 0
         n_eps = len(rollout.episode_returns)
         logger.log(
-            iteration, env_steps=env_steps, actor_lr=actor_opt.param_groups[0]["lr"],
+            iteration, env_steps=env_steps, actor_lr=actor_opt.param_groups[0]["lr"], noise_scale=noise_scale,
             reward_mean=raw_rewards.mean().item(),
             train_success_rate=float(np.mean(rollout.episode_returns)) if n_eps else float("nan"),
             train_episode_length=float(np.mean(rollout.episode_lengths)) if n_eps else float("nan"),

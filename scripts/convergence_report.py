@@ -163,6 +163,15 @@ def rollout_success(run: dict, first: bool, n: int = 5) -> float:
     return sum(rows) / len(rows) if rows else float("nan")
 
 
+def noise_scale(a: dict) -> str:
+    """The rollout chain's noise scale of a run: one value, or the step to --noise-scale-final (1-based iteration)."""
+    scale = f"{a.get('noise_scale', 1.0):g}"
+    if a.get("noise_scale_final") is None:
+        return scale
+    switch = round(a.get("noise_scale_switch", 0.78) * a["num_iterations"])
+    return f"{scale} → {a['noise_scale_final']:g} from iteration {switch + 1}"
+
+
 def ablation_table(runs: list[dict]) -> list[str]:
     lines = ["| run | task | envs x chunks | actor LR | clip (first -> last step) | min std | noise scale | gamma | "
              "target KL | gradient steps per iteration (epochs x minibatches) | env steps | rollout "
@@ -192,7 +201,7 @@ def ablation_table(runs: list[dict]) -> list[str]:
         if run["branch"]:  # its first iterations are the other run's
             name += f" (from iteration {run['branch']['iteration']} of {run['branch']['from']})"
         lines.append(f"| {name} | {task} | {a['num_envs']} x {a.get('num_steps')} | {lr} | {clip} | "
-                     f"{a.get('min_std', 0.1):g} | {a.get('noise_scale', 1.0):g} | {a.get('gamma', 0.999):g} | "
+                     f"{a.get('min_std', 0.1):g} | {noise_scale(a)} | {a.get('gamma', 0.999):g} | "
                      f"{a.get('target_kl')} | {grad} | {steps / 1e3:.0f}k | "
                      f"{100 * rollout_success(run, True):.0f} → {100 * rollout_success(run, False):.0f} | {curve} | "
                      f"{ev:.2f} | {final} |")  # fmt: skip

@@ -207,6 +207,22 @@ def test_noise_scale_shrinks_the_trained_chains_noise_around_the_same_means(tmp_
     assert ppo.load_policy(str(tmp_path / "old.pt")).sched.noise_scale == 1.0
 
 
+def test_noise_scale_final_applies_from_the_switch_iteration_and_checkpoints_follow_it(tmp_path):
+    """--noise-scale-final c from round(switch x num_iterations) completed iterations on (0.78 x 83: the 66th
+    iteration, as the branched run of docs/convergence.md); a checkpoint rebuilds the scale of its iteration."""
+    args = dict(noise_scale=1.0, noise_scale_final=0.5, noise_scale_switch=0.78, num_iterations=83)
+    assert [ppo.noise_scale_at(args, it) for it in (0, 64, 65, 82, 83)] == [1.0, 1.0, 0.5, 0.5, 0.5]
+    assert ppo.noise_scale_at({**args, "noise_scale_final": None}, 82) == 1.0  # no switch without a final scale
+    assert ppo.noise_scale_at({**args, "noise_scale_switch": 0.0}, 0) == 0.5  # the final scale throughout
+    policy = tiny_finetuned()
+    ckpt = {"format": "ppo_diffusion/v2", "model": policy.state_dict(), "config": TINY,
+            "ppo_config": dict(sampler="ddim", denoising_steps=5, ft_denoising_steps=5, eta=1.0),
+            "args": dict(noise_clip=3.0, min_std=0.1, **args)}  # fmt: skip
+    for step, scale in ((64, 1.0), (65, 0.5), (83, 0.5)):
+        run_utils.save_checkpoint(str(tmp_path / f"it{step}.pt"), {**ckpt, "step": step})
+        assert ppo.load_policy(str(tmp_path / f"it{step}.pt")).sched.noise_scale == scale
+
+
 def test_act_takes_each_rows_noise_from_its_generator_and_the_rollout_settings_from_the_checkpoint(tmp_path):
     """Evaluation passes one seeded generator per row (its episode's): the same seeds give the same chunks, another
     seed others, a row's chunk does not depend on the other rows, and the global RNG is left as it was.
@@ -403,7 +419,8 @@ def test_reward_scaler_updates_once_per_batch_clips_and_resets():
 
 def test_ddpm_fine_tuning_steps_are_checked_against_the_bc_checkpoints_schedule():
     args = SimpleNamespace(suite="libero_object", task_id=0, sampler="ddpm", denoising_steps=5, ft_denoising_steps=30,
-                           num_envs=2, batch_chunks=10, minibatch_size=10, noise_scale=1.0, min_std=0.1)  # fmt: skip
+                           num_envs=2, batch_chunks=10, minibatch_size=10, noise_scale=1.0, min_std=0.1,
+                           noise_scale_final=None, noise_scale_switch=0.78)  # fmt: skip
     with pytest.raises(ValueError, match=r"--ft-denoising-steps must be in 1..20 .* 20 diffusion steps"):
         ppo.check_args(args, {**TINY, "num_train_timesteps": 20})
     ppo.check_args(args, {**TINY, "num_train_timesteps": 50})  # K = 50: 30 fine-tuned DDPM steps are fine
@@ -412,6 +429,12 @@ def test_ddpm_fine_tuning_steps_are_checked_against_the_bc_checkpoints_schedule(
         ppo.check_args(args, {**TINY, "num_train_timesteps": 100})
     args.denoising_steps, args.noise_scale, args.min_std = 5, -0.5, 0.1
     with pytest.raises(ValueError, match="--noise-scale must be >= 0"):
+        ppo.check_args(args, {**TINY, "num_train_timesteps": 100})
+    args.noise_scale, args.noise_scale_final, args.min_std = 1.0, 0.0, 0.0
+    with pytest.raises(ValueError, match=r"--noise-scale-final must be >= 0 \(and --min-std > 0 when it is 0"):
+        ppo.check_args(args, {**TINY, "num_train_timesteps": 100})
+    args.noise_scale_final, args.min_std, args.noise_scale_switch = 0.5, 0.1, 1.5
+    with pytest.raises(ValueError, match=r"--noise-scale-switch is a fraction of --num-iterations"):
         ppo.check_args(args, {**TINY, "num_train_timesteps": 100})
 
 
@@ -480,13 +503,15 @@ def test_cli_smoke_on_the_real_simulator(tmp_path):
     run_script(["bc_diffusion.py", *tiny, "--obs-mode", "state", "--demo-paths", demo, "--run-root", runs,
                 "--total-steps", "4", "--batch-size", "8", "--eval-episodes", "0"], cwd=ROOT)  # fmt: skip
     cli = "ppo_diffusion.py --num-envs 2 --num-steps 3 --num-iterations 2 --eval-episodes 2 --minibatch-size 10"
-    cli = [*cli.split(), *"--update-epochs 1 --critic-warmup-iters 1 --final-eval-episodes 2 --run-root".split(), runs]
+    cli = [*cli.split(), *"--update-epochs 1 --critic-warmup-iters 1 --final-eval-episodes 2".split(),
+           *"--noise-scale-final 0.5 --noise-scale-switch 0.5 --run-root".split(), runs]  # fmt: skip
     out = run_script(cli, cwd=ROOT, timeout=1200).stdout
     assert "iteration 0 (BC start): eval success mean" in out and "iteration 2: eval success mean" in out
     run_dir = tmp_path / "runs" / "ppo_diffusion" / "libero_object" / "task00__seed0"
     rows = run_utils.read_metrics(str(run_dir))
     updates = [r for r in rows if "pg_loss" in r]
     assert [r["step"] for r in updates] == [1, 2]
+    assert [r["noise_scale"] for r in updates] == [1.0, 0.5] and "iteration 2: noise scale 0.5 from here on" in out
     for r in updates:
         for key in (
             "pg_loss",
@@ -514,4 +539,4 @@ def test_cli_smoke_on_the_real_simulator(tmp_path):
     assert ckpt["format"] == "ppo_diffusion/v2" and ckpt["step"] == 2 and ckpt["env_steps"] > 0
     assert {"critic", "critic_optimizer", "reward_scaler", "optimizer", "scheduler"} <= set(ckpt)
     loaded = ppo.load_policy(str(run_dir / "checkpoints" / "final.pt"))
-    assert loaded.cfg["obs_mode"] == "state"
+    assert loaded.cfg["obs_mode"] == "state" and loaded.sched.noise_scale == 0.5
