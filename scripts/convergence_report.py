@@ -208,6 +208,31 @@ def ablation_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def failure_table(runs: list[tuple[str, dict]]) -> list[str]:
+    """Where the evaluated mode fails in the final evaluation (runs whose final_eval.json keeps every episode's
+    outcome): episode e starts from init state e mod 50, so failures piling up on a few init states point at hard
+    scenes, failures spread thinly over many at the draw of the chain's noise."""
+    lines = ["| run | mode | failures | init states with a failure | init states failing in at least half their "
+             "episodes (failures / episodes) |", "|---|---|---|---|---|"]  # fmt: skip
+    for label, run in runs:
+        f = run["final"] or {}
+        mode = f.get("eval_mode")
+        outcomes = f.get(mode, {}).get("successes")
+        if outcomes is None:
+            continue
+        per_state = {}  # init state -> [failures, episodes]
+        for e, success in enumerate(outcomes):
+            count = per_state.setdefault(e % NUM_INIT_STATES, [0, 0])
+            count[0] += not success
+            count[1] += 1
+        failing = [s for s, (fails, _) in per_state.items() if fails]
+        hard = ", ".join(f"{s} ({per_state[s][0]}/{per_state[s][1]})" for s in sorted(failing)
+                         if 2 * per_state[s][0] >= per_state[s][1])  # fmt: skip
+        lines.append(f"| {label} | {mode} | {sum(not x for x in outcomes)} / {len(outcomes)} | "
+                     f"{len(failing)} of {len(per_state)} | {hard or 'none'} |")  # fmt: skip
+    return lines if len(lines) > 2 else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="docs/convergence")
@@ -244,6 +269,9 @@ def main() -> None:
         lines += [""]
     if groups["ablations"]:
         lines += ["## Every setting tried", ""] + ablation_table(groups["ablations"]) + [""]
+    failures = failure_table([(f"{g}/{r['name']}", r) for g, runs in groups.items() for r in runs])
+    if failures:
+        lines += ["## Where the evaluated policy fails (final evaluation)", ""] + failures + [""]
     findings = os.path.join(args.root, "findings.md")  # the measured conclusions, written from the tables above
     if os.path.exists(findings):
         lines += [open(findings).read().strip(), ""]

@@ -45,6 +45,9 @@ def test_task_and_branched_ablation_rows(tmp_path):
             evaluation(20, 0.96, 0.3, 20)]  # fmt: skip
     final = {"episodes": 200, "eval_mode": "mean", "env_steps": 358400, "sample": {"success_rate": 0.5},
              "mean": {"success_rate": 0.935, "action_std": 0.175}, "eta0": {"success_rate": 0.3}}  # fmt: skip
+    # 13 failures of the 200 mean-mode episodes: init state 7 in 3 of its 4 episodes (7, 57, 107), state 9 in 2
+    # (9, 159), and 8 init states once each (episodes 10-17)
+    final["mean"]["successes"] = [e not in {7, 57, 107, 9, 159, *range(10, 18)} for e in range(200)]
     write_run(str(root / "tasks" / "libero_object_task00"), ARGS, rows, final, wall="3600\n2520\n")
     # an ablation branched at iteration 5: its row covers only iterations 6-10 and the evaluations from 5 on
     rows = [evaluation(0, 0.36, 0.22, 0), *[update(i, 0.7, 0.2) for i in range(1, 6)], evaluation(5, 0.84, 0.48, 5),
@@ -73,5 +76,7 @@ def test_task_and_branched_ablation_rows(tmp_path):
     assert switch_row + " iteration 17 |" in text
     assert ("| libero_object_task00 | mean | 34 / – | 358k | 2.0 h | not reached | not reached | not reached | "
             "95.0 ± 1.5 | 98.0 ± 2.0 † | – | 0.138 |") in text  # fmt: skip
+    assert "| tasks/libero_object_task00 | mean | 13 / 200 | 10 of 50 | 7 (3/4), 9 (2/4) |" in text
+    assert "ablations/G_lowstd" not in text.split("Where the evaluated policy fails")[1]  # no per-episode outcomes
     for png in ("tasks/libero_object_task00", "ablations/G_lowstd__libero_spatial_task00"):
         assert os.path.getsize(root / png / "learning_curve.png") > 10_000
