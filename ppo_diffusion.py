@@ -146,10 +146,13 @@ class Args:
     """actor learning rate (DPPO's current robomimic configs; measured here: 3e-4 collapsed the policy at its first
     update, 1e-4 did not)"""
     actor_lr_min: float = 1e-5
-    """end of the cosine schedule when --no-constant-lr"""
+    """end of the cosine decay (--no-constant-lr or --actor-lr-decay-start)"""
     constant_lr: bool = True
     """hold the actor learning rate (DPPO's configs hold it too); --no-constant-lr: the paper's cosine annealing to
     --actor-lr-min over --num-iterations (a cosine that decays within a short run stops learning early)"""
+    actor_lr_decay_start: float = 1.0
+    """fraction of --num-iterations after which the held actor LR decays (cosine to --actor-lr-min by the last
+    iteration; 1.0: never): hold while learning, settle the policy at the end"""
     critic_lr: float = 1e-3
     """critic learning rate"""
     weight_decay: float = 0.0
@@ -669,6 +672,18 @@ def noise_scale_at(args: dict, iteration: int) -> float:
     return final
 
 
+def actor_lr_at(args: dict, iteration: int) -> float:
+    """The actor learning rate of the iteration that starts after ``iteration`` completed ones: --actor-lr, held
+    until round(--actor-lr-decay-start x num_iterations) (0 with --no-constant-lr), then a cosine to --actor-lr-min
+    at the last iteration."""
+    lr, lr_min, n = args["actor_lr"], args.get("actor_lr_min", 1e-5), args["num_iterations"]
+    start = round((args.get("actor_lr_decay_start", 1.0) if args.get("constant_lr", True) else 0.0) * n)
+    if iteration < start:
+        return lr
+    frac = min(1.0, (iteration + 1 - start) / (n - start))
+    return lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
 def load_policy(path: str, device="cpu") -> FineTunedDiffusion:
     """The fine-tuned policy of a ppo_diffusion checkpoint (for collect.py / evaluate.py)."""
     import run_utils
@@ -807,12 +822,6 @@ if __name__ == "__main__":
           f"fine-tuning the last {args.ft_denoising_steps} of {sched.K} {args.sampler} steps")  # fmt: skip
     actor_opt = torch.optim.AdamW(policy.ft.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
-    if args.constant_lr:
-        actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, lambda it: 1.0)
-    else:
-        actor_sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            actor_opt, args.num_iterations, eta_min=args.actor_lr_min
-        )
     scaler = RunningRewardScaler(args.num_envs, args.gamma, args.reward_clip)
     iteration, env_steps, bad_updates, rollout_state = 0, 0, 0, None
 
@@ -827,7 +836,6 @@ if __name__ == "__main__":
             critic.load_state_dict(ckpt["critic"])
             actor_opt.load_state_dict(ckpt["optimizer"])
             critic_opt.load_state_dict(ckpt["critic_optimizer"])
-            actor_sched.load_state_dict(ckpt["scheduler"])
             scaler.load_state_dict(ckpt["reward_scaler"])
             iteration, env_steps, rollout_state = ckpt["step"], ckpt["env_steps"], ckpt.get("rollout")
             run_utils.set_rng_state(ckpt["rng"])
@@ -843,7 +851,7 @@ if __name__ == "__main__":
             os.path.join(ckpt_dir, name),
             {"format": CKPT_FORMATS[0], "model": policy.state_dict(), "ema": None, "critic": critic.state_dict(),
              "optimizer": actor_opt.state_dict(), "critic_optimizer": critic_opt.state_dict(),
-             "scheduler": actor_sched.state_dict(), "reward_scaler": scaler.state_dict(), "step": iteration,
+             "reward_scaler": scaler.state_dict(), "step": iteration,
              "env_steps": env_steps, "args": asdict(args), "config": cfg, "ppo_config": ppo_config(args),
              "normalizer": policy.ft.normalizer(), "rng": run_utils.rng_state(), "bc_ckpt": args.bc_ckpt,
              "rollout": rollout.state_dict()},
@@ -889,6 +897,8 @@ if __name__ == "__main__":
             sched.noise_scale = noise_scale
             sampler.graphs.clear()  # the captured graphs hold the old scale
             print(f"iteration {iteration + 1}: noise scale {noise_scale:g} from here on")
+        for group in actor_opt.param_groups:
+            group["lr"] = actor_lr_at(vars(args), iteration)
         # ALGO LOGIC: rollout with the stochastic denoising chain (the whole chain is stored)
         policy.eval()
         if args.reset_at_iteration:
@@ -918,8 +928,6 @@ if __name__ == "__main__":
         stats, bad = ppo_update(policy, critic, flat, args, (actor_opt, critic_opt), train_actor, device)
         timers["update"] = time.perf_counter() - t0
         iteration += 1
-        if train_actor:
-            actor_sched.step()
         if bad:
             bad_updates += 1
             print(f"iteration {iteration}: update skipped, non-finite {bad} ({bad_updates} in a row)")

@@ -29,6 +29,7 @@ from tqdm import tqdm
 import libero_env as le
 from bc_diffusion import ObsEncoder, PolicyBase, mlp
 from ppo_diffusion import (
+    actor_lr_at,
     check_finite,
     evaluate_policy,
     explained_variance,
@@ -169,9 +170,11 @@ class Args:
     actor_lr: float = 1e-4
     """actor learning rate (ppo_diffusion.py's)"""
     actor_lr_min: float = 1e-5
-    """end of the cosine schedule when --no-constant-lr"""
+    """end of the cosine decay (--no-constant-lr or --actor-lr-decay-start)"""
     constant_lr: bool = True
     """hold the actor learning rate; --no-constant-lr: cosine annealing to --actor-lr-min"""
+    actor_lr_decay_start: float = 1.0
+    """fraction of --num-iterations after which the held actor LR decays (cosine to --actor-lr-min; 1.0: never)"""
     critic_lr: float = 1e-3
     """critic learning rate"""
     weight_decay: float = 0.0
@@ -369,16 +372,11 @@ if __name__ == "__main__":
     ema = run_utils.EMA(policy, args.bc_ema_power, args.bc_ema_max_decay)
     actor_opt = torch.optim.AdamW(policy.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
-    actor_sched = (
-        torch.optim.lr_scheduler.LambdaLR(actor_opt, lambda it: 1.0)
-        if args.constant_lr
-        else torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, args.num_iterations, eta_min=args.actor_lr_min)
-    )
     scaler = RunningRewardScaler(args.num_envs, args.gamma, args.reward_clip)
     generator = torch.Generator().manual_seed(args.seed)
     bc_step, iteration, env_steps, bad_updates, rollout_state = 0, 0, 0, 0, None
     modules = {"model": policy, "ema": ema.model, "critic": critic, "bc_optimizer": bc_opt, "bc_scheduler": bc_sched,
-               "optimizer": actor_opt, "critic_optimizer": critic_opt, "scheduler": actor_sched,
+               "optimizer": actor_opt, "critic_optimizer": critic_opt,
                "reward_scaler": scaler}  # fmt: skip
 
     try:
@@ -471,6 +469,8 @@ if __name__ == "__main__":
         log_evaluation(logger, 0, env_steps, run_eval(eval_modes, args.eval_episodes), args.eval_mode)
     while iteration < args.num_iterations:
         timers = {"env": 0.0, "policy": 0.0, "update": 0.0}
+        for group in actor_opt.param_groups:
+            group["lr"] = actor_lr_at(vars(args), iteration)
         # ALGO LOGIC: rollout, GAE, PPO update (chunk-level)
         policy.eval()
         if args.reset_at_iteration:
@@ -495,8 +495,6 @@ if __name__ == "__main__":
         stats, bad = gaussian_ppo_update(policy, critic, flat, args, (actor_opt, critic_opt), train_actor, device)
         timers["update"] = time.perf_counter() - t0
         iteration += 1
-        if train_actor:
-            actor_sched.step()
         if bad:
             bad_updates += 1
             print(f"iteration {iteration}: update skipped, non-finite {bad} ({bad_updates} in a row)")

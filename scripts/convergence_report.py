@@ -181,6 +181,9 @@ def ablation_table(runs: list[dict]) -> list[str]:
     for run in runs:
         a, own = run["args"], {**run, "rows": after_branch(run)}
         lr = f"{a['actor_lr']:g}" + (" const" if a.get("constant_lr") else f" cos -> {a.get('actor_lr_min', 0):g}")
+        if a.get("constant_lr") and a.get("actor_lr_decay_start", 1.0) < 1.0:
+            start = round(a["actor_lr_decay_start"] * a["num_iterations"])
+            lr += f", cos -> {a['actor_lr_min']:g} from iteration {start}"
         clip = f"{a['clip_coef']:g}" if a.get("constant_clip") else f"{a['clip_coef_base']:g} -> {a['clip_coef']:g}"
         curve = "–"
         if evals(own):

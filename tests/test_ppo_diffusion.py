@@ -207,6 +207,23 @@ def test_noise_scale_shrinks_the_trained_chains_noise_around_the_same_means(tmp_
     assert ppo.load_policy(str(tmp_path / "old.pt")).sched.noise_scale == 1.0
 
 
+def test_actor_lr_holds_then_decays_by_cosine_to_its_minimum_at_the_last_iteration():
+    """--actor-lr-decay-start f: --actor-lr for the first round(f x N) iterations, then a cosine that reaches
+    --actor-lr-min at the last one; 1.0 (the default) holds it; --no-constant-lr decays over the whole run."""
+    args = dict(actor_lr=1e-4, actor_lr_min=1e-5, constant_lr=True, actor_lr_decay_start=0.78, num_iterations=83)
+    lrs = [ppo.actor_lr_at(args, it) for it in range(83)]
+    assert lrs[:65] == [1e-4] * 65  # held: round(0.78 x 83) = 65 iterations
+    assert lrs[82] == pytest.approx(1e-5, rel=1e-12)
+    half = 1e-5 + 0.5 * 9e-5 * (1 + math.cos(math.pi * 9 / 18))  # iteration 73: 9 of the 18 decay steps
+    assert lrs[73] == pytest.approx(half, rel=1e-12) and lrs[73] == pytest.approx(5.5e-5, rel=1e-12)
+    assert all(a > b for a, b in zip(lrs[64:], lrs[65:]))  # strictly decreasing once it starts
+    assert ppo.actor_lr_at({**args, "actor_lr_decay_start": 1.0}, 82) == 1e-4  # the default holds it
+    whole = [ppo.actor_lr_at({**args, "constant_lr": False}, it) for it in (0, 82)]
+    assert whole[0] == pytest.approx(1e-5 + 0.5 * 9e-5 * (1 + math.cos(math.pi / 83)))
+    assert whole[1] == pytest.approx(1e-5)
+    assert ppo.actor_lr_at({"actor_lr": 3e-4, "num_iterations": 10}, 9) == 3e-4  # args of runs before the flag
+
+
 def test_noise_scale_final_applies_from_the_switch_iteration_and_checkpoints_follow_it(tmp_path):
     """--noise-scale-final c from round(switch x num_iterations) completed iterations on (0.78 x 83: the 66th
     iteration, as the branched run of docs/convergence.md); a checkpoint rebuilds the scale of its iteration."""
@@ -503,8 +520,12 @@ def test_cli_smoke_on_the_real_simulator(tmp_path):
     run_script(["bc_diffusion.py", *tiny, "--obs-mode", "state", "--demo-paths", demo, "--run-root", runs,
                 "--total-steps", "4", "--batch-size", "8", "--eval-episodes", "0"], cwd=ROOT)  # fmt: skip
     cli = "ppo_diffusion.py --num-envs 2 --num-steps 3 --num-iterations 2 --eval-episodes 2 --minibatch-size 10"
-    cli = [*cli.split(), *"--update-epochs 1 --critic-warmup-iters 1 --final-eval-episodes 2".split(),
-           *"--noise-scale-final 0.5 --noise-scale-switch 0.5 --run-root".split(), runs]  # fmt: skip
+    cli = [
+        *cli.split(),
+        *"--update-epochs 1 --critic-warmup-iters 1 --final-eval-episodes 2".split(),
+        *"--noise-scale-final 0.5 --noise-scale-switch 0.5 --actor-lr-decay-start 0.5 --run-root".split(),
+        runs,
+    ]
     out = run_script(cli, cwd=ROOT, timeout=1200).stdout
     assert "iteration 0 (BC start): eval success mean" in out and "iteration 2: eval success mean" in out
     run_dir = tmp_path / "runs" / "ppo_diffusion" / "libero_object" / "task00__seed0"
@@ -537,6 +558,8 @@ def test_cli_smoke_on_the_real_simulator(tmp_path):
     assert not any(isinstance(v, list) for r in rows for v in r.values())  # the metrics hold scalars only
     ckpt = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)
     assert ckpt["format"] == "ppo_diffusion/v2" and ckpt["step"] == 2 and ckpt["env_steps"] > 0
-    assert {"critic", "critic_optimizer", "reward_scaler", "optimizer", "scheduler"} <= set(ckpt)
+    assert {"critic", "critic_optimizer", "reward_scaler", "optimizer"} <= set(ckpt)
+    # the LR of each iteration: held for the first, decayed to --actor-lr-min by the last
+    assert [r["actor_lr"] for r in updates] == pytest.approx([1e-4, 1e-5], rel=1e-9)
     loaded = ppo.load_policy(str(run_dir / "checkpoints" / "final.pt"))
     assert loaded.cfg["obs_mode"] == "state" and loaded.sched.noise_scale == 0.5
