@@ -50,10 +50,24 @@ def after_branch(run: dict) -> list[dict]:
     return [r for r in run["rows"] if r.get("step", 0) > start or (r.get("step") == start and "eval/success_rate" in r)]
 
 
+def running_seconds(rows: list[dict]) -> list[float]:
+    """Seconds the run had been running at each metric row: the time between rows, except that an iteration logged
+    long after the row before it (the run was stopped and resumed, possibly sessions later) counts only its own
+    env, policy and update time."""
+    out, total = [], 0.0
+    for prev, r in zip([None, *rows[:-1]], rows):
+        if prev is not None:
+            gap = r["time"] - prev["time"]
+            own = sum(r.get(k, 0.0) for k in ("env_s", "policy_s", "update_s"))
+            total += own if own and gap > 2 * own + 600 else gap
+        out.append(total)
+    return out
+
+
 def evals(run: dict, key: str = "eval/success_rate") -> list[tuple]:
-    """(env steps, success, seconds since the run's first row) of the in-run evaluations."""
-    t0 = run["rows"][0]["time"]
-    return [(r["env_steps"], r[key], r["time"] - t0) for r in run["rows"] if key in r]
+    """(env steps, success, seconds of running time since the run's first row) of the in-run evaluations."""
+    seconds = running_seconds(run["rows"])
+    return [(r["env_steps"], r[key], t) for r, t in zip(run["rows"], seconds) if key in r]
 
 
 def train_curve(run: dict) -> list[tuple]:

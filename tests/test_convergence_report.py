@@ -80,3 +80,19 @@ def test_task_and_branched_ablation_rows(tmp_path):
     assert "ablations/G_lowstd" not in text.split("Where the evaluated policy fails")[1]  # no per-episode outcomes
     for png in ("tasks/libero_object_task00", "ablations/G_lowstd__libero_spatial_task00"):
         assert os.path.getsize(root / png / "learning_curve.png") > 10_000
+
+
+def test_running_time_leaves_out_the_pause_of_a_resumed_run():
+    """Time to X % counts the run's own running time: an iteration logged a day after the row before it (stopped,
+    resumed in a later session) adds its env + policy + update seconds, not the pause."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "convergence_report", os.path.join(ROOT, "scripts", "convergence_report.py")
+    )
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    it = {"env_s": 100.0, "policy_s": 2.0, "update_s": 8.0}
+    rows = [{"time": T0}, {"time": T0 + 110, **it}, {"time": T0 + 400},  # an evaluation: 290 s, counted
+            {"time": T0 + 86_400, **it}, {"time": T0 + 86_510, **it}]  # resumed a day later  # fmt: skip
+    assert report.running_seconds(rows) == [0.0, 110.0, 400.0, 510.0, 620.0]
