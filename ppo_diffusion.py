@@ -161,6 +161,10 @@ class Args:
     """divide rewards by a running std of the discounted return"""
     reward_clip: float = 10.0
     """clip the scaled rewards to +-this (DPPO)"""
+    reward_until_limit: bool = False
+    """a success pays its reward for every chunk left until the step limit (discounted; DPPO's no-early-termination
+    reward in closed form, the episode still ends): an earlier success earns more, a time pressure the terminal
+    reward of 1 lacks at gamma 0.999"""
     critic_hidden: tuple[int, ...] = (256, 256)
     """critic MLP head"""
     max_bad_updates: int = 5
@@ -361,6 +365,24 @@ def gae(rewards, values, next_values, terminated, truncated, gamma: float, lam: 
     return advantages, advantages + values
 
 
+def success_return(t: int, max_steps: int, act_steps: int, gamma: float) -> float:
+    """The reward of a success at env step ``t`` under --reward-until-limit: the discounted return of an episode that
+    would hold its success, at reward 1 per chunk, until the step limit: 1 + gamma + ... + gamma^n over the
+    n = ceil((max_steps - t) / act_steps) chunks left. DPPO does not end its robomimic episodes at success and pays the
+    reward at every step after it; in LIBERO a reached goal stays reached, so this pays the same without simulating
+    the rest of the episode."""
+    n = math.ceil(max(max_steps - t, 0) / act_steps)
+    return (1 - gamma ** (n + 1)) / (1 - gamma) if gamma < 1 else float(n + 1)
+
+
+def success_reward_fn(args, max_steps: int, act_steps: int) -> Optional[Callable[[int], float]]:
+    """The rollouts' reward of a success at env step t: :func:`success_return` under --reward-until-limit, else None
+    (the sparse reward, 1)."""
+    if not args.reward_until_limit:
+        return None
+    return lambda t: success_return(t, max_steps, act_steps, args.gamma)
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
     """1 - Var(R - V) / Var(R): 1 when the critic predicts the returns, 0 when it predicts only their mean, < 0
     when worse than that (NaN when the returns do not vary)."""
@@ -445,8 +467,11 @@ class Rollout:
     elapsed fraction t / step limit of its episode (the critic's input; the actor ignores it).
     """
 
-    def __init__(self, venv: le.VectorLiberoEnv, preprocess: Callable, seed: int, render: bool):
+    def __init__(self, venv: le.VectorLiberoEnv, preprocess: Callable, seed: int, render: bool,
+                 success_reward: Optional[Callable[[int], float]] = None):  # fmt: skip
+        """``success_reward(t)``: the reward of a success at env step t (None: the sparse reward, 1)."""
         self.venv, self.preprocess, self.render = venv, preprocess, render
+        self.success_reward = success_reward
         self.max_steps = venv.task.max_steps
         self.rng, self.seed, self.episodes = np.random.default_rng(seed), seed, 0
         self.t = np.zeros(venv.num_envs)  # steps taken in each env's current episode
@@ -462,6 +487,9 @@ class Rollout:
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state, self.episodes = state["rng"], int(state["episodes"])
+
+    def reward(self, out: le.ChunkResult) -> float:
+        return self.success_reward(out.t) if out.done and self.success_reward is not None else out.reward
 
     def _reset(self, ids: list[int]) -> list[dict]:
         inits = self.rng.integers(0, le.NUM_INIT_STATES, len(ids))
@@ -497,7 +525,7 @@ class Rollout:
             timers["policy"] += t1 - t0
             buf["obs"].append(obs_t)
             buf["extras"].append(extras)
-            buf["rewards"].append([o.reward for o in outs])
+            buf["rewards"].append([self.reward(o) for o in outs])
             buf["terminated"].append([float(o.done) for o in outs])
             buf["truncated"].append([float(o.truncated) for o in outs])
             done = [i for i, o in enumerate(outs) if o.done or o.truncated]
@@ -870,7 +898,7 @@ if __name__ == "__main__":
     eval_venv = venv if args.eval_num_envs in (0, args.num_envs) else le.VectorLiberoEnv(
         task, args.eval_num_envs, num_workers=args.num_workers, **env_kwargs)  # fmt: skip
     print(f"{args.num_envs} envs over {venv.num_workers} worker processes")
-    rollout = Rollout(venv, preprocess, args.seed, render)
+    rollout = Rollout(venv, preprocess, args.seed, render, success_reward_fn(args, task.max_steps, cfg["act_steps"]))
     if rollout_state is not None:
         rollout.load_state_dict(rollout_state)
     preemption = run_utils.Preemption()

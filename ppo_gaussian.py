@@ -183,6 +183,8 @@ class Args:
     """divide rewards by a running std of the discounted return"""
     reward_clip: float = 10.0
     """clip the scaled rewards to +-this (DPPO)"""
+    reward_until_limit: bool = False
+    """a success pays its reward for every chunk left until the step limit (ppo_diffusion.py's flag)"""
     critic_hidden: tuple[int, ...] = (256, 256)
     """critic MLP head"""
     max_bad_updates: int = 5
@@ -332,6 +334,7 @@ if __name__ == "__main__":
         bootstrap_values,
         gae,
         log_evaluation,
+        success_reward_fn,
         write_final_evaluation,
     )
 
@@ -462,7 +465,7 @@ if __name__ == "__main__":
         return out
 
     eval_modes = list(dict.fromkeys([args.eval_mode, "sample"]))
-    rollout = Rollout(venv, preprocess, args.seed, render)
+    rollout = Rollout(venv, preprocess, args.seed, render, success_reward_fn(args, task.max_steps, cfg["act_steps"]))
     if rollout_state is not None:
         rollout.load_state_dict(rollout_state)
     if iteration == 0 and args.eval_episodes > 0:

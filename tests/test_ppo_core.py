@@ -262,6 +262,25 @@ def test_critic_targets_of_a_success_a_time_out_and_a_cut_through_the_rollout():
     assert sorted(venv.resets) == [0, 1, 2] and batch["obs"]["time"][0].tolist() == [0.0, 0.0, 0.0]
 
 
+def test_reward_until_limit_pays_an_earlier_success_more_through_the_rollout():
+    """--reward-until-limit: a success at env step t pays 1 + gamma + ... + gamma^n for the n = ceil((limit - t) / 4)
+    chunks left, by hand at gamma 0.5 and limit 12: success after 1 chunk (t = 4, n = 2) 1.75, after 2 (t = 8, n = 1)
+    1.5, after 3 (t = 12, n = 0) 1; a time-out still pays 0; the logged outcome stays 1 per success."""
+    assert ppo.success_return(4, 12, 4, 0.5) == pytest.approx(1.75, abs=1e-12)
+    assert ppo.success_return(5, 12, 4, 0.5) == pytest.approx(1.75, abs=1e-12)  # 7 steps left: 2 chunks, one short
+    assert ppo.success_return(9, 12, 4, 0.5) == pytest.approx(1.5, abs=1e-12)
+    assert ppo.success_return(12, 12, 4, 1.0) == 1.0 and ppo.success_return(3, 12, 4, 1.0) == 4.0
+    args = SimpleNamespace(reward_until_limit=True, gamma=0.5)
+    assert ppo.success_reward_fn(SimpleNamespace(reward_until_limit=False, gamma=0.5), 12, 4) is None
+    venv = FakeVectorEnv(12, [4, 8, 12, None])
+    rollout = ppo.Rollout(venv, preprocess, seed=0, render=False, success_reward=ppo.success_reward_fn(args, 12, 4))
+    batch = rollout.collect(3, zero_act, {"env": 0.0, "policy": 0.0})
+    expected = torch.tensor([[1.75, 0, 0, 0], [1.75, 1.5, 0, 0], [1.75, 0, 1.0, 0]])
+    torch.testing.assert_close(batch["rewards"], expected, rtol=0, atol=1e-6)
+    assert batch["terminated"].sum(0).tolist() == [3, 1, 1, 0] and batch["truncated"][:, 3].tolist() == [0, 0, 1]
+    assert sorted(rollout.episode_returns) == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
 def test_the_rollout_state_restores_the_same_init_states():
     venv = FakeVectorEnv(12, [None, None])
     a = ppo.Rollout(venv, preprocess, seed=3, render=False)
