@@ -187,9 +187,9 @@ def noise_scale(a: dict) -> str:
 
 
 def ablation_table(runs: list[dict]) -> list[str]:
-    lines = ["| run | task | envs x chunks | actor LR | clip (first -> last step) | min std | noise scale | gamma | "
-             "target KL | gradient steps per iteration (epochs x minibatches) | env steps | rollout "
-             "success, first 5 -> last 5 iterations | in-run evals (eval mode; eta0) | mean EV | "
+    lines = ["| run | task | envs x chunks | actor LR | clip (first -> last step) | min std | noise scale | "
+             "gamma (success reward) | target KL | gradient steps per iteration (epochs x minibatches) | env steps | "
+             "rollout success, first 5 -> last 5 iterations | in-run evals (eval mode; eta0) | mean EV | "
              "final (200 ep., every mode) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for run in runs:
@@ -214,11 +214,12 @@ def ablation_table(runs: list[dict]) -> list[str]:
         pairs = a["num_envs"] * a["num_steps"] * a.get("ft_denoising_steps", 5)  # (chunk, denoising step) pairs
         minibatches = max(1, pairs // a["minibatch_size"])  # full minibatches, the remainder dropped
         grad = f"{a['update_epochs'] * minibatches} ({a['update_epochs']} x {minibatches})"
+        success_reward = " (until the limit)" if a.get("reward_until_limit") else ""
         name, task = run["name"].split("__")
         if run["branch"]:  # its first iterations are the other run's
             name += f" (from iteration {run['branch']['iteration']} of {run['branch']['from']})"
         lines.append(f"| {name} | {task} | {a['num_envs']} x {a.get('num_steps')} | {lr} | {clip} | "
-                     f"{a.get('min_std', 0.1):g} | {noise_scale(a)} | {a.get('gamma', 0.999):g} | "
+                     f"{a.get('min_std', 0.1):g} | {noise_scale(a)} | {a.get('gamma', 0.999):g}{success_reward} | "
                      f"{a.get('target_kl')} | {grad} | {steps / 1e3:.0f}k | "
                      f"{100 * rollout_success(run, True):.0f} → {100 * rollout_success(run, False):.0f} | {curve} | "
                      f"{ev:.2f} | {final} |")  # fmt: skip

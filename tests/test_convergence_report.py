@@ -57,7 +57,8 @@ def test_task_and_branched_ablation_rows(tmp_path):
               rows, branch={"from": "tasks/libero_spatial_task00", "iteration": 5})  # fmt: skip
     # a whole run whose chain's noise is halved from 0.78 of its 20 iterations on (the 17th iteration)
     write_run(str(root / "ablations" / "S_switch__libero_object_task00"),
-              {**ARGS, "noise_scale_final": 0.5, "noise_scale_switch": 0.78, "num_iterations": 20}, rows)  # fmt: skip
+              {**ARGS, "noise_scale_final": 0.5, "noise_scale_switch": 0.78, "num_iterations": 20,
+               "reward_until_limit": True}, rows)  # fmt: skip
     # a Gaussian run: its noise-free mean repeats each init state's episode, so 200 episodes are 50 independent ones
     gfinal = {"episodes": 200, "eval_mode": "mean", "env_steps": 358400, "sample": {"success_rate": 0.95},
               "mean": {"success_rate": 0.98, "action_std": 0.138}}  # fmt: skip
@@ -73,7 +74,7 @@ def test_task_and_branched_ablation_rows(tmp_path):
             "0.0001 const | 0.001 -> 0.01 | 0.05 | 0.5 | 0.99 | 1.0 | 40 (10 x 4) | 179k | 80 → 80 | 84 → 90; "
             "48 → 50 | 0.50 | – |") in text  # fmt: skip
     switch_row = "| S_switch | libero_object_task00 | 16 x 140 | 0.0001 const | 0.001 -> 0.01 | 0.1 | 1 → 0.5 from"
-    assert switch_row + " iteration 17 |" in text
+    assert switch_row + " iteration 17 | 0.999 (until the limit) | 1.0 |" in text
     assert ("| libero_object_task00 | mean | 34 / – | 358k | 2.0 h | not reached | not reached | not reached | "
             "95.0 ± 1.5 | 98.0 ± 2.0 † | – | 0.138 |") in text  # fmt: skip
     assert "| tasks/libero_object_task00 | mean | 13 / 200 | 10 of 50 | 7 (3/4), 9 (2/4) |" in text
