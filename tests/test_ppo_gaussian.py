@@ -138,10 +138,11 @@ def test_cli_bc_ppo_then_collect_with_the_checkpoint(tmp_path):
     cli = ["ppo_gaussian.py", "--obs-mode", "state", "--demo-paths", demo, "--run-root", runs]
     cli += "--bc-steps 30 --log-every 10 --num-envs 2 --num-steps 3 --num-iterations 3 --critic-warmup-iters 1".split()
     cli += "--eval-episodes 2 --minibatch-size 3 --feature-dim 16 --state-encoder-dims 32 --head-dims 32".split()
-    cli += "--final-eval-episodes 2".split()
+    cli += "--final-eval-episodes 2 --reward-until-limit".split()
     out = run_script(cli, cwd=ROOT, timeout=1200).stdout
     assert "iteration 0 (BC start): eval success" in out and "iteration 3: eval success" in out
     run_dir = tmp_path / "runs" / "ppo_gaussian" / "libero_object" / "task00__seed0"
+    assert json.loads((run_dir / "args.json").read_text())["reward_until_limit"] is True
     rows = run_utils.read_metrics(str(run_dir))
     assert [r["bc_step"] for r in rows if "bc_loss" in r] == [10, 20, 30]
     updates = [r for r in rows if "pg_loss" in r]
