@@ -5,6 +5,7 @@
 #   bash scripts/convergence.sh libero_object:1        # one task (suite:local id)
 #   GAUSSIAN_ONLY=1 bash scripts/convergence.sh libero_object:0   # only the Gaussian baseline of that task
 #   ABLATION=lr3e-4 EXTRA="--actor-lr 3e-4" bash scripts/convergence.sh libero_object:0   # one recipe variation
+#   SEED=1 bash scripts/convergence.sh libero_spatial:0  # another PPO seed of the recipe (ablation "seed1")
 #
 # Per task: 10 DART-noised scripted demos (the human stand-in), the study's weak BC start (MLP denoiser, 8000 steps),
 # then ppo_diffusion.py with the CPU recipe below for ITERS iterations; in-run evaluations every EVAL_EVERY
@@ -25,6 +26,8 @@ EXPORT=${EXPORT-docs/convergence}    # where the small artefacts go for the repo
 FINAL_EPISODES=${FINAL_EPISODES:-200}
 ABLATION=${ABLATION:-}               # name of a recipe variation (EXTRA flags); results under docs/convergence/ablations
 EXTRA=${EXTRA:-}
+SEED=${SEED:-0}                      # PPO seed (rollout draws, evaluation noise); the BC start stays seed 0's
+[ "$SEED" = 0 ] || ABLATION=${ABLATION:-seed$SEED}  # another seed's run is reported beside the recipe's, not over it
 GAUSSIAN=${GAUSSIAN-libero_object:0}  # task(s) the Gaussian baseline runs on at the same budget ("" to skip)
 GAUSSIAN_EXTRA=${GAUSSIAN_EXTRA:-}
 GAUSSIAN_ONLY=${GAUSSIAN_ONLY:-}     # 1: run only the Gaussian baseline of the given task(s) (no diffusion BC/PPO)
@@ -73,10 +76,10 @@ for spec in "${TASKS[@]}"; do
   runs=$ROOT/ppo/$tag
   dest=$EXPORT/tasks/${suite}_task$nn
   [ -n "$ABLATION" ] && dest=$EXPORT/ablations/${ABLATION}__${suite}_task$nn
-  run=$runs/ppo_diffusion/$suite/task${nn}__seed0
+  run=$runs/ppo_diffusion/$suite/task${nn}__seed$SEED
   if [ -z "$GAUSSIAN_ONLY" ] && [ ! -f "$run/final_eval.json" ]; then
     timed_start "$run/wall_s.txt"
-    $PY ppo_diffusion.py --suite "$suite" --task-id "$id" --run-root "$runs" --bc-ckpt "$bc" $RECIPE \
+    $PY ppo_diffusion.py --suite "$suite" --task-id "$id" --run-root "$runs" --bc-ckpt "$bc" --seed "$SEED" $RECIPE \
       --num-iterations "$ITERS" --eval-every "$EVAL_EVERY" --eval-episodes "$EVAL_EPISODES" \
       --final-eval-episodes "$FINAL_EPISODES" $EXTRA
     timed_end
