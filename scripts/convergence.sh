@@ -6,6 +6,8 @@
 #   GAUSSIAN_ONLY=1 bash scripts/convergence.sh libero_object:0   # only the Gaussian baseline of that task
 #   ABLATION=lr3e-4 EXTRA="--actor-lr 3e-4" bash scripts/convergence.sh libero_object:0   # one recipe variation
 #   SEED=1 bash scripts/convergence.sh libero_spatial:0  # another PPO seed of the recipe (ablation "seed1")
+#   GAUSSIAN_ONLY=1 ABLATION=Glr3e-4 GAUSSIAN_EXTRA="--actor-lr 3e-4" bash scripts/convergence.sh libero_object:0
+#                                                    # a variation of the Gaussian baseline (its LR tuning)
 #
 # Per task: 10 DART-noised scripted demos (the human stand-in), the study's weak BC start (MLP denoiser, 8000 steps),
 # then ppo_diffusion.py with the CPU recipe below for ITERS iterations; in-run evaluations every EVAL_EVERY
@@ -86,7 +88,8 @@ for spec in "${TASKS[@]}"; do
   fi
   [ -n "$GAUSSIAN_ONLY" ] || export_run "$run" "$dest"
 
-  if [ -z "$ABLATION" ] && [[ " $GAUSSIAN " == *" $spec "* ]]; then
+  # The Gaussian baseline: beside the recipe's run, or alone as an ablation of its own (GAUSSIAN_ONLY with ABLATION)
+  if { [ -z "$ABLATION" ] || [ -n "$GAUSSIAN_ONLY" ]; } && [[ " $GAUSSIAN " == *" $spec "* ]]; then
     grun=$runs/ppo_gaussian/$suite/task${nn}__seed0
     if [ ! -f "$grun/final_eval.json" ]; then
       timed_start "$grun/wall_s.txt"
@@ -97,7 +100,7 @@ for spec in "${TASKS[@]}"; do
         --final-eval-episodes "$FINAL_EPISODES" $GAUSSIAN_EXTRA  # 560 chunks = 2800 pairs / 5 steps
       timed_end
     fi
-    export_run "$grun" "$EXPORT/gaussian/${suite}_task$nn"
+    if [ -n "$ABLATION" ]; then export_run "$grun" "$dest"; else export_run "$grun" "$EXPORT/gaussian/${suite}_task$nn"; fi
   fi
   step "$suite $id: done"
 done

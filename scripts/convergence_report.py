@@ -194,11 +194,14 @@ def ablation_table(runs: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for run in runs:
         a, own = run["args"], {**run, "rows": after_branch(run)}
+        gaussian = "ft_denoising_steps" not in a  # a variation of the Gaussian baseline (ppo_gaussian.py's args)
         lr = f"{a['actor_lr']:g}" + (" const" if a.get("constant_lr") else f" cos -> {a.get('actor_lr_min', 0):g}")
         if a.get("constant_lr") and a.get("actor_lr_decay_start", 1.0) < 1.0:
             start = round(a["actor_lr_decay_start"] * a["num_iterations"])
             lr += f", cos -> {a['actor_lr_min']:g} from iteration {start}"
-        clip = f"{a['clip_coef']:g}" if a.get("constant_clip") else f"{a['clip_coef_base']:g} -> {a['clip_coef']:g}"
+        clip = f"{a['clip_coef']:g}"
+        if not gaussian and not a.get("constant_clip"):  # DPPO's clip, growing over the denoising steps
+            clip = f"{a['clip_coef_base']:g} -> {a['clip_coef']:g}"
         curve = "–"
         if evals(own):
             curve = " → ".join(f"{100 * s:.0f}" for _, s, _ in evals(own))
@@ -211,15 +214,17 @@ def ablation_table(runs: list[dict]) -> list[str]:
             f = run["final"]
             final = "; ".join(f"{m} " + rate(f[m]["success_rate"], f["episodes"]) for m in MODES if m in f)
         steps = max(r.get("env_steps", 0) for r in run["rows"])
-        pairs = a["num_envs"] * a["num_steps"] * a.get("ft_denoising_steps", 5)  # (chunk, denoising step) pairs
+        pairs = a["num_envs"] * a["num_steps"] * (1 if gaussian else a["ft_denoising_steps"])  # (chunk, step) pairs
         minibatches = max(1, pairs // a["minibatch_size"])  # full minibatches, the remainder dropped
         grad = f"{a['update_epochs'] * minibatches} ({a['update_epochs']} x {minibatches})"
         success_reward = " (until the limit)" if a.get("reward_until_limit") else ""
         name, task = run["name"].split("__")
+        task += " (Gaussian)" if gaussian else ""
         if run["branch"]:  # its first iterations are the other run's
             name += f" (from iteration {run['branch']['iteration']} of {run['branch']['from']})"
         lines.append(f"| {name} | {task} | {a['num_envs']} x {a.get('num_steps')} | {lr} | {clip} | "
-                     f"{a.get('min_std', 0.1):g} | {noise_scale(a)} | {a.get('gamma', 0.999):g}{success_reward} | "
+                     f"{'–' if gaussian else format(a.get('min_std', 0.1), 'g')} | "
+                     f"{'–' if gaussian else noise_scale(a)} | {a.get('gamma', 0.999):g}{success_reward} | "
                      f"{a.get('target_kl')} | {grad} | {steps / 1e3:.0f}k | "
                      f"{100 * rollout_success(run, True):.0f} → {100 * rollout_success(run, False):.0f} | {curve} | "
                      f"{ev:.2f} | {final} |")  # fmt: skip

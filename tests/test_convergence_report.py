@@ -65,6 +65,10 @@ def test_task_and_branched_ablation_rows(tmp_path):
     start = {"step": 0, "env_steps": 0, "time": T0, "eval/success_rate": 0.34}  # a Gaussian policy has no eta0
     grows = [start, *[update(i, 0.9, 0.6) for i in range(1, 21)]]
     write_run(str(root / "gaussian" / "libero_object_task00"), ARGS, grows, gfinal, wall="7200\n")
+    # a variation of the Gaussian baseline (no denoising steps: one (chunk) pair per chunk, no min std or chain noise)
+    gargs = {k: v for k, v in ARGS.items() if k not in ("ft_denoising_steps", "min_std", "clip_coef_base")}
+    write_run(str(root / "ablations" / "V_glr__libero_object_task00"), {**gargs, "actor_lr": 3e-4,
+                                                                        "minibatch_size": 560}, grows)  # fmt: skip
     out = tmp_path / "convergence.md"
     run_script(["scripts/convergence_report.py", "--root", str(root), "--out", str(out)], cwd=ROOT)
     text = out.read_text()
@@ -77,6 +81,8 @@ def test_task_and_branched_ablation_rows(tmp_path):
     assert switch_row + " iteration 17 | 0.999 (until the limit) | 1.0 |" in text
     assert ("| libero_object_task00 | mean | 34 / – | 358k | 2.0 h | not reached | not reached | not reached | "
             "95.0 ± 1.5 | 98.0 ± 2.0 † | – | 0.138 |") in text  # fmt: skip
+    assert ("| V_glr | libero_object_task00 (Gaussian) | 16 x 140 | 0.0003 const | 0.01 | – | – | 0.999 | 1.0 | "
+            "40 (10 x 4) | 358k | 90 → 90 | 34 | 0.60 | – |") in text  # fmt: skip
     assert "| tasks/libero_object_task00 | mean | 13 / 200 | 10 of 50 | 7 (3/4), 9 (2/4) |" in text
     assert "ablations/G_lowstd" not in text.split("Where the evaluated policy fails")[1]  # no per-episode outcomes
     for png in ("tasks/libero_object_task00", "ablations/G_lowstd__libero_spatial_task00"):
