@@ -6,6 +6,8 @@
 #   GAUSSIAN_ONLY=1 bash scripts/convergence.sh libero_object:0   # only the Gaussian baseline of that task
 #   ABLATION=lr3e-4 EXTRA="--actor-lr 3e-4" bash scripts/convergence.sh libero_object:0   # one recipe variation
 #   SEED=1 bash scripts/convergence.sh libero_spatial:0  # another PPO seed of the recipe (ablation "seed1")
+#   BC_ONLY=1 bash scripts/convergence.sh libero_goal:0 libero_goal:1   # only the BC starts and their evaluation
+#                                                    # (50 episodes, mean and eta0): to choose a task by its start
 #   GAUSSIAN_ONLY=1 ABLATION=Glr3e-4 GAUSSIAN_EXTRA="--actor-lr 3e-4" bash scripts/convergence.sh libero_object:0
 #                                                    # a variation of the Gaussian baseline (its LR tuning)
 #
@@ -33,6 +35,7 @@ SEED=${SEED:-0}                      # PPO seed (rollout draws, evaluation noise
 GAUSSIAN=${GAUSSIAN-libero_object:0}  # task(s) the Gaussian baseline runs on at the same budget ("" to skip)
 GAUSSIAN_EXTRA=${GAUSSIAN_EXTRA:-}
 GAUSSIAN_ONLY=${GAUSSIAN_ONLY:-}     # 1: run only the Gaussian baseline of the given task(s) (no diffusion BC/PPO)
+BC_ONLY=${BC_ONLY:-}                 # 1: only the diffusion BC starts, evaluated in mean and eta0 (no PPO)
 TASKS=("$@")
 [ ${#TASKS[@]} -gt 0 ] || TASKS=(libero_object:0 libero_object:1 libero_spatial:0)
 D=$ROOT/data R=$ROOT/runs
@@ -74,6 +77,17 @@ for spec in "${TASKS[@]}"; do
   [ -n "$GAUSSIAN_ONLY" ] || [ -f "$bc" ] || $PY bc_diffusion.py --suite "$suite" --task-id "$id" --demo-source scripted_dart --num-demos 10 \
     --data-root "$D" --run-root "$R" $bc_recipe
 
+  if [ -n "$BC_ONLY" ]; then  # the BC start's success in the evaluated mode and in eta0, on the in-run episodes
+    for mode in mean eta0; do
+      out=$ROOT/bc_starts/eval/bc_$mode/$suite/task$nn.json
+      [ -f "$out" ] || $PY evaluate.py --policy diffusion --ckpt "$bc" --suite "$suite" --task-id "$id" \
+        --num-episodes "$EVAL_EPISODES" --action-mode "$mode" --fast-step --tag "bc_$mode" \
+        --results-root "$ROOT/bc_starts" | tail -1
+      [ -z "$EXPORT" ] || { mkdir -p "$EXPORT/bc_starts"; cp "$out" "$EXPORT/bc_starts/${suite}_task${nn}_$mode.json"; }
+    done
+    step "$suite $id: BC start done"
+    continue
+  fi
   tag=${ABLATION:-recipe}
   runs=$ROOT/ppo/$tag
   dest=$EXPORT/tasks/${suite}_task$nn
