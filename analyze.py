@@ -10,7 +10,11 @@ For every task and data source:
   trajectories;
 * action consistency: per-timestep mean and std of each action axis across a task's successful trajectories
   (aligned by step index; ``count`` says how many are still running), summarised as the mean std over the steps
-  where at least two trajectories run.
+  where at least two trajectories run;
+* smoothness within vs across action chunks: the mean squared change of the arm action (6 dims) from step t-1 to t
+  at steps that start an 8-action chunk (t % 8 == 0, where a chunked policy re-plans) and inside chunks, over all
+  trajectories, and how many trajectories have their largest change at a chunk start (1 in 8 by chance). A ratio
+  >> 1 says the jerk comes from re-planning; for sources that act every step the grid is arbitrary.
 
 Outputs in ``results/analysis/<report_name>/``: ``metrics.json`` (per task, per suite and overall; the
 per-timestep curves of the figure task), ``report.md``, ``fig6a_length.png``, ``fig6b_jerk.png``,
@@ -55,6 +59,9 @@ class Args:
     """action axis of Fig. 7 (0-2 position x/y/z, 3-5 rotation, 6 gripper)"""
     dt: float = 1.0 / le.CONTROL_HZ
     """control period for the jerk (s)"""
+    figures: bool = True
+    """draw the figures (--no-figures: metrics.json and report.md only, e.g. one source of a study whose own report
+    draws the comparison)"""
 
 
 AXES = ["x", "y", "z", "roll", "pitch", "yaw", "gripper"]
@@ -102,6 +109,24 @@ def consistency_se(trajectories: list[np.ndarray]) -> float:
     return float(np.sqrt((n - 1) / n * np.sum((loo - loo.mean()) ** 2)))
 
 
+def chunk_smoothness(trajectories: list[np.ndarray], chunk: int = 8) -> dict:
+    """Mean squared change of the arm action (first 6 dims) at chunk starts (t % chunk == 0) and inside chunks, their
+    ratio, and the trajectories whose largest change falls on a chunk start (of those with at least two steps)."""
+    at, inside, largest = [], [], 0
+    usable = [np.asarray(a, dtype=np.float64)[:, :6] for a in trajectories if len(a) >= 2]
+    for a in usable:
+        d = np.sum(np.diff(a, axis=0) ** 2, axis=1)  # d[i]: the change into step t = i + 1
+        t = np.arange(1, len(a))
+        at.append(d[t % chunk == 0])
+        inside.append(d[t % chunk != 0])
+        largest += int(t[np.argmax(d)] % chunk == 0)
+    boundary = float(np.mean(np.concatenate(at))) if at and sum(map(len, at)) else float("nan")
+    within = float(np.mean(np.concatenate(inside))) if inside and sum(map(len, inside)) else float("nan")
+    ratio = boundary / within if within > 0 else float("nan")
+    return {"boundary": boundary, "within": within, "ratio": ratio, "largest_at_boundary": largest,
+            "trajectories": len(usable)}  # fmt: skip
+
+
 def demo_success(f: demo_hdf5.DemoFile, key: str, data: dict) -> bool:
     attrs = f.demo_attrs(key)
     if "success" in attrs:
@@ -112,7 +137,7 @@ def demo_success(f: demo_hdf5.DemoFile, key: str, data: dict) -> bool:
 def task_metrics(paths: list[str], dt: float) -> dict:
     """Metrics of one task from one or more files of one source."""
     noops = steps = n_traj = 0
-    lengths, jerks, actions, instruction = [], [], [], ""
+    lengths, jerks, actions, every, instruction = [], [], [], [], ""
     for path in paths:
         with demo_hdf5.DemoFile(path) as f:
             instruction = f.instruction
@@ -121,6 +146,7 @@ def task_metrics(paths: list[str], dt: float) -> dict:
                 n_traj += 1
                 steps += len(d["actions"])
                 noops += int(demo_hdf5.noop_mask(d["actions"]).sum())
+                every.append(d["actions"])
                 if demo_success(f, key, d):
                     lengths.append(len(d["actions"]))
                     jerks.append(mean_squared_jerk(d["obs"]["ee_pos"], dt))
@@ -133,6 +159,7 @@ def task_metrics(paths: list[str], dt: float) -> dict:
         "steps": steps,
         "noop_steps": noops,
         "noop_fraction": noops / steps if steps else float("nan"),
+        "chunk_smoothness": chunk_smoothness(every),
     }
     if lengths:
         cons = action_consistency(actions)
@@ -294,6 +321,8 @@ def report_markdown(args: Args, agg: dict, per_task: dict, missing: dict, figure
         for src, names in missing.items():
             if names:
                 lines.append(f"- `{src}` lacks {len(names)} task(s) the others have: {', '.join(sorted(names))}")
+    if not args.figures:
+        return "\n".join(lines)
     lines += ["", "## Figures", "", "![Fig. 6a](fig6a_length.png)", "", "![Fig. 6b](fig6b_jerk.png)", ""]
     if figure_task:
         lines += [f"![Fig. 7](fig7_consistency.png) — `{figure_task}`, axis `{AXES[args.figure_axis]}`", ""]
@@ -350,17 +379,23 @@ if __name__ == "__main__":
     out_dir = os.path.join(args.results_root, "analysis", name)
     os.makedirs(out_dir, exist_ok=True)
     figure_task = choose_figure_task(args, per_task)
-    bar_figure(
-        os.path.join(out_dir, "fig6a_length.png"), agg, "length_mean", "steps", "Average successful trajectory length"
-    )
-    bar_figure(
-        os.path.join(out_dir, "fig6b_jerk.png"), agg, "msj_mean", "m²/s⁶", "Mean squared jerk of the end effector"
-    )
+    if args.figures:
+        bar_figure(
+            os.path.join(out_dir, "fig6a_length.png"),
+            agg,
+            "length_mean",
+            "steps",
+            "Average successful trajectory length",
+        )
+        bar_figure(
+            os.path.join(out_dir, "fig6b_jerk.png"), agg, "msj_mean", "m²/s⁶", "Mean squared jerk of the end effector"
+        )
     curves = {}
     if figure_task:
         curves = {s: m["_curves"] for s, m in per_task[figure_task].items()}
         instruction = next(iter(per_task[figure_task].values()))["instruction"]
-        consistency_figure(os.path.join(out_dir, "fig7_consistency.png"), curves, args.figure_axis, instruction)
+        if args.figures:
+            consistency_figure(os.path.join(out_dir, "fig7_consistency.png"), curves, args.figure_axis, instruction)
     metrics = {
         "sources": {s: sorted(t) for s, t in found.items()},
         "missing": missing,
@@ -376,7 +411,8 @@ if __name__ == "__main__":
     run_utils.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(report_markdown(args, agg, per_task, missing, figure_task))
-    print(
-        f"report: {out_dir}/report.md (metrics.json, fig6a_length.png, fig6b_jerk.png"
-        + (", fig7_consistency.png)" if figure_task else "; no task common to all sources for Fig. 7)")
-    )
+    figures = ", fig6a_length.png, fig6b_jerk.png" if args.figures else ""
+    figures += (
+        ", fig7_consistency.png" if figure_task else "; no task common to all sources for Fig. 7"
+    ) * args.figures
+    print(f"report: {out_dir}/report.md (metrics.json{figures})")

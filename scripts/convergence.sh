@@ -34,6 +34,7 @@ SEED=${SEED:-0}                      # PPO seed (rollout draws, evaluation noise
 [ "$SEED" = 0 ] || ABLATION=${ABLATION:-seed$SEED}  # another seed's run is reported beside the recipe's, not over it
 GAUSSIAN=${GAUSSIAN-libero_object:0}  # task(s) the Gaussian baseline runs on at the same budget ("" to skip)
 GAUSSIAN_EXTRA=${GAUSSIAN_EXTRA:-}
+GAUSSIAN_MINIBATCH=${GAUSSIAN_MINIBATCH:-560}  # chunks per Gaussian minibatch: the recipe's 2800 pairs / 5 steps
 GAUSSIAN_ONLY=${GAUSSIAN_ONLY:-}     # 1: run only the Gaussian baseline of the given task(s) (no diffusion BC/PPO)
 BC_ONLY=${BC_ONLY:-}                 # 1: only the diffusion BC starts, evaluated in mean and eta0 (no PPO)
 TASKS=("$@")
@@ -109,9 +110,9 @@ for spec in "${TASKS[@]}"; do
       timed_start "$grun/wall_s.txt"
       $PY ppo_gaussian.py --suite "$suite" --task-id "$id" --run-root "$runs" --obs-mode state \
         --demo-source scripted_dart --num-demos 10 --data-root "$D" --bc-steps "$BC_STEPS" --bc-batch-size 256 \
-        --bc-lr 3e-4 $RECIPE --minibatch-size 560 --num-iterations "$ITERS" --eval-every "$EVAL_EVERY" \
-        --eval-episodes "$EVAL_EPISODES" \
-        --final-eval-episodes "$FINAL_EPISODES" $GAUSSIAN_EXTRA  # 560 chunks = 2800 pairs / 5 steps
+        --bc-lr 3e-4 $RECIPE --minibatch-size "$GAUSSIAN_MINIBATCH" --num-iterations "$ITERS" \
+        --eval-every "$EVAL_EVERY" --eval-episodes "$EVAL_EPISODES" --final-eval-episodes "$FINAL_EPISODES" \
+        $GAUSSIAN_EXTRA
       timed_end
     fi
     if [ -n "$ABLATION" ]; then export_run "$grun" "$dest"; else export_run "$grun" "$EXPORT/gaussian/${suite}_task$nn"; fi

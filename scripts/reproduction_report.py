@@ -1,10 +1,12 @@
 """Tables, figures and the claims table of the CPU reproduction (scripts/reproduce_cpu.sh) -> docs/reproduction.md.
 
-    python scripts/reproduction_report.py                 # reads study/, writes docs/reproduction{.md,/}
+    python scripts/reproduction_report.py      # reads docs/reproduction/results/, writes docs/reproduction{.md,/}
 
-For every task with results it copies the small artefacts (evaluation JSONs, both PPO runs' metrics.jsonl, the
-data-quality report and figures) to docs/reproduction/<suite>_task<NN>/, draws both algorithms' learning curves,
-and writes docs/reproduction.md: per task, the deterministic success of BC start and final policy of both policy
+The study's small artefacts are committed where scripts/reproduce_cpu.sh writes them (--results: evaluation JSONs,
+budgets, the data-quality metrics of each source); the PPO teachers' metrics come from scripts/convergence.sh's
+exports (--convergence-root) or its run directories (--study-root). For every task the report draws both
+algorithms' learning curves and the data-quality figure into docs/reproduction/<suite>_task<NN>/, and writes
+docs/reproduction.md: per task, the deterministic success of BC start and final policy of both policy
 classes (4 seeds x 50 init states), the data quality of the four sources and the students trained on them; across
 tasks, the student table (the paper's Table I in miniature) and the claims table. Success rates carry their
 binomial standard error sqrt(p (1 - p) / n).
@@ -15,7 +17,6 @@ import glob
 import json
 import math
 import os
-import shutil
 import sys
 
 import matplotlib
@@ -64,14 +65,16 @@ def budget(results: str, key: str) -> dict:
         return dict(line.strip().split("=", 1) for line in f if "=" in line)
 
 
-def ppo_run_dir(study_root: str, alg: str, suite: str, nn: str) -> str:
-    """A task's PPO run of one policy class: the convergence recipe's layout (ppo/recipe/, scripts/convergence.sh)
-    or the earlier study's (runs/)."""
-    for root in (os.path.join(study_root, "ppo", "recipe"), os.path.join(study_root, "runs")):
-        path = os.path.join(root, f"ppo_{alg}", suite, f"task{nn}__seed0")
-        if os.path.exists(path):
+def ppo_run_dir(study_root: str, convergence_root: str, alg: str, suite: str, nn: str) -> str:
+    """A task's PPO run of one policy class: scripts/convergence.sh's export (committed: tasks/ for the diffusion
+    recipe, gaussian/ for the baseline), its run directory (ppo/recipe/ under the teachers' root) or the earlier
+    study's (runs/)."""
+    export = os.path.join(convergence_root, "tasks" if alg == "diffusion" else "gaussian", f"{suite}_task{nn}")
+    for path in (export, *(os.path.join(study_root, sub, f"ppo_{alg}", suite, f"task{nn}__seed0")
+                           for sub in (os.path.join("ppo", "recipe"), "runs"))):  # fmt: skip
+        if os.path.exists(os.path.join(path, "metrics.jsonl")):
             return path
-    return os.path.join(study_root, "runs", f"ppo_{alg}", suite, f"task{nn}__seed0")
+    return export
 
 
 def wall_hours(run_dir: str):
@@ -80,28 +83,6 @@ def wall_hours(run_dir: str):
     if not os.path.exists(path):
         return None
     return sum(float(x) for x in open(path).read().split()) / 3600
-
-
-def chunk_smoothness(path: str, chunk: int = 8) -> dict:
-    """Where a source's action changes happen: mean squared change of the arm action (6 dims) from step t-1 to t,
-    at steps that start an 8-action chunk (t % 8 == 0, where a chunked policy re-plans) and inside chunks. For
-    the scripted sources the grid is arbitrary (ratio ~1); a ratio >> 1 means the jerk comes from re-planning."""
-    import numpy as np
-
-    import demo_hdf5
-
-    at, inside, largest = [], [], []
-    with demo_hdf5.DemoFile(path) as f:
-        for key in f.demo_keys:
-            a = f.read(key, [])["actions"][:, :6]
-            d = np.sum(np.diff(a, axis=0) ** 2, axis=1)
-            t = np.arange(1, len(a))
-            at.append(d[t % chunk == 0])
-            inside.append(d[t % chunk != 0])
-            largest.append(int(t[np.argmax(d)] % chunk == 0))
-    at, inside = float(np.mean(np.concatenate(at))), float(np.mean(np.concatenate(inside)))
-    return {"boundary": at, "within": inside, "ratio": at / inside if inside > 0 else float("nan"),
-            "largest_at_boundary": sum(largest), "episodes": len(largest)}  # fmt: skip
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -130,6 +111,37 @@ def learning_curves(runs: dict, out_png: str, title: str) -> None:
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
+def source_metrics(analysis: str) -> dict:
+    """Source -> data-quality metrics of a task: analyze.py's per_task entries from the report over all sources
+    (analysis/<task>/metrics.json) and from one report per source (analysis/<task>/<source>/metrics.json)."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(analysis, "metrics.json")) +
+                       glob.glob(os.path.join(analysis, "*", "metrics.json"))):  # fmt: skip
+        for per_source in json.load(open(path))["per_task"].values():
+            out.update(per_source)
+    return out
+
+
+def quality_figure(metrics: dict, out_png: str, title: str) -> None:
+    """Length, mean squared jerk and action std of each source (± one standard error over its trajectories)."""
+    names = [(src, label) for src, label in SOURCES if "length_mean" in metrics.get(src, {})]
+    panels = [("length_mean", "length_std", "avg. length (steps)"), ("msj_mean", "msj_std", "mean sq. jerk (m²/s⁶)"),
+              ("consistency_mean_std_all", None, "action std across trajectories")]  # fmt: skip
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.2))
+    for ax, (key, std_key, ylabel) in zip(axes, panels):
+        values = [metrics[src][key] for src, _ in names]
+        errors = [metrics[src][std_key] / math.sqrt(max(metrics[src]["successful"], 1)) if std_key
+                  else metrics[src].get("consistency_se_all", 0.0) for src, _ in names]  # fmt: skip
+        ax.bar(range(len(names)), values, yerr=errors, color=["tab:gray", "tab:green", "tab:blue", "tab:orange"][
+            : len(names)], capsize=3)  # fmt: skip
+        ax.set_xticks(range(len(names)), [label.split(" (")[0] for _, label in names], rotation=30, fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
@@ -169,21 +181,24 @@ def explanations(keys, results, tasks, lengths, smooth, students) -> list[str]:
     for key in keys:
         for src, m in smooth.get(key, {}).items():
             out.append(f"| {key} | {names[src]} | {m['boundary']:.4f} | {m['within']:.4f} | {m['ratio']:.1f} | "
-                       f"{m['largest_at_boundary']}/{m['episodes']} |")  # fmt: skip
-    out += ["", "**4. Collection.** Final policies are rolled out deterministically (DDIM with eta = 0; the Gaussian's "
-            "mean), as evaluated; the DART demos store the expert's noise-free labels while their states carry the "
+                       f"{m['largest_at_boundary']}/{m['trajectories']} |")  # fmt: skip
+    out += ["", "**4. Collection.** Final policies are rolled out in the mode they are evaluated in (each task's "
+            "budget names it: `mean`, the trained eta = 1 chain without its noise after x_K, by default; the "
+            "Gaussian's mean); the DART demos store the expert's noise-free labels while their states carry the "
             "executed noise (std 0.3), which is what makes their end-effector path jerky.", ""]  # fmt: skip
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--study-root", default="study")
+    parser.add_argument("--results", default="docs/reproduction/results", help="reproduce_cpu.sh's RESULTS")
+    parser.add_argument("--convergence-root", default="docs/convergence", help="convergence.sh's EXPORT")
+    parser.add_argument("--study-root", default="convergence", help="the teachers' run directories, if present")
     parser.add_argument("--out", default="docs")
     args = parser.parse_args()
     import libero_env as le
 
-    results = os.path.join(args.study_root, "results")
+    results = args.results
     found = sorted(
         {tuple(p.split(os.sep)[-2:]) for p in glob.glob(os.path.join(results, "eval", "*", "*", "task*.json"))}
     )
@@ -192,6 +207,8 @@ def main() -> None:
         suite, nn = os.path.basename(path)[: -len(".env")].rsplit("_task", 1)
         tasks.add((suite, nn))
     tasks = sorted(tasks)
+    if not tasks:  # nothing to report: keep the page that is there
+        sys.exit(f"error: no study results under {results}; run scripts/reproduce_cpu.sh first (or pass --results).")
     lines = ["# CPU reproduction of the paper's comparison", "",
              "Generated by `python scripts/reproduction_report.py` from `bash scripts/reproduce_cpu.sh` (state mode, "
              "2 CPU cores). Success: deterministic, LIBERO protocol (init states 0-49 per evaluation seed), ± binomial "
@@ -204,7 +221,8 @@ def main() -> None:
         os.makedirs(out_dir, exist_ok=True)
         lines += [f"## {suite} {int(nn)}: {task.instruction}", ""]
         b = budget(results, key)
-        ppo_dirs = {alg: ppo_run_dir(args.study_root, alg, suite, nn) for alg in ("diffusion", "gaussian")}
+        ppo_dirs = {alg: ppo_run_dir(args.study_root, args.convergence_root, alg, suite, nn)
+                    for alg in ("diffusion", "gaussian")}  # fmt: skip
         if b:
             run_args = os.path.join(ppo_dirs["diffusion"], "args.json")  # the batch the teacher ran with
             run_args = json.load(open(run_args)) if os.path.exists(run_args) else {"num_envs": 2, "num_steps": 105}
@@ -236,19 +254,11 @@ def main() -> None:
                       f"task's columns in the student tables are marked{WEAK} (students of an unconverged "
                       "teacher)."]  # fmt: skip
         ppo_runs = {alg: os.path.join(d, "metrics.jsonl") for alg, d in ppo_dirs.items()}
-        for alg, path in ppo_runs.items():
-            if os.path.exists(path):
-                shutil.copy(path, os.path.join(out_dir, f"ppo_{alg}_metrics.jsonl"))
         learning_curves(ppo_runs, os.path.join(out_dir, "learning_curve.png"), f"{key}: '{task.instruction}'")
         lines += ["", f"![learning curves](reproduction/{key}/learning_curve.png)", ""]
-        # data quality of the four sources
-        analysis = os.path.join(results, "analysis", key)
-        if os.path.exists(os.path.join(analysis, "metrics.json")):
-            for f in ("metrics.json", "report.md", "fig6a_length.png", "fig6b_jerk.png", "fig7_consistency.png"):
-                if os.path.exists(os.path.join(analysis, f)):
-                    shutil.copy(os.path.join(analysis, f), os.path.join(out_dir, f))
-            per_task = json.load(open(os.path.join(analysis, "metrics.json")))["per_task"]
-            metrics = next(iter(per_task.values()), {})
+        # data quality of the four sources (one analyze.py report per source, or one over all of them)
+        metrics = source_metrics(os.path.join(results, "analysis", key))
+        if metrics:
             quality[key] = metrics
             lines += ["| source | trajectories | no-op steps | avg. length | mean sq. jerk (m²/s⁶) | action std |",
                       "|---|---|---|---|---|---|"]  # fmt: skip
@@ -257,19 +267,13 @@ def main() -> None:
                 if m and "length_mean" in m:
                     lines.append(f"| {label} | {m['successful']} | {m['noop_steps']} | {m['length_mean']:.1f} | "
                                  f"{m['msj_mean']:.1f} | {m['consistency_mean_std_all']:.4f} |")  # fmt: skip
-            for src, _ in SOURCES:
-                path = os.path.join(args.study_root, "data", src, suite, f"{task.name}_demo.hdf5")
-                if os.path.exists(path):
-                    smooth.setdefault(key, {})[src] = chunk_smoothness(path)
-            figures = [f"[{n}](reproduction/{key}/{f})" for n, f in (("length", "fig6a_length.png"),
-                       ("jerk", "fig6b_jerk.png"), ("consistency", "fig7_consistency.png"))]  # fmt: skip
-            lines += ["", "Figures: " + ", ".join(figures), ""]
+                if m and "chunk_smoothness" in m:
+                    smooth.setdefault(key, {})[src] = m["chunk_smoothness"]
+            quality_figure(metrics, os.path.join(out_dir, "quality.png"), f"{key}: '{task.instruction}'")
+            lines += ["", f"![data quality](reproduction/{key}/quality.png)", ""]
         # students
         for src, _ in SOURCES:
             students.setdefault(src, {})[key] = success(results, f"student_{src}", suite, nn)
-        for f in glob.glob(os.path.join(results, "eval", "*", suite, f"task{nn}.json")):
-            tag = f.split(os.sep)[-3]
-            shutil.copy(f, os.path.join(out_dir, f"eval_{tag}.json"))
     # Table I in miniature
     keys = [f"{s}_task{n}" for s, n in tasks]
     complete = [k for (suite, nn), k in zip(tasks, keys) if all(success(results, t, suite, nn) for t, _ in POLICIES)

@@ -48,6 +48,25 @@ def test_consistency_standard_error_is_the_jackknife_of_the_spread_of_offsets():
     assert np.isnan(analyze.consistency_se([base, base + 1]))
 
 
+def test_chunk_smoothness_puts_planted_jumps_at_chunk_starts():
+    """A constant ramp has the same change at every step (ratio 1); jumps planted at chunk starts raise the boundary
+    mean by a known amount and make the largest change fall on a chunk start."""
+    ramp = np.outer(np.arange(33), np.full(7, 0.1))  # change 6 * 0.01 = 0.06 at every step
+    flat = analyze.chunk_smoothness([ramp, ramp.copy()])
+    assert flat["boundary"] == pytest.approx(0.06) and flat["within"] == pytest.approx(0.06)
+    assert flat["ratio"] == pytest.approx(1.0) and flat["trajectories"] == 2
+    jumpy = ramp.copy()
+    for t in (8, 16, 24, 32):  # a jump of 1 on the x axis into each chunk start after the first
+        jumpy[t:, 0] += 1.0
+    m = analyze.chunk_smoothness([jumpy, ramp[:1]])  # a one-step trajectory has no change and is not counted
+    # at a chunk start the x change is 1.1 instead of 0.1: 1.21 + 5 * 0.01
+    assert m["boundary"] == pytest.approx(1.26) and m["within"] == pytest.approx(0.06)
+    assert m["ratio"] == pytest.approx(1.26 / 0.06) and m["largest_at_boundary"] == 1 and m["trajectories"] == 1
+    gripper_only = ramp.copy()
+    gripper_only[8:, 6] += 5.0  # the gripper (axis 6) is not part of the arm action
+    assert analyze.chunk_smoothness([gripper_only])["ratio"] == pytest.approx(1.0)
+
+
 def plant_noops(path):
     """Make demo_0 of a file have exactly 3 no-op steps, one of them next to a gripper change that is kept."""
     with h5py.File(path, "r+") as f:
@@ -135,6 +154,16 @@ def test_cli_two_sources_with_gaps_missing_tasks_and_original_libero_files(tmp_p
         image = matplotlib.image.imread(out_dir / name)
         assert image.shape[0] > 300 and image.shape[1] > 400, name
     assert os.path.getsize(out_dir / "fig7_consistency.png") > 10_000
+    # one source alone, nested report name, no figures (how reproduce_cpu.sh reports each source of a task)
+    one = f"diffusion_rl={rl}/*_demo.hdf5"
+    run_script(["analyze.py", "--data", one, "--report-name", "task/diffusion_rl", "--no-figures",
+                "--results-root", str(tmp_path / "results")], cwd=ROOT)  # fmt: skip
+    alone = tmp_path / "results" / "analysis" / "task" / "diffusion_rl"
+    assert sorted(os.listdir(alone)) == ["metrics.json", "report.md"]
+    per_task = json.loads((alone / "metrics.json").read_text())["per_task"]
+    name = "KITCHEN_SCENE1_put_the_black_bowl_on_top_of_the_cabinet"
+    assert per_task[name]["diffusion_rl"]["length_mean"] == task["diffusion_rl"]["length_mean"]
+    assert per_task[name]["diffusion_rl"]["chunk_smoothness"]["trajectories"] == 4
 
 
 @pytest.mark.parametrize("content", [b"not an hdf5 file at all", "foreign"])

@@ -1,5 +1,7 @@
 """scripts/reproduction_report.py on a synthetic study tree: two tasks, evaluation JSONs, data-quality metrics, budgets
-and PPO wall times written here, with numbers chosen so that every table cell and every claim verdict is known."""
+and PPO wall times written here, with numbers chosen so that every table cell and every claim verdict is known. The
+two tasks use both layouts the report reads: one analyze.py report per source and the teacher's metrics exported by
+convergence.sh (task 0), one report over all sources and the teacher's run directory (task 1)."""
 
 import json
 import os
@@ -26,6 +28,9 @@ def write_eval(results, tag, key, successes, n=100, length=100):
         json.dump({"tag": tag, "episodes": episodes, "success_rate": successes / n}, f)
 
 
+SMOOTH = {"boundary": 0.02, "within": 0.004, "ratio": 5.0, "largest_at_boundary": 30, "trajectories": 50}
+
+
 def make_study(root):
     results = os.path.join(root, "results")
     for key in TASKS:
@@ -41,13 +46,18 @@ def make_study(root):
             write_eval(results, f"student_{src}", key, k)
         metrics = {
             src: {"successful": 50, "trajectories": 50, "noop_steps": 0, "length_mean": ln[0], "length_std": ln[1],
-                  "msj_mean": j[0], "msj_std": j[1], "consistency_mean_std_all": c[0], "consistency_se_all": c[1]}
+                  "msj_mean": j[0], "msj_std": j[1], "consistency_mean_std_all": c[0], "consistency_se_all": c[1],
+                  "chunk_smoothness": SMOOTH}
             for src, (ln, j, c) in QUALITY.items()
         }  # fmt: skip
-        os.makedirs(os.path.join(results, "analysis", key))
-        with open(os.path.join(results, "analysis", key, "metrics.json"), "w") as f:
-            json.dump({"per_task": {"some_task": metrics}}, f)
+        per_source = key == TASKS[0]
+        for src in QUALITY if per_source else [""]:  # analysis/<task>/<source>/ or analysis/<task>/
+            os.makedirs(os.path.join(results, "analysis", key, src))
+            with open(os.path.join(results, "analysis", key, src, "metrics.json"), "w") as f:
+                json.dump({"per_task": {"some_task": {src: metrics[src]} if src else metrics}}, f)
         run = os.path.join(root, "ppo", "recipe", "ppo_diffusion", suite, f"task{nn}__seed0")
+        if per_source:  # convergence.sh's export of the teacher
+            run = os.path.join(root, "convergence_export", "tasks", key)
         os.makedirs(run)
         with open(os.path.join(run, "args.json"), "w") as f:
             json.dump({"num_envs": 16, "num_steps": 140}, f)  # the batch the teacher ran with
@@ -61,13 +71,18 @@ def make_study(root):
 def test_tables_marks_and_claims_of_a_synthetic_two_task_study(tmp_path):
     study, out = str(tmp_path / "study"), str(tmp_path / "docs")
     make_study(study)
-    run_script(["scripts/reproduction_report.py", "--study-root", study, "--out", out], cwd=ROOT)
+    run_script(["scripts/reproduction_report.py", "--results", os.path.join(study, "results"), "--study-root", study,
+                "--convergence-root", os.path.join(study, "convergence_export"), "--out", out], cwd=ROOT)  # fmt: skip
     text = open(os.path.join(out, "reproduction.md")).read()
     assert "**Status: 2 of 2 tasks complete**" in text
     # each task's budget, wall time and command; the curves were drawn from the recipe layout's metrics
     assert "PPO 83 iterations x 16 envs x 140 chunks x 8 actions = 1,487,360 env steps per policy class" in text
     assert "Wall time: diffusion PPO 1.5 h." in text and "bash scripts/reproduce_cpu.sh libero_object:1`" in text
-    assert os.path.getsize(os.path.join(out, "reproduction", "libero_object_task00", "learning_curve.png")) > 10_000
+    for key in TASKS:  # both teachers' curves found (export and run directory) and every source's quality drawn
+        for png in ("learning_curve.png", "quality.png"):
+            assert os.path.getsize(os.path.join(out, "reproduction", key, png)) > 10_000
+        assert f"| {key} | diffusion RL | 0.0200 | 0.0040 | 5.0 | 30/50 |" in text  # within vs across chunks
+    assert "| DART demos (human stand-in) | 50 | 0 | 160.0 | 520.0 | 0.2000 |" in text
     # the teacher below 90 % is reported and its task's student column marked, the other not
     assert "**Teacher below 90 %**: diffusion PPO 80.0 ± 4.0 (80/100)" in text
     assert text.count("**Teacher below 90 %**") == 1
@@ -98,3 +113,14 @@ def test_tables_marks_and_claims_of_a_synthetic_two_task_study(tmp_path):
     # consistency: 0.25 vs 0.20 with se 0.01 / sqrt(2) each -> 0.01; the claim does not hold, beyond noise
     consistency = row("RL actions are more consistent")
     assert "does not hold (beyond noise) | 0.25 vs 0.2, difference +0.05 ± 0.01 |" in consistency
+
+
+def test_no_results_is_a_one_sentence_error_that_keeps_the_page(tmp_path):
+    out = tmp_path / "docs"
+    out.mkdir()
+    (out / "reproduction.md").write_text("the earlier study")
+    result = run_script(["scripts/reproduction_report.py", "--results", str(tmp_path / "none"), "--out", str(out)],
+                        cwd=ROOT, check=False)  # fmt: skip
+    assert result.returncode == 1
+    assert f"error: no study results under {tmp_path / 'none'}; run scripts/reproduce_cpu.sh first" in result.stderr
+    assert (out / "reproduction.md").read_text() == "the earlier study"
