@@ -231,6 +231,22 @@ def ablation_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def bc_start_table(root: str) -> list[str]:
+    """The BC starts of candidate tasks (`BC_ONLY=1 bash scripts/convergence.sh ...`): success of the evaluated mode
+    and of eta0 over the same protocol episodes, to choose a task by the strength of its start."""
+    starts = {}  # task -> mode -> (successes, episodes)
+    for path in sorted(glob.glob(os.path.join(root, "bc_starts", "*_task*_*.json"))):
+        task, mode = os.path.basename(path)[: -len(".json")].rsplit("_", 1)
+        episodes = json.load(open(path))["episodes"]
+        starts.setdefault(task, {})[mode] = (sum(e["success"] for e in episodes), len(episodes))
+    lines = ["| task | mean | eta0 |", "|---|---|---|"]
+    for task, modes in starts.items():
+        cells = [f"{100 * modes[m][0] / modes[m][1]:.0f} % ({modes[m][0]}/{modes[m][1]})" if m in modes else "–"
+                 for m in ("mean", "eta0")]  # fmt: skip
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return lines if starts else []
+
+
 def failure_table(runs: list[tuple[str, dict]]) -> list[str]:
     """Where the evaluated mode fails in the final evaluation (runs whose final_eval.json keeps every episode's
     outcome): episode e starts from init state e mod 50, so failures piling up on a few init states point at hard
@@ -292,6 +308,13 @@ def main() -> None:
         lines += [""]
     if groups["ablations"]:
         lines += ["## Every setting tried", ""] + ablation_table(groups["ablations"]) + [""]
+    starts = bc_start_table(args.root)
+    if starts:
+        lines += ["## BC starts of candidate tasks", "",
+                  "The study's weak BC start (10 DART demos, 8000 MLP steps, state mode) on tasks considered for the "
+                  "comparison, before any PPO, over the protocol's first 50 init states "
+                  "(`BC_ONLY=1 bash scripts/convergence.sh <tasks>`).", ""]  # fmt: skip
+        lines += starts + [""]
     failures = failure_table([(f"{g}/{r['name']}", r) for g, runs in groups.items() for r in runs])
     if failures:
         lines += ["## Where the evaluated policy fails (final evaluation)", ""] + failures + [""]

@@ -69,6 +69,11 @@ def test_task_and_branched_ablation_rows(tmp_path):
     gargs = {k: v for k, v in ARGS.items() if k not in ("ft_denoising_steps", "min_std", "clip_coef_base")}
     write_run(str(root / "ablations" / "V_glr__libero_object_task00"), {**gargs, "actor_lr": 3e-4,
                                                                         "minibatch_size": 560}, grows)  # fmt: skip
+    # BC starts of candidate tasks: 3 of 50 in mean mode, 1 of 50 in eta0; a task with only its mean evaluated
+    os.makedirs(root / "bc_starts")
+    for name, k in (("libero_goal_task00_mean", 3), ("libero_goal_task00_eta0", 1), ("libero_goal_task04_mean", 25)):
+        episodes = [{"success": e < k} for e in range(50)]
+        (root / "bc_starts" / f"{name}.json").write_text(json.dumps({"episodes": episodes}))
     out = tmp_path / "convergence.md"
     run_script(["scripts/convergence_report.py", "--root", str(root), "--out", str(out)], cwd=ROOT)
     text = out.read_text()
@@ -83,6 +88,7 @@ def test_task_and_branched_ablation_rows(tmp_path):
             "95.0 ± 1.5 | 98.0 ± 2.0 † | – | 0.138 |") in text  # fmt: skip
     assert ("| V_glr | libero_object_task00 (Gaussian) | 16 x 140 | 0.0003 const | 0.01 | – | – | 0.999 | 1.0 | "
             "40 (10 x 4) | 358k | 90 → 90 | 34 | 0.60 | – |") in text  # fmt: skip
+    assert "| libero_goal_task00 | 6 % (3/50) | 2 % (1/50) |\n| libero_goal_task04 | 50 % (25/50) | – |" in text
     assert "| tasks/libero_object_task00 | mean | 13 / 200 | 10 of 50 | 7 (3/4), 9 (2/4) |" in text
     assert "ablations/G_lowstd" not in text.split("Where the evaluated policy fails")[1]  # no per-episode outcomes
     for png in ("tasks/libero_object_task00", "ablations/G_lowstd__libero_spatial_task00"):
