@@ -1,6 +1,7 @@
 """scripts/convergence.sh end to end on the real simulator at a tiny budget: DART demos, the weak BC start, one PPO
 iteration under another seed (reported as the ablation "seed1", beside the recipe's run, not over it), the
-export of its small artefacts, and a rerun that finds every output and skips the work."""
+export of its small artefacts, a rerun that finds every output and skips the work, and the BC start's evaluation
+alone (BC_ONLY)."""
 
 import json
 import os
@@ -42,3 +43,9 @@ def test_a_second_seed_runs_beside_the_recipe_exports_and_resumes_as_a_no_op(tmp
     # a rerun finds the demos, the BC start and the final evaluation: no work, one more export
     again = run_study(root, export, SEED="1")
     assert "train success" not in again and "bc_diffusion" not in again and again.count("done") == 1
+    # BC_ONLY: the BC start (found) evaluated in mean and eta0 on the in-run episodes, exported for the report
+    starts = run_study(root, export, BC_ONLY="1")
+    assert "BC start done" in starts and "train success" not in starts
+    for mode in ("mean", "eta0"):
+        result = json.loads((export / "bc_starts" / f"libero_object_task00_{mode}.json").read_text())
+        assert len(result["episodes"]) == 2
