@@ -137,8 +137,9 @@ def quality_figure(metrics: dict, out_png: str, title: str) -> None:
         values = [metrics[src][key] for src, _ in names]
         errors = [metrics[src][std_key] / math.sqrt(max(metrics[src]["successful"], 1)) if std_key
                   else metrics[src].get("consistency_se_all", 0.0) for src, _ in names]  # fmt: skip
-        ax.bar(range(len(names)), values, yerr=errors, color=["tab:gray", "tab:green", "tab:blue", "tab:orange"][
-            : len(names)], capsize=3)  # fmt: skip
+        colors = {"scripted_dart": "tab:gray", "scripted": "tab:green", "diffusion_rl": "tab:blue",
+                  "gaussian_rl": "tab:orange"}  # one color per source in every task's figure  # fmt: skip
+        ax.bar(range(len(names)), values, yerr=errors, color=[colors[src] for src, _ in names], capsize=3)
         ax.set_xticks(range(len(names)), [label.split(" (")[0] for _, label in names], rotation=30, fontsize=7)
         ax.set_ylabel(ylabel, fontsize=8)
     fig.suptitle(title, fontsize=9)
