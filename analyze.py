@@ -120,8 +120,9 @@ def chunk_smoothness(trajectories: list[np.ndarray], chunk: int = 8) -> dict:
         at.append(d[t % chunk == 0])
         inside.append(d[t % chunk != 0])
         largest += int(t[np.argmax(d)] % chunk == 0)
-    boundary = float(np.mean(np.concatenate(at))) if at and sum(map(len, at)) else float("nan")
-    within = float(np.mean(np.concatenate(inside))) if inside and sum(map(len, inside)) else float("nan")
+    at, inside = np.concatenate([np.empty(0), *at]), np.concatenate([np.empty(0), *inside])
+    boundary = float(at.mean()) if at.size else float("nan")
+    within = float(inside.mean()) if inside.size else float("nan")
     ratio = boundary / within if within > 0 else float("nan")
     return {"boundary": boundary, "within": within, "ratio": ratio, "largest_at_boundary": largest,
             "trajectories": len(usable)}  # fmt: skip
@@ -411,8 +412,8 @@ if __name__ == "__main__":
     run_utils.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(report_markdown(args, agg, per_task, missing, figure_task))
-    figures = ", fig6a_length.png, fig6b_jerk.png" if args.figures else ""
-    figures += (
-        ", fig7_consistency.png" if figure_task else "; no task common to all sources for Fig. 7"
-    ) * args.figures
+    figures = ""
+    if args.figures:
+        figures = ", fig6a_length.png, fig6b_jerk.png"
+        figures += ", fig7_consistency.png" if figure_task else "; no task common to all sources for Fig. 7"
     print(f"report: {out_dir}/report.md (metrics.json{figures})")
