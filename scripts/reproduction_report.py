@@ -30,6 +30,7 @@ POLICIES = [("diffusion_bc", "Diffusion, BC start"), ("diffusion_ppo", "Diffusio
             ("gaussian_bc", "Gaussian, BC start"), ("gaussian_ppo", "Gaussian, PPO")]  # fmt: skip
 SOURCES = [("scripted_dart", "DART demos (human stand-in)"), ("scripted", "clean scripted expert"),
            ("diffusion_rl", "diffusion RL"), ("gaussian_rl", "Gaussian RL")]  # fmt: skip
+COLORS = {"scripted_dart": "tab:gray", "scripted": "tab:green", "diffusion_rl": "tab:blue", "gaussian_rl": "tab:orange"}
 TEACHER_MIN = 0.90  # a diffusion teacher below this success is reported as such and its task's students are marked
 WEAK = " ‡"  # the mark
 
@@ -137,9 +138,7 @@ def quality_figure(metrics: dict, out_png: str, title: str) -> None:
         values = [metrics[src][key] for src, _ in names]
         errors = [metrics[src][std_key] / math.sqrt(max(metrics[src]["successful"], 1)) if std_key
                   else metrics[src].get("consistency_se_all", 0.0) for src, _ in names]  # fmt: skip
-        colors = {"scripted_dart": "tab:gray", "scripted": "tab:green", "diffusion_rl": "tab:blue",
-                  "gaussian_rl": "tab:orange"}  # one color per source in every task's figure  # fmt: skip
-        ax.bar(range(len(names)), values, yerr=errors, color=[colors[src] for src, _ in names], capsize=3)
+        ax.bar(range(len(names)), values, yerr=errors, color=[COLORS[src] for src, _ in names], capsize=3)
         ax.set_xticks(range(len(names)), [label.split(" (")[0] for _, label in names], rotation=30, fontsize=7)
         ax.set_ylabel(ylabel, fontsize=8)
     fig.suptitle(title, fontsize=9)
