@@ -189,6 +189,59 @@ def explanations(keys, results, tasks, lengths, smooth, students) -> list[str]:
     return out
 
 
+def reasons(
+    complete: list[tuple[str, str]], results: str, lengths: dict, smooth: dict, quality: dict, students: dict
+) -> dict:
+    """The measurement that bears on each claim, over the complete tasks ((suite, nn) pairs): the text the claims
+    table shows where a claim does not hold (its numbers are in the tables of the section after it)."""
+    keys = [f"{suite}_task{nn}" for suite, nn in complete]
+
+    def pooled(tag):  # a checkpoint's success, pooled over the complete tasks, in %
+        rates = [success(results, tag, suite, nn) for suite, nn in complete]
+        return 100 * sum(r[0] for r in rates) / sum(r[1] for r in rates) if all(rates) else float("nan")
+
+    def student(src):
+        return 100 * sum(students[src][k][0] for k in keys) / sum(students[src][k][1] for k in keys)
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if len(values) == len(keys) else float("nan")
+
+    def chunk(src, field):  # a source's chunk_smoothness field averaged over the complete tasks
+        return mean([smooth.get(k, {}).get(src, {}).get(field) for k in keys])
+
+    def at_start(src):  # trajectories whose largest action change falls on a chunk start, over all complete tasks
+        rows = [smooth.get(k, {}).get(src) for k in keys]
+        return f"{sum(r['largest_at_boundary'] for r in rows if r)}/{sum(r['trajectories'] for r in rows if r)}"
+
+    def spread(src):  # a source's action std across trajectories, averaged over the complete tasks
+        return mean([quality[k].get(src, {}).get("consistency_mean_std_all") for k in keys])
+
+    teacher = {alg: pooled(f"{alg}_ppo") for alg in ("diffusion", "gaussian")}
+    kept = {alg: student(f"{alg}_rl") / teacher[alg] if teacher[alg] else float("nan") for alg in teacher}
+    length = {tag: mean([lengths.get(k, {}).get(tag) for k in keys]) for tag in ("diffusion_bc", "diffusion_ppo")}
+    return {
+        "vs_gaussian": f"teachers (final policies) {teacher['diffusion']:.1f} % diffusion vs {teacher['gaussian']:.1f} "
+        f"% Gaussian; their students keep {100 * kept['diffusion']:.0f} % and {100 * kept['gaussian']:.0f} % of that "
+        "success (table 1 below)",
+        "vs_human": f"the diffusion teachers reach {teacher['diffusion']:.1f} %, their students "
+        f"{student('diffusion_rl'):.1f} % ({100 * kept['diffusion']:.0f} % of it); the DART demos' students "
+        f"{student('scripted_dart'):.1f} % (table 1)",
+        "shorter": f"PPO took the diffusion policy's successful episodes from {length['diffusion_bc']:.0f} steps (BC "
+        f"start, which imitates DART demos) to {length['diffusion_ppo']:.0f} (table 2), against the DART demos' "
+        f"{mean([quality[k].get('scripted_dart', {}).get('length_mean') for k in keys]):.0f}",
+        "smoother": f"the diffusion-RL actions change {chunk('diffusion_rl', 'ratio'):.1f}x as much at chunk starts as "
+        f"within chunks, the largest change falling on a chunk start in {at_start('diffusion_rl')} trajectories (the "
+        f"DART demos: {chunk('scripted_dart', 'ratio'):.1f}x; table 3)",
+        "vs_gaussian_jerk": f"mean squared change at chunk starts {chunk('diffusion_rl', 'boundary'):.3f} (diffusion) "
+        f"vs {chunk('gaussian_rl', 'boundary'):.3f} (Gaussian), within chunks {chunk('diffusion_rl', 'within'):.3f} "
+        f"vs {chunk('gaussian_rl', 'within'):.3f} (table 3)",
+        "consistency": "action std across trajectories: the clean expert's (noise-free, so the spread of the init "
+        f"states alone) {spread('scripted'):.3f}, the DART demos' {spread('scripted_dart'):.3f}, diffusion RL's "
+        f"{spread('diffusion_rl'):.3f}",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="docs/reproduction/results", help="reproduce_cpu.sh's RESULTS")
@@ -326,46 +379,52 @@ def main() -> None:
             return " (no standard error recorded)"
         return " (beyond noise)" if abs(diff) > 2 * se else " (within noise: < 2 standard errors)"
 
-    def claim(text, a, b, lower_is_better=False, unit="", ns=None, pair=None, metric=None):
-        """One row: does a beat b, by how much, and is the difference beyond two standard errors."""
+    def claim(text, a, b, lower_is_better=False, unit="", ns=None, pair=None, metric=None, why=""):
+        """One row: does a beat b, by how much, is the difference beyond two standard errors, and where it does not
+        hold, the measurement that bears on it (why)."""
         if a is None or b is None:
-            return f"| {text} | not measured yet | |"
+            return f"| {text} | not measured yet | | |"
         holds = a < b if lower_is_better else a > b
         verdict = "holds" if holds else "does not hold"
+        why = "" if holds else why
         if ns:  # success rates over ns episodes, pooled
             se = math.sqrt(a * (1 - a) / ns[0] + b * (1 - b) / ns[1])
             return (f"| {text} | {verdict}{noise(a - b, se)} | {100 * a:.1f} % vs {100 * b:.1f} %, difference "
-                    f"{100 * (a - b):+.1f} ± {100 * se:.1f} points (pooled episodes{ahead(*pair)}) |")  # fmt: skip
+                    f"{100 * (a - b):+.1f} ± {100 * se:.1f} points (pooled episodes{ahead(*pair)}) | "
+                    f"{why} |")  # fmt: skip
         src_a, src_b = pair
         se_a, se_b = metric_se(src_a, metric), metric_se(src_b, metric)
         se = math.sqrt(se_a**2 + se_b**2) if se_a is not None and se_b is not None else None
         diff = f", difference {a - b:+.4g}" + (f" ± {se:.2g}" if se is not None else "")
-        return f"| {text} | {verdict}{noise(a - b, se)} | {a:.4g}{unit} vs {b:.4g}{unit}{diff} |"
+        return f"| {text} | {verdict}{noise(a - b, se)} | {a:.4g}{unit} vs {b:.4g}{unit}{diff} | {why} |"
 
-    def metric_claim(text, src_a, src_b, metric, unit=""):
+    def metric_claim(text, src_a, src_b, metric, unit="", why=""):
         return claim(text, mean_metric(src_a, metric), mean_metric(src_b, metric), True, unit, pair=(src_a, src_b),
-                     metric=metric)  # fmt: skip
+                     metric=metric, why=why)  # fmt: skip
 
     def n(src):
         return averages[src][1] if averages.get(src) else 0
 
+    done = [t for t, k in zip(tasks, keys) if k in complete]
+    why = reasons(done, results, lengths, smooth, quality, students) if done else {}
     lines += ["", "## Claims", "",
-              "| the paper's claim | here | measured (averaged over the complete tasks; ± one standard error) |",
-              "|---|---|---|",
+              "| the paper's claim | here | measured (averaged over the complete tasks; ± one standard error) | "
+              "where it does not hold: the measurement that bears on it |",
+              "|---|---|---|---|",
               claim("diffusion-RL data trains a better student than Gaussian-RL data (Table I)", rate("diffusion_rl"),
                     rate("gaussian_rl"), ns=(n("diffusion_rl"), n("gaussian_rl")),
-                    pair=("diffusion_rl", "gaussian_rl")),
+                    pair=("diffusion_rl", "gaussian_rl"), why=why.get("vs_gaussian", "")),
               claim("diffusion-RL data trains a better student than human data (Table I; DART stand-in)",
                     rate("diffusion_rl"), rate("scripted_dart"), ns=(n("diffusion_rl"), n("scripted_dart")),
-                    pair=("diffusion_rl", "scripted_dart")),
+                    pair=("diffusion_rl", "scripted_dart"), why=why.get("vs_human", "")),
               metric_claim("RL trajectories are shorter than human ones (Fig. 6a)", "diffusion_rl", "scripted_dart",
-                           "length_mean", " steps"),
+                           "length_mean", " steps", why.get("shorter", "")),
               metric_claim("RL trajectories are smoother (lower mean squared jerk, Fig. 6b)", "diffusion_rl",
-                           "scripted_dart", "msj_mean"),
+                           "scripted_dart", "msj_mean", why=why.get("smoother", "")),
               metric_claim("diffusion RL is smoother than Gaussian RL (Fig. 6b)", "diffusion_rl", "gaussian_rl",
-                           "msj_mean"),
+                           "msj_mean", why=why.get("vs_gaussian_jerk", "")),
               metric_claim("RL actions are more consistent across trajectories (Fig. 7)", "diffusion_rl",
-                           "scripted_dart", "consistency_mean_std_all")]  # fmt: skip
+                           "scripted_dart", "consistency_mean_std_all", why=why.get("consistency", ""))]  # fmt: skip
     lines += explanations(keys, results, tasks, lengths, smooth, students)
     status = (f"**Status: {len(complete)} of {len(keys)} tasks complete** ({', '.join(complete) or 'none'}); a task in "
               "progress shows '–' where its study has not got yet. The averages and the claims use the complete "

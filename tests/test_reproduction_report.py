@@ -113,6 +113,30 @@ def test_tables_marks_and_claims_of_a_synthetic_two_task_study(tmp_path):
     # consistency: 0.25 vs 0.20 with se 0.01 / sqrt(2) each -> 0.01; the claim does not hold, beyond noise
     consistency = row("RL actions are more consistent")
     assert "does not hold (beyond noise) | 0.25 vs 0.2, difference +0.05 ± 0.01 |" in consistency
+    # where a claim does not hold, the measurement that bears on it; where it holds, nothing
+    assert consistency.endswith(
+        "| action std across trajectories: the clean expert's (noise-free, so the spread of the init states alone) "
+        "0.020, the DART demos' 0.200, diffusion RL's 0.250 |"
+    )
+    assert row("diffusion RL is smoother").endswith("|  |")
+
+
+def test_a_student_claim_that_does_not_hold_names_teachers_and_transfer(tmp_path):
+    study, out = str(tmp_path / "study"), str(tmp_path / "docs")
+    make_study(study)
+    for key in TASKS:  # the Gaussian-RL students now beat the diffusion-RL ones on both tasks
+        write_eval(os.path.join(study, "results"), "student_gaussian_rl", key, 95)
+    run_script(["scripts/reproduction_report.py", "--results", os.path.join(study, "results"), "--study-root", study,
+                "--convergence-root", os.path.join(study, "convergence_export"), "--out", out], cwd=ROOT)  # fmt: skip
+    claims = open(os.path.join(out, "reproduction.md")).read().split("## Claims")[1].split("## Why")[0]
+    row = next(line for line in claims.splitlines() if "better student than Gaussian" in line)
+    # teachers pooled over both tasks: diffusion (95 + 80) / 200, Gaussian 60 / 100 twice; students 90 % and 95 %:
+    # se = sqrt(.9 * .1 / 200 + .95 * .05 / 200) = 2.6 points, a difference of 5.0 within two of them
+    assert "| does not hold (within noise: < 2 standard errors) | 90.0 % vs 95.0 %, difference -5.0 ± 2.6 points" in row
+    assert row.endswith(
+        "| teachers (final policies) 87.5 % diffusion vs 60.0 % Gaussian; their students keep 103 % and 158 % of "
+        "that success (table 1 below) |"
+    )
 
 
 def test_no_results_is_a_one_sentence_error_that_keeps_the_page(tmp_path):
