@@ -190,7 +190,7 @@ def explanations(keys, results, tasks, lengths, smooth, students) -> list[str]:
 
 
 def reasons(
-    complete: list[tuple[str, str]], results: str, lengths: dict, smooth: dict, quality: dict, students: dict
+    complete: list[tuple[str, str]], results: str, lengths: dict, smooth: dict, quality: dict, averages: dict
 ) -> dict:
     """The measurement that bears on each claim, over the complete tasks ((suite, nn) pairs): the text the claims
     table shows where a claim does not hold (its numbers are in the tables of the section after it)."""
@@ -200,8 +200,8 @@ def reasons(
         rates = [success(results, tag, suite, nn) for suite, nn in complete]
         return 100 * sum(r[0] for r in rates) / sum(r[1] for r in rates) if all(rates) else float("nan")
 
-    def student(src):
-        return 100 * sum(students[src][k][0] for k in keys) / sum(students[src][k][1] for k in keys)
+    def student(src):  # a source's student, pooled over the complete tasks (the student table's average), in %
+        return 100 * averages[src][0] / averages[src][1]
 
     def mean(values):
         values = [v for v in values if v is not None]
@@ -408,7 +408,7 @@ def main() -> None:
         return averages[src][1] if averages.get(src) else 0
 
     done = [t for t, k in zip(tasks, keys) if k in complete]
-    why = reasons(done, results, lengths, smooth, quality, students) if done else {}
+    why = reasons(done, results, lengths, smooth, quality, averages) if done else {}
     lines += ["", "## Claims", "",
               "| the paper's claim | here | measured (averaged over the complete tasks; ± one standard error) | "
               "where it does not hold: the measurement that bears on it |",
