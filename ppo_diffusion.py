@@ -14,7 +14,8 @@ limit both end an episode with value 0; the critic V(s, t / limit) sees the elap
 with DDIM eta = 1 and a std floor of 0.1 (``--noise-scale`` shrinks the step sigmas around the same means,
 ``--noise-scale-final`` from a fraction of the run on), and evaluation runs that same policy without the noise after
 x_K by default (``--eval-mode mean``; eta = 0 is another chain that PPO does not train). On CUDA the whole sampler
-(encoder, all denoising steps, noise) is replayed as one CUDA graph per batch size.
+(encoder, all denoising steps, noise) is replayed as one CUDA graph per batch size. The rollouts, GAE, reward scale
+and protocol evaluation, the same for ppo_gaussian.py, are ppo_core.py's.
 
     python ppo_diffusion.py --suite libero_object --task-id 0 --num-envs 50
 """
@@ -37,6 +38,24 @@ import tyro
 
 import libero_env as le
 from bc_diffusion import DiffusionPolicy, ObsEncoder, ddim_step, ddpm_step, mlp, step_schedule
+from ppo_core import (
+    Rollout,
+    RunningRewardScaler,
+    actor_lr_at,
+    bootstrap_values,
+    check_finite,
+    evaluate_policy,
+    explained_variance,
+    gae,
+    index_obs,
+    log_evaluation,
+    mean_stats,
+    minibatches,
+    normalize_advantages,
+    success_reward_fn,
+    to_device,
+    write_final_evaluation,
+)
 
 
 @dataclass
@@ -343,89 +362,8 @@ class GraphedSampler:
 
 
 # ================================================================================================================
-# Shared PPO machinery (ppo_gaussian.py imports these)
+# Critic (ppo_gaussian.py shares it; rollouts, GAE and evaluation are in ppo_core.py)
 # ================================================================================================================
-def gae(rewards, values, next_values, terminated, truncated, gamma: float, lam: float):
-    """Chunk-level GAE over (T, E) arrays; returns (advantages, returns = advantages + values).
-
-    ``next_values[t]`` is V of the observation after step t. Both episode ends are terminal, with value 0:
-    ``terminated`` (success, reward 1) and ``truncated`` (the protocol's step limit reached without success: in
-    LIBERO the limit is part of the task, an episode not solved by then scores 0, and the critic sees the elapsed
-    fraction t / limit, so the value of reaching it is known to be 0). Bootstrapping a time-out from a critic
-    let V float up to the success value everywhere and the advantage of success over failure vanish. Only the
-    iteration's last step of an episode still running (a cut, not an end) bootstraps from ``next_values``."""
-    T = rewards.shape[0]
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[0])
-    for t in reversed(range(T)):
-        alive = 1 - torch.maximum(terminated[t], truncated[t])
-        delta = rewards[t] + gamma * alive * next_values[t] - values[t]
-        last = delta + gamma * lam * alive * last
-        advantages[t] = last
-    return advantages, advantages + values
-
-
-def success_return(t: int, max_steps: int, act_steps: int, gamma: float) -> float:
-    """The reward of a success at env step ``t`` under --reward-until-limit: the discounted return of an episode that
-    would hold its success, at reward 1 per chunk, until the step limit: 1 + gamma + ... + gamma^n over the
-    n = ceil((max_steps - t) / act_steps) chunks left. DPPO does not end its robomimic episodes at success and pays the
-    reward at every step after it; in LIBERO a reached goal stays reached, so this pays the same without simulating
-    the rest of the episode."""
-    n = math.ceil(max(max_steps - t, 0) / act_steps)
-    return (1 - gamma ** (n + 1)) / (1 - gamma) if gamma < 1 else float(n + 1)
-
-
-def success_reward_fn(args, max_steps: int, act_steps: int) -> Optional[Callable[[int], float]]:
-    """The rollouts' reward of a success at env step t: :func:`success_return` under --reward-until-limit, else None
-    (the sparse reward, 1)."""
-    if not args.reward_until_limit:
-        return None
-    return lambda t: success_return(t, max_steps, act_steps, args.gamma)
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
-    """1 - Var(R - V) / Var(R): 1 when the critic predicts the returns, 0 when it predicts only their mean, < 0
-    when worse than that (NaN when the returns do not vary)."""
-    var = returns.var().item()
-    return float("nan") if var == 0 else 1.0 - (returns - values).var().item() / var
-
-
-class RunningRewardScaler:
-    """Rewards divided by the running std of the per-env discounted return and clipped to +-``clip`` (DPPO, after
-    OpenAI baselines' VecNormalize). The statistics are updated once per iteration, over all of its T x E returns,
-    so every reward of an iteration is scaled by the same number (a step-by-step update scaled a run's first
-    successes ~3x more than later ones)."""
-
-    def __init__(self, num_envs: int, gamma: float, clip: float = 10.0):
-        self.gamma, self.clip, self.ret = gamma, clip, np.zeros(num_envs)
-        self.count, self.mean, self.var = 1e-4, 0.0, 1.0
-
-    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
-        """``rewards``, ``dones`` (T, E) of one iteration -> scaled rewards (T, E)."""
-        returns = np.zeros(rewards.shape)
-        for t in range(len(rewards)):
-            returns[t] = self.ret = self.ret * self.gamma + rewards[t]
-            self.ret = np.where(dones[t], 0.0, self.ret)  # an episode's return ends with it
-        # merge the batch's mean and variance into the running ones (Chan et al.'s parallel update)
-        batch_mean, batch_var, n = returns.mean(), returns.var(), returns.size
-        delta, total = batch_mean - self.mean, self.count + n
-        self.mean += delta * n / total
-        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
-        self.count = total
-        return np.clip(rewards / math.sqrt(self.var + 1e-8), -self.clip, self.clip)
-
-    def reset(self) -> None:
-        """Zero the running returns: every env's episode was cut (an evaluation reset the shared workers)."""
-        self.ret[:] = 0.0
-
-    def state_dict(self) -> dict:
-        return {"ret": torch.from_numpy(self.ret), "stats": torch.tensor([self.count, self.mean, self.var])}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.ret = state["ret"].numpy().copy()
-        self.count, self.mean, self.var = (float(x) for x in state["stats"])
-
-
 class Critic(nn.Module):
     """V(s, t / limit): its own observation encoder (same architecture as the actor's) and an MLP head that also
     sees the elapsed fraction of the episode's step limit. With time-outs terminal (value 0) the value of a state
@@ -441,135 +379,9 @@ class Critic(nn.Module):
         return self.head(features).squeeze(-1)
 
 
-def to_device(obs: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in obs.items()}
-
-
-def index_obs(obs: dict, idx) -> dict:
-    return {k: v[idx] for k, v in obs.items()}
-
-
-@torch.no_grad()
-def batched(fn: Callable, obs: dict, size: int, device) -> torch.Tensor:
-    """Apply ``fn`` to observation tensors (CPU or already on ``device``) in pieces; results concatenated on the
-    CPU."""
-    n = len(next(iter(obs.values())))
-    return torch.cat(
-        [fn(to_device(index_obs(obs, slice(i, i + size)), device)).float().cpu() for i in range(0, n, size)]
-    )
-
-
-class Rollout:
-    """Keeps ``num_envs`` episodes running across iterations; each :meth:`collect` gathers ``num_steps`` chunk steps.
-
-    Training episodes start from init states drawn uniformly from the task's 50 (seeded), env seed
-    ``seed + 10^6 + episode counter`` (disjoint from evaluation seeds). Every observation carries ``time``, the
-    elapsed fraction t / step limit of its episode (the critic's input; the actor ignores it).
-    """
-
-    def __init__(self, venv: le.VectorLiberoEnv, preprocess: Callable, seed: int, render: bool,
-                 success_reward: Optional[Callable[[int], float]] = None):  # fmt: skip
-        """``success_reward(t)``: the reward of a success at env step t (None: the sparse reward, 1)."""
-        self.venv, self.preprocess, self.render = venv, preprocess, render
-        self.success_reward = success_reward
-        self.max_steps = venv.task.max_steps
-        self.rng, self.seed, self.episodes = np.random.default_rng(seed), seed, 0
-        self.t = np.zeros(venv.num_envs)  # steps taken in each env's current episode
-        self.obs: Optional[list] = None  # started by the first collect
-        self.episode_returns, self.episode_lengths = [], []
-
-    def reset_all(self) -> None:
-        self.obs = self._reset(list(range(self.venv.num_envs)))
-
-    def state_dict(self) -> dict:
-        """What a resumed run needs to start the same episodes: the init-state RNG and the episode counter."""
-        return {"rng": self.rng.bit_generator.state, "episodes": self.episodes}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state, self.episodes = state["rng"], int(state["episodes"])
-
-    def reward(self, out: le.ChunkResult) -> float:
-        return self.success_reward(out.t) if out.done and self.success_reward is not None else out.reward
-
-    def _reset(self, ids: list[int]) -> list[dict]:
-        inits = self.rng.integers(0, le.NUM_INIT_STATES, len(ids))
-        seeds = [self.seed + 1_000_000 + self.episodes + j for j in range(len(ids))]
-        self.episodes += len(ids)
-        self.t[ids] = 0
-        return self.venv.reset(ids, inits, seeds, render=self.render)
-
-    def observe(self) -> dict:
-        """The current observations as policy tensors, with their elapsed fractions (``time``, (E,))."""
-        obs_t = self.preprocess(le.stack_obs(self.obs))
-        obs_t["time"] = torch.as_tensor(self.t / self.max_steps, dtype=torch.float32).to(obs_t["proprio"].device)
-        return obs_t
-
-    def collect(self, num_steps: int, act: Callable, timers: dict, reset: bool = False) -> dict:
-        """``act(obs_t) -> (actions (E, act_steps, 7) numpy, extras dict of CPU tensors (E, ...))``; ``obs_t`` are the
-        preprocessed observation tensors (on the policy's device; the buffer keeps CPU copies). ``reset``: start
-        every env on a new episode first (else the running ones continue)."""
-        ids = list(range(self.venv.num_envs))
-        if reset or self.obs is None:
-            t0 = time.perf_counter()
-            self.reset_all()
-            timers["env"] += time.perf_counter() - t0
-        buf = {"obs": [], "extras": [], "rewards": [], "terminated": [], "truncated": []}
-        for _ in range(num_steps):
-            t0 = time.perf_counter()
-            obs_t = self.observe()
-            actions, extras = act(obs_t)
-            obs_t = {k: v.cpu() for k, v in obs_t.items()}
-            t1 = time.perf_counter()
-            outs = self.venv.step_chunk(ids, actions, render=self.render)
-            timers["env"] += time.perf_counter() - t1
-            timers["policy"] += t1 - t0
-            buf["obs"].append(obs_t)
-            buf["extras"].append(extras)
-            buf["rewards"].append([self.reward(o) for o in outs])
-            buf["terminated"].append([float(o.done) for o in outs])
-            buf["truncated"].append([float(o.truncated) for o in outs])
-            done = [i for i, o in enumerate(outs) if o.done or o.truncated]
-            for i, o in enumerate(outs):
-                self.obs[i], self.t[i] = o.obs, o.t
-                if o.done or o.truncated:
-                    self.episode_returns.append(float(o.done))
-                    self.episode_lengths.append(o.t)
-            if done:
-                t2 = time.perf_counter()
-                for i, o in zip(done, self._reset(done)):
-                    self.obs[i] = o
-                timers["env"] += time.perf_counter() - t2
-        stack = lambda key: torch.stack([torch.as_tensor(np.asarray(x), dtype=torch.float32) for x in buf[key]])  # noqa: E731
-        return {
-            "obs": {k: torch.stack([o[k] for o in buf["obs"]]) for k in buf["obs"][0]},  # (T, E, ...)
-            "extras": {k: torch.stack([x[k] for x in buf["extras"]]) for k in buf["extras"][0]},
-            "rewards": stack("rewards"),
-            "terminated": stack("terminated"),
-            "truncated": stack("truncated"),
-            "next_obs": {k: v.cpu() for k, v in self.observe().items()},  # where the iteration cut the episodes
-        }
-
-
-def bootstrap_values(batch: dict, obs: dict, critic: Callable, size: int, device):
-    """V(s, t) of every step (``obs``: the batch's observations flattened to (T E, ...)) and V of the observation
-    after each step (the next step's, or for the last step the observation the iteration stopped at; gae ignores
-    it where the episode ended)."""
-    T, E = batch["rewards"].shape
-    values = batched(critic, obs, size, device).view(T, E)
-    next_values = torch.zeros(T, E)
-    next_values[:-1] = values[1:]
-    next_values[-1] = batched(critic, batch["next_obs"], size, device)
-    return values, next_values
-
-
-def check_finite(named: dict) -> Optional[str]:
-    """Name of the first tensor with a NaN or inf, else None."""
-    for name, tensor in named.items():
-        if tensor is not None and not torch.isfinite(tensor).all():
-            return name
-    return None
-
-
+# ================================================================================================================
+# PPO update
+# ================================================================================================================
 def clip_schedule(k: torch.Tensor, ft_steps: int, base: float, final: float, rate: float, constant: bool):
     """PPO clip per fine-tuned denoising index k (0 = noisiest): exponential from ``base`` to ``final``."""
     if constant or ft_steps == 1:
@@ -578,23 +390,6 @@ def clip_schedule(k: torch.Tensor, ft_steps: int, base: float, final: float, rat
     return base + (final - base) * (torch.exp(rate * x) - 1) / (math.exp(rate) - 1)
 
 
-def minibatches(n: int, size: int, device) -> list[torch.Tensor]:
-    """One epoch's minibatches: a random permutation of 0..n-1 cut into ``n // size`` full minibatches (at least
-    one), the remainder dropped as in DPPO, so that no minibatch is too small to normalise its advantages over."""
-    perm = torch.randperm(n).to(device)
-    return [perm[s : s + size] for s in range(0, max(n - size, 0) + 1, size)]
-
-
-def normalize_advantages(adv: torch.Tensor) -> torch.Tensor:
-    """(A - mean) / std over a minibatch; a single element (std undefined) becomes 0."""
-    if adv.numel() < 2:
-        return adv - adv.mean()
-    return (adv - adv.mean()) / (adv.std() + 1e-8)
-
-
-# ================================================================================================================
-# PPO update
-# ================================================================================================================
 def denoising_pg_loss(ratio, adv, k, K: int, ft: int, args):
     """PPO-clip loss (eq. 3-4) over (env step, denoising step) pairs; returns (loss, clip per pair).
 
@@ -686,11 +481,6 @@ def ppo_update(policy: FineTunedDiffusion, critic: Critic, batch: dict, args, op
     return {**mean_stats(stats), "epochs": epoch + 1}, None
 
 
-def mean_stats(stats: dict) -> dict:
-    """Per-minibatch 0-d tensors -> their means as Python floats, read back from the device at once."""
-    return {k: torch.stack(v).double().mean().item() for k, v in stats.items() if v}
-
-
 def noise_scale_at(args: dict, iteration: int) -> float:
     """The rollout chain's noise scale for the iteration that starts after ``iteration`` completed ones (and for a
     checkpoint saved after them): --noise-scale, then --noise-scale-final from round(switch x num_iterations) on."""
@@ -698,18 +488,6 @@ def noise_scale_at(args: dict, iteration: int) -> float:
     if final is None or iteration < round(args.get("noise_scale_switch", 0.78) * args["num_iterations"]):
         return args.get("noise_scale", 1.0)
     return final
-
-
-def actor_lr_at(args: dict, iteration: int) -> float:
-    """The actor learning rate of the iteration that starts after ``iteration`` completed ones: --actor-lr, held
-    until round(--actor-lr-decay-start x num_iterations) (0 with --no-constant-lr), then a cosine to --actor-lr-min
-    at the last iteration."""
-    lr, lr_min, n = args["actor_lr"], args.get("actor_lr_min", 1e-5), args["num_iterations"]
-    start = round((args.get("actor_lr_decay_start", 1.0) if args.get("constant_lr", True) else 0.0) * n)
-    if iteration < start:
-        return lr
-    frac = min(1.0, (iteration + 1 - start) / (n - start))
-    return lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 def load_policy(path: str, device="cpu") -> FineTunedDiffusion:
@@ -733,61 +511,6 @@ def finetuning_start(bc_policy: DiffusionPolicy, denoising_steps: int = 5) -> Fi
     sched = DenoisingSchedule(bc_policy.alphas_cumprod, "ddim", denoising_steps, args.eta, args.noise_scale)
     sched = sched.to(bc_policy.alphas_cumprod.device)
     return FineTunedDiffusion(bc_policy, sched, denoising_steps, bc_policy.cfg, args.noise_clip, args.min_std).eval()
-
-
-def evaluate_policy(venv: le.VectorLiberoEnv, act: Callable, episodes: int, seed: int, replan_steps: int,
-                    record: bool = False) -> dict:  # fmt: skip
-    """Success rate and mean length of ``act(obs, generators) -> (B, T, 7)`` over protocol episodes 0..episodes-1,
-    and ``successes``, each episode's outcome (0/1) in episode order (episode e starts from init state e % 50).
-
-    Episode e draws its policy noise from its own generator, seeded by (seed, e): its outcome depends neither on
-    the worker count nor on the training RNG, which is left where it was. ``record``: also ``action_std``, the
-    per-timestep std of the actions across the successful trajectories, averaged over steps and axes (analyze.py's
-    consistency, the paper's Fig. 7)."""
-    import analyze
-    import collect
-
-    learned = collect.LearnedPolicy(act, replan_steps, venv.obs_mode, 0, seed=seed)
-    results = le.run_episodes(venv, learned, range(episodes), seed, replan_steps, record=record,
-                              render=venv.obs_mode == "rgb", reset_policy=learned.reset)  # fmt: skip
-    stats = {"success_rate": float(np.mean([r.success for r in results])),
-             "episode_length": float(np.mean([r.length for r in results])),
-             "successes": [int(r.success) for r in sorted(results, key=lambda r: r.episode)]}  # fmt: skip
-    if record:
-        actions = [np.stack([s["action"] for s in r.steps]) for r in results if r.success]
-        spread = analyze.action_consistency(actions)["mean_std"] if len(actions) >= 2 else None
-        stats["action_std"] = float(np.mean(spread)) if spread is not None else float("nan")
-    return stats
-
-
-def scalar_stats(stats: dict) -> dict:
-    """The numbers of an evaluation's stats for the metrics log (the per-episode list stays in final_eval.json)."""
-    return {k: v for k, v in stats.items() if not isinstance(v, list)}
-
-
-def log_evaluation(logger, step: int, env_steps: int, results: dict, eval_mode: str) -> None:
-    """An in-run evaluation {mode: stats}: the evaluated mode's under eval/ (the learning curve), every mode's under
-    eval_<mode>/, and one printed line."""
-    flat = {f"eval/{k}": v for k, v in scalar_stats(results[eval_mode]).items()}
-    flat.update({f"eval_{m}/{k}": v for m, stats in results.items() for k, v in scalar_stats(stats).items()})
-    logger.log(step, env_steps=env_steps, **flat)
-    rates = ", ".join(f"{m} {r['success_rate']:.3f}" for m, r in results.items())
-    print(f"iteration {step}{' (BC start)' if step == 0 else ''}: eval success {rates}")
-
-
-def write_final_evaluation(path: str, logger, results: dict, iteration: int, env_steps: int, args) -> None:
-    """The end-of-run evaluation of every action mode over the same episodes: final_eval.json, metrics, a table."""
-    import run_utils
-
-    episodes = args.final_eval_episodes
-    run_utils.write_json(path, {"iteration": iteration, "env_steps": env_steps, "eval_mode": args.eval_mode,
-                                "episodes": episodes, "seed": args.seed, **results})  # fmt: skip
-    flat = {f"final_{m}/{k}": v for m, stats in results.items() for k, v in scalar_stats(stats).items()}
-    logger.log(iteration, env_steps=env_steps, **flat)
-    for m, r in results.items():
-        spread = f", action std {r['action_std']:.4f}" if "action_std" in r else ""
-        print(f"final ({episodes} episodes) {m:>6}: success {r['success_rate']:.3f}, length "
-              f"{r['episode_length']:.1f}{spread}")  # fmt: skip
 
 
 def ppo_config(args) -> dict:

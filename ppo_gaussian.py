@@ -5,9 +5,10 @@ the normalised action space), with a learned state-independent log-std. It is wa
 on the same demos with bc_diffusion.py's recipe (MSE on the mean; the same optimiser, schedule, EMA and steps),
 then fine-tuned with PPO at the chunk level: one likelihood ratio per chunk, r = exp(log pi(a|s) - log pi_old(a|s)),
 with log pi clamped per element and averaged over the chunk exactly as ppo_diffusion.py's denoising log-probs, the
-same clip, optimiser settings and gradient steps per iteration. Rollouts, GAE, the critic, reward scaling and
-evaluation are ppo_diffusion.py's ("the same architecture and training procedure"; tests/test_ppo_gaussian.py fails
-if the two scripts' shared defaults drift apart). Its data is the paper's "Gaussian RL data".
+same clip, optimiser settings and gradient steps per iteration. Rollouts, GAE, reward scaling and evaluation are
+ppo_core.py's and the critic is ppo_diffusion.py's, the same code for both classes ("the same architecture and
+training procedure"; tests/test_ppo_gaussian.py fails if the two scripts' shared defaults drift apart). Its data
+is the paper's "Gaussian RL data".
 
     python ppo_gaussian.py --suite libero_object --task-id 0 --obs-mode state --num-envs 50
 """
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 import libero_env as le
 from bc_diffusion import ObsEncoder, PolicyBase, mlp
-from ppo_diffusion import (
+from ppo_core import (
     actor_lr_at,
     check_finite,
     evaluate_policy,
@@ -327,8 +328,7 @@ def gaussian_ppo_update(policy: GaussianPolicy, critic, batch: dict, args, optim
 if __name__ == "__main__":
     import demo_hdf5
     import run_utils
-    from ppo_diffusion import (
-        Critic,
+    from ppo_core import (
         Rollout,
         RunningRewardScaler,
         bootstrap_values,
@@ -337,6 +337,7 @@ if __name__ == "__main__":
         success_reward_fn,
         write_final_evaluation,
     )
+    from ppo_diffusion import Critic
 
     args = tyro.cli(Args)
     try:

@@ -183,6 +183,7 @@ def ppo_iteration_s(task: le.Task, fast: bool, steps: int, num_envs: int = 2, nu
     import torch
 
     import bc_diffusion as bc
+    import ppo_core as core
     import ppo_diffusion as ppo
 
     torch.manual_seed(0)
@@ -205,7 +206,7 @@ def ppo_iteration_s(task: le.Task, fast: bool, steps: int, num_envs: int = 2, nu
             chain, actions = sampler(obs_t)
             return actions.numpy(), {"chains": chain}
 
-        rollout = ppo.Rollout(venv, ft.ft.obs_tensors, 0, render=False)
+        rollout = core.Rollout(venv, ft.ft.obs_tensors, 0, render=False)
         start = time.perf_counter()
         batch = rollout.collect(steps, act, {"env": 0.0, "policy": 0.0})
         t_rollout = time.perf_counter() - start

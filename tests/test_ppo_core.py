@@ -18,6 +18,7 @@ from helpers import ROOT, run_script, script_env, write_tiny_demo_file
 
 import bc_diffusion as bc
 import libero_env as le
+import ppo_core as core
 import ppo_diffusion as ppo
 import ppo_gaussian as pg
 
@@ -239,7 +240,7 @@ def test_critic_targets_of_a_success_a_time_out_and_a_cut_through_the_rollout():
     chunks (value 0, no bootstrap) and its next episode is cut after one chunk (bootstraps V(t = 4)); env 2 succeeds
     on its last chunk, then is cut like env 1."""
     venv = FakeVectorEnv(12, [8, None, 12])
-    rollout = ppo.Rollout(venv, preprocess, seed=0, render=False)
+    rollout = core.Rollout(venv, preprocess, seed=0, render=False)
     batch = rollout.collect(4, zero_act, {"env": 0.0, "policy": 0.0})
     third = 1 / 3
     expected_time = torch.tensor([[0, 0, 0], [third, third, third], [0, 2 * third, 2 * third], [third, 0, 0]])
@@ -251,8 +252,8 @@ def test_critic_targets_of_a_success_a_time_out_and_a_cut_through_the_rollout():
         return 10 * obs_t["time"] + 1
 
     obs = {k: v.flatten(0, 1) for k, v in batch["obs"].items()}
-    values, next_values = ppo.bootstrap_values(batch, obs, critic, 100, "cpu")
-    _, returns = ppo.gae(batch["rewards"], values, next_values, batch["terminated"], batch["truncated"], 0.5, 1.0)
+    values, next_values = core.bootstrap_values(batch, obs, critic, 100, "cpu")
+    _, returns = core.gae(batch["rewards"], values, next_values, batch["terminated"], batch["truncated"], 0.5, 1.0)
     v_cut = 10 * third + 1  # V of the observation the iteration stopped at (t = 4 of a new episode)
     expected = torch.tensor([[0.5, 0.0, 0.25], [1.0, 0.0, 0.5], [0.5, 0.0, 1.0], [1.0, 0.5 * v_cut, 0.5 * v_cut]])
     torch.testing.assert_close(returns, expected, rtol=0, atol=1e-6)
@@ -266,14 +267,14 @@ def test_reward_until_limit_pays_an_earlier_success_more_through_the_rollout():
     """--reward-until-limit: a success at env step t pays 1 + gamma + ... + gamma^n for the n = ceil((limit - t) / 4)
     chunks left, by hand at gamma 0.5 and limit 12: success after 1 chunk (t = 4, n = 2) 1.75, after 2 (t = 8, n = 1)
     1.5, after 3 (t = 12, n = 0) 1; a time-out still pays 0; the logged outcome stays 1 per success."""
-    assert ppo.success_return(4, 12, 4, 0.5) == pytest.approx(1.75, abs=1e-12)
-    assert ppo.success_return(5, 12, 4, 0.5) == pytest.approx(1.75, abs=1e-12)  # 7 steps left: 2 chunks, one short
-    assert ppo.success_return(9, 12, 4, 0.5) == pytest.approx(1.5, abs=1e-12)
-    assert ppo.success_return(12, 12, 4, 1.0) == 1.0 and ppo.success_return(3, 12, 4, 1.0) == 4.0
+    assert core.success_return(4, 12, 4, 0.5) == pytest.approx(1.75, abs=1e-12)
+    assert core.success_return(5, 12, 4, 0.5) == pytest.approx(1.75, abs=1e-12)  # 7 steps left: 2 chunks, one short
+    assert core.success_return(9, 12, 4, 0.5) == pytest.approx(1.5, abs=1e-12)
+    assert core.success_return(12, 12, 4, 1.0) == 1.0 and core.success_return(3, 12, 4, 1.0) == 4.0
     args = SimpleNamespace(reward_until_limit=True, gamma=0.5)
-    assert ppo.success_reward_fn(SimpleNamespace(reward_until_limit=False, gamma=0.5), 12, 4) is None
+    assert core.success_reward_fn(SimpleNamespace(reward_until_limit=False, gamma=0.5), 12, 4) is None
     venv = FakeVectorEnv(12, [4, 8, 12, None])
-    rollout = ppo.Rollout(venv, preprocess, seed=0, render=False, success_reward=ppo.success_reward_fn(args, 12, 4))
+    rollout = core.Rollout(venv, preprocess, seed=0, render=False, success_reward=core.success_reward_fn(args, 12, 4))
     batch = rollout.collect(3, zero_act, {"env": 0.0, "policy": 0.0})
     expected = torch.tensor([[1.75, 0, 0, 0], [1.75, 1.5, 0, 0], [1.75, 0, 1.0, 0]])
     torch.testing.assert_close(batch["rewards"], expected, rtol=0, atol=1e-6)
@@ -283,11 +284,11 @@ def test_reward_until_limit_pays_an_earlier_success_more_through_the_rollout():
 
 def test_the_rollout_state_restores_the_same_init_states():
     venv = FakeVectorEnv(12, [None, None])
-    a = ppo.Rollout(venv, preprocess, seed=3, render=False)
+    a = core.Rollout(venv, preprocess, seed=3, render=False)
     a.collect(1, zero_act, {"env": 0.0, "policy": 0.0})
     state = a.state_dict()
     expected = a.rng.integers(0, 50, 5).tolist()
-    b = ppo.Rollout(venv, preprocess, seed=99, render=False)
+    b = core.Rollout(venv, preprocess, seed=99, render=False)
     b.load_state_dict(state)
     assert b.rng.integers(0, 50, 5).tolist() == expected and b.episodes == a.episodes == 2
 
@@ -301,7 +302,7 @@ def test_reward_scaler_tracks_the_variance_of_all_returns_so_far_across_iteratio
     scaler starts from a prior of weight 1e-4 (mean 0, variance 1): relative effect < 1e-5 here, tolerance 1e-4."""
     rng = np.random.default_rng(0)
     E, T, gamma = 3, 20, 0.99
-    scaler = ppo.RunningRewardScaler(E, gamma, clip=10.0)
+    scaler = core.RunningRewardScaler(E, gamma, clip=10.0)
     running, seen = np.zeros(E), []
     for it in range(5):
         rewards = (rng.random((T, E)) < 0.2) * rng.uniform(0.5, 2.0, (T, E))
@@ -315,7 +316,7 @@ def test_reward_scaler_tracks_the_variance_of_all_returns_so_far_across_iteratio
         np.testing.assert_allclose(got, np.clip(rewards / std, -10, 10), rtol=1e-4, atol=1e-9)
         if it == 2:  # through a checkpoint file: the resumed scaler continues the same statistics
             torch.save(scaler.state_dict(), tmp_path / "scaler.pt")
-            scaler = ppo.RunningRewardScaler(E, gamma, clip=10.0)
+            scaler = core.RunningRewardScaler(E, gamma, clip=10.0)
             scaler.load_state_dict(torch.load(tmp_path / "scaler.pt", weights_only=True))
 
 

@@ -1,5 +1,5 @@
-"""ppo_diffusion.py: GAE, denoising log-probs, the clip schedule, first-minibatch ratios, NaN guards, the sampler
-(eager vs CUDA graph on a GPU), and a CLI smoke run on the real simulator."""
+"""ppo_diffusion.py: denoising log-probs, the clip schedule, first-minibatch ratios, NaN guards, the sampler (eager vs
+CUDA graph on a GPU), a CLI smoke run on the real simulator; and ppo_core.py's GAE, returns and reward scaler."""
 
 import json
 import math
@@ -11,6 +11,7 @@ import torch
 from helpers import ROOT, run_script, write_tiny_demo_file
 
 import bc_diffusion as bc
+import ppo_core as core
 import ppo_diffusion as ppo
 import run_utils
 
@@ -61,7 +62,7 @@ def test_gae_matches_a_plain_loop_with_terminations_and_truncations():
     truncated = ((rng.random((T, E)) < 0.15) & (terminated == 0)).astype(float)
     assert terminated.sum() > 0 and truncated.sum() > 0
     as_t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    adv, ret = ppo.gae(*(as_t(x) for x in (rewards, values, next_values, terminated, truncated)), 0.99, 0.9)
+    adv, ret = core.gae(*(as_t(x) for x in (rewards, values, next_values, terminated, truncated)), 0.99, 0.9)
     expected = gae_reference(rewards, values, next_values, terminated, truncated, 0.99, 0.9)
     np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-10)
     np.testing.assert_allclose(ret.numpy(), expected + values, rtol=1e-10)
@@ -77,7 +78,7 @@ def test_returns_of_a_success_a_time_out_and_a_cut_against_hand_computed_values(
     rewards = terminated.clone()
     values = torch.tensor([[1.0, 2, 3], [1, 2, 3], [9, 2, 3]])  # env 0's step 2 starts a new episode
     next_values = torch.tensor([[1.0, 2, 3], [9, 2, 3], [5, 7, 4]])  # V after each step (the next row, then next_obs)
-    adv, ret = ppo.gae(rewards, values, next_values, terminated, truncated, gamma=0.5, lam=1.0)
+    adv, ret = core.gae(rewards, values, next_values, terminated, truncated, gamma=0.5, lam=1.0)
     expected_returns = torch.tensor(
         [
             [0.5 * 1, 0.0, 0.5**3 * 4],  # env 0: 1 discounted once; env 1: never rewarded; env 2: 0.5^3 * V_cut
@@ -88,16 +89,16 @@ def test_returns_of_a_success_a_time_out_and_a_cut_against_hand_computed_values(
     torch.testing.assert_close(ret, expected_returns, rtol=0, atol=1e-6)
     torch.testing.assert_close(adv, expected_returns - values, rtol=0, atol=1e-6)
     # with lambda < 1 the time-out's last delta is still -V (no bootstrap), the cut's still bootstraps
-    adv, _ = ppo.gae(rewards, values, next_values, terminated, truncated, gamma=0.5, lam=0.5)
+    adv, _ = core.gae(rewards, values, next_values, terminated, truncated, gamma=0.5, lam=0.5)
     assert adv[2, 1].item() == -2.0 and adv[2, 2].item() == 0.5 * 4 - 3
 
 
 def test_explained_variance():
     returns = torch.tensor([0.0, 1.0, 0.0, 1.0])
-    assert ppo.explained_variance(returns.clone(), returns) == 1.0
-    assert ppo.explained_variance(torch.full((4,), 0.5), returns) == 0.0  # the mean explains nothing
-    assert ppo.explained_variance(1 - returns, returns) < 0
-    assert np.isnan(ppo.explained_variance(returns, torch.ones(4)))
+    assert core.explained_variance(returns.clone(), returns) == 1.0
+    assert core.explained_variance(torch.full((4,), 0.5), returns) == 0.0  # the mean explains nothing
+    assert core.explained_variance(1 - returns, returns) < 0
+    assert np.isnan(core.explained_variance(returns, torch.ones(4)))
 
 
 def test_the_critic_sees_the_elapsed_fraction():
@@ -211,17 +212,17 @@ def test_actor_lr_holds_then_decays_by_cosine_to_its_minimum_at_the_last_iterati
     """--actor-lr-decay-start f: --actor-lr for the first round(f x N) iterations, then a cosine that reaches
     --actor-lr-min at the last one; 1.0 (the default) holds it; --no-constant-lr decays over the whole run."""
     args = dict(actor_lr=1e-4, actor_lr_min=1e-5, constant_lr=True, actor_lr_decay_start=0.78, num_iterations=83)
-    lrs = [ppo.actor_lr_at(args, it) for it in range(83)]
+    lrs = [core.actor_lr_at(args, it) for it in range(83)]
     assert lrs[:65] == [1e-4] * 65  # held: round(0.78 x 83) = 65 iterations
     assert lrs[82] == pytest.approx(1e-5, rel=1e-12)
     half = 1e-5 + 0.5 * 9e-5 * (1 + math.cos(math.pi * 9 / 18))  # iteration 73: 9 of the 18 decay steps
     assert lrs[73] == pytest.approx(half, rel=1e-12) and lrs[73] == pytest.approx(5.5e-5, rel=1e-12)
     assert all(a > b for a, b in zip(lrs[64:], lrs[65:]))  # strictly decreasing once it starts
-    assert ppo.actor_lr_at({**args, "actor_lr_decay_start": 1.0}, 82) == 1e-4  # the default holds it
-    whole = [ppo.actor_lr_at({**args, "constant_lr": False}, it) for it in (0, 82)]
+    assert core.actor_lr_at({**args, "actor_lr_decay_start": 1.0}, 82) == 1e-4  # the default holds it
+    whole = [core.actor_lr_at({**args, "constant_lr": False}, it) for it in (0, 82)]
     assert whole[0] == pytest.approx(1e-5 + 0.5 * 9e-5 * (1 + math.cos(math.pi / 83)))
     assert whole[1] == pytest.approx(1e-5)
-    assert ppo.actor_lr_at({"actor_lr": 3e-4, "num_iterations": 10}, 9) == 3e-4  # args of runs before the flag
+    assert core.actor_lr_at({"actor_lr": 3e-4, "num_iterations": 10}, 9) == 3e-4  # args of runs before the flag
 
 
 def test_noise_scale_final_applies_from_the_switch_iteration_and_checkpoints_follow_it(tmp_path):
@@ -347,7 +348,7 @@ def test_a_nan_reward_skips_the_update_and_names_the_tensor():
     rewards = torch.zeros(T, E)
     rewards[2, 1] = float("nan")  # injected
     values, zeros = torch.zeros(T, E), torch.zeros(T, E)
-    adv, ret = ppo.gae(rewards, values, values, zeros, zeros, 0.999, 0.95)
+    adv, ret = core.gae(rewards, values, values, zeros, zeros, 0.999, 0.95)
     batch = rollout_batch(policy, N=T * E)
     batch.update(advantages=adv.flatten(), returns=ret.flatten())
     stats, bad = ppo.ppo_update(policy, critic, batch, ppo_args(), make_opts(policy, critic), True, "cpu")
@@ -367,9 +368,9 @@ def test_a_nan_parameter_skips_the_step_without_moving_the_critic():
 
 
 def test_running_reward_scaler_state_round_trip():
-    a = ppo.RunningRewardScaler(3, 0.99)
+    a = core.RunningRewardScaler(3, 0.99)
     a(np.tile([0.0, 1.0, 0.5], (5, 1)), np.tile([False, True, False], (5, 1)))
-    b = ppo.RunningRewardScaler(3, 0.99)
+    b = core.RunningRewardScaler(3, 0.99)
     b.load_state_dict(a.state_dict())
     x = np.array([[1.0, 0.0, 0.0]])
     np.testing.assert_array_equal(a(x, np.zeros((1, 3), bool)), b(x, np.zeros((1, 3), bool)))  # same code and input
@@ -384,12 +385,12 @@ def test_a_last_minibatch_of_one_pair_is_dropped_not_a_skipped_update():
     stats, bad = ppo.ppo_update(policy, critic, batch, ppo_args(minibatch_size=13), make_opts(policy, critic), True,
                                 "cpu")  # fmt: skip
     assert bad is None and np.isfinite(stats["pg_loss"]) and stats["epochs"] == 2
-    assert [len(mb) for mb in ppo.minibatches(40, 13, "cpu")] == [13, 13, 13]
-    assert [len(mb) for mb in ppo.minibatches(40, 10, "cpu")] == [10] * 4
-    assert [len(mb) for mb in ppo.minibatches(5, 10, "cpu")] == [5]  # fewer pairs than a minibatch: all of them
-    mbs = torch.cat(ppo.minibatches(40, 13, "cpu"))
+    assert [len(mb) for mb in core.minibatches(40, 13, "cpu")] == [13, 13, 13]
+    assert [len(mb) for mb in core.minibatches(40, 10, "cpu")] == [10] * 4
+    assert [len(mb) for mb in core.minibatches(5, 10, "cpu")] == [5]  # fewer pairs than a minibatch: all of them
+    mbs = torch.cat(core.minibatches(40, 13, "cpu"))
     assert len(set(mbs.tolist())) == 39  # a random permutation: no pair twice
-    assert ppo.normalize_advantages(torch.tensor([3.0])).tolist() == [0.0]
+    assert core.normalize_advantages(torch.tensor([3.0])).tolist() == [0.0]
 
 
 def reward_scaler_reference(rewards, dones, gamma, clip, count=1e-4, mean=0.0, var=1.0):
@@ -415,7 +416,7 @@ def test_reward_scaler_updates_once_per_batch_clips_and_resets():
     rewards = (rng.random((T, E)) < 0.1).astype(float)
     rewards[5, 0] = 1.0
     dones = rewards > 0
-    scaler = ppo.RunningRewardScaler(E, 0.99, clip=10.0)
+    scaler = core.RunningRewardScaler(E, 0.99, clip=10.0)
     got = scaler(rewards, dones)
     expected, running = reward_scaler_reference(rewards, dones, 0.99, 10.0)
     np.testing.assert_allclose(got, expected, rtol=1e-12)
@@ -426,7 +427,7 @@ def test_reward_scaler_updates_once_per_batch_clips_and_resets():
     # clipped to +-clip: one reward after a long run of zeros has a tiny return variance
     lone = np.zeros((200, 1))
     lone[-1] = 1.0
-    fresh = ppo.RunningRewardScaler(1, 0.99, clip=10.0)
+    fresh = core.RunningRewardScaler(1, 0.99, clip=10.0)
     assert fresh(lone, lone > 0)[-1, 0] == 10.0
     # an evaluation that reset the envs zeroes their running returns
     scaler.ret[:] = 3.0
