@@ -20,6 +20,7 @@ and training steps import this module on machines without LIBERO.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import io
@@ -31,6 +32,7 @@ import sys
 import time
 import traceback
 import types
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -575,8 +577,12 @@ def _die_with_parent() -> None:
 def _worker(conn, task: Task, env_ids: list[int], env_kwargs: dict) -> None:
     """One worker process: the environments ``env_ids`` (constructed here, stepped one after the other)."""
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # so is SLURM's pre-emption signal
+    # Ctrl-C, SLURM's pre-emption signal and SIGTERM are the parent's to handle: SLURM, `kill -- -PGID` and a
+    # terminal signal every process of the job or group, and a training parent finishes its iteration and writes
+    # its checkpoint with these workers still stepping. The workers end with the parent: its exit closes them
+    # (_close_open_vector_envs), or the kernel's parent-death SIGKILL above when it is killed.
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     envs: dict[int, LiberoEnv] = {}
     try:
         for i in env_ids:
@@ -605,6 +611,16 @@ def _worker(conn, task: Task, env_ids: list[int], env_kwargs: dict) -> None:
             with contextlib.suppress(Exception):
                 env.close()
         conn.close()
+
+
+_OPEN_VECTOR_ENVS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_open_vector_envs() -> None:
+    """At interpreter exit, before multiprocessing's own exit handler: close every vector env still open. That
+    handler would SIGTERM the daemonic workers and wait for them, and the workers ignore SIGTERM."""
+    for venv in list(_OPEN_VECTOR_ENVS):
+        venv.close()
 
 
 def split_envs(num_envs: int, num_workers: int) -> list[list[int]]:
@@ -653,6 +669,11 @@ class VectorLiberoEnv:
             child.close()
             self._conns.append(parent)
             self._procs.append(proc)
+        _OPEN_VECTOR_ENVS.add(self)
+        # (re-)registered after multiprocessing's exit handler, which the Pipe above imported: exit handlers run last
+        # registered first, so this one closes the workers before that one would wait for them
+        atexit.unregister(_close_open_vector_envs)
+        atexit.register(_close_open_vector_envs)
         for w in range(num_workers):  # construction errors surface here
             self._recv(w, "construct")
 
@@ -722,6 +743,7 @@ class VectorLiberoEnv:
         if self._closed:
             return
         self._closed = True
+        _OPEN_VECTOR_ENVS.discard(self)
         for conn in self._conns:
             with contextlib.suppress(Exception):
                 conn.send(("close", None))

@@ -3,6 +3,8 @@
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -198,6 +200,43 @@ def test_vector_env_steps_and_a_killed_worker_raises_a_named_error_without_orpha
         venv.step_chunk([0, 1], np.zeros((2, 4, 7)))
     assert time.monotonic() - start < 10
     for pid in pids:  # the surviving worker was shut down too
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+@pytest.mark.sim
+def test_workers_ignore_a_group_sigterm_and_still_end_with_a_parent_that_exits_without_closing_them(tmp_path):
+    """SLURM and `kill -- -PGID` signal the workers too: they keep serving while the parent pre-empts; a parent that
+    then exits (or raises) with the vector env still open is not held up by multiprocessing's exit handler waiting
+    for workers that ignore its SIGTERM."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "import numpy as np\n"
+        "import libero_env as le\n"
+        "if __name__ == '__main__':  # spawned workers import this file\n"
+        "    venv = le.VectorLiberoEnv(le.resolve_task('libero_object', 0), 2, obs_mode='state', timeout_s=120)\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent's own handler (a training script's)\n"
+        "    print(' '.join(map(str, venv.pids)), flush=True)\n"
+        "    os.killpg(0, signal.SIGTERM)\n"
+        "    time.sleep(1)\n"
+        "    venv.reset([0, 1], [0, 1], [0, 1])\n"
+        "    print(venv.step_chunk([0, 1], np.zeros((2, 2, 7)))[1].t, flush=True)\n"
+        "    sys.exit(3)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )  # fmt: skip (a hang at exit fails by the timeout)
+    lines = proc.stdout.split()
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert lines[-1] == "2", "the workers did not step after the group's SIGTERM"
+    for pid in map(int, lines[:-1]):
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
 
 

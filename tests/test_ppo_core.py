@@ -3,8 +3,10 @@ denoising weights and clips by hand, a bandit with a known optimum, the critic's
 Rollout, and the reward scaler over several iterations and a checkpoint. Fast: no simulator (a scripted fake vector
 env stands behind VectorLiberoEnv's interface)."""
 
+import contextlib
 import dataclasses
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -324,9 +326,14 @@ def test_reward_scaler_tracks_the_variance_of_all_returns_so_far_across_iteratio
 # On the real simulator: kill-and-resume, and evaluation that does not depend on the worker count
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.sim
-def test_a_killed_and_resumed_ppo_run_ends_like_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("kill", ["SIGKILL to the run", "SIGTERM to its process group"])
+def test_a_killed_and_resumed_ppo_run_ends_like_an_uninterrupted_one(tmp_path, kill):
     """Same weights, critic, reward-scaler state, env steps and episode count: every iteration starts fresh
-    episodes (reset_at_iteration) and the checkpoint carries the init-state RNG, the episode counter and every RNG."""
+    episodes (reset_at_iteration) and the checkpoint carries the init-state RNG, the episode counter and every RNG.
+
+    SIGKILL: the run resumes from the last iteration's checkpoint. SIGTERM to the whole process group (what SLURM,
+    `kill -- -PGID` and a terminal send: the env workers get it too): the run finishes its iteration with its workers,
+    writes the checkpoint and says so (a worker that died of the signal made the run crash instead)."""
     demo = write_tiny_demo_file(str(tmp_path / "demo.hdf5"), num_demos=2, T=10, state_dim=98)
     tiny = "--feature-dim 16 --state-encoder-dims 32 --denoiser mlp --mlp-dims 32 --step-embed-dim 16".split()
     bc_cli = ["bc_diffusion.py", *tiny, "--obs-mode", "state", "--demo-paths", demo, "--run-root", str(tmp_path / "bc")]
@@ -337,18 +344,34 @@ def test_a_killed_and_resumed_ppo_run_ends_like_an_uninterrupted_one(tmp_path):
             "--minibatch-size", "20", "--update-epochs", "2", "--critic-warmup-iters", "1"]  # fmt: skip
     run_script([*base[1:], "--run-root", str(tmp_path / "a")], cwd=ROOT, timeout=900)
     ckpts = tmp_path / "b" / "ppo_diffusion" / "libero_object" / "task00__seed0" / "checkpoints"
-    proc = subprocess.Popen([*base, "--run-root", str(tmp_path / "b")], cwd=ROOT, env=script_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 600
-    killed_at = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (ckpts / "latest.pt").exists():
-            killed_at = torch.load(ckpts / "latest.pt", weights_only=True)["step"]
-            if killed_at >= 2:
-                break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    env = {k: v for k, v in script_env().items() if not k.startswith("SLURM_")}  # no requeue of a job the test is in
+    log_path = tmp_path / "b.log"  # a file, not a pipe nobody reads while the run goes on
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([*base, "--run-root", str(tmp_path / "b")], cwd=ROOT, env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        killed_at = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (ckpts / "latest.pt").exists():
+                killed_at = torch.load(ckpts / "latest.pt", weights_only=True)["step"]
+                if killed_at >= 2:
+                    break
+            time.sleep(0.05)
+        if kill.startswith("SIGKILL"):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=300)  # a run that hangs on its way out fails here
+            log = log_path.read_text()
+            assert proc.returncode == 143, f"exit code {proc.returncode}, not the pre-emption's 143:\n{log[-3000:]}"
+            assert "pre-empted (SIGTERM): checkpoint written; rerun with --resume auto" in log
+            assert "EnvWorkerError" not in log
+            killed_at = torch.load(ckpts / "latest.pt", weights_only=True)["step"]  # the iteration it finished
+    finally:  # nothing of the run outlives the test, whatever failed
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert not (ckpts / "final.pt").exists() and killed_at is not None, "the run finished before it could be killed"
     out = run_script([*base[1:], "--run-root", str(tmp_path / "b")], cwd=ROOT, timeout=900).stdout
     assert f"resumed from {ckpts / 'latest.pt'} at iteration {killed_at}" in out
