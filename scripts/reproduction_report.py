@@ -33,6 +33,11 @@ SOURCES = [("scripted_dart", "DART demos (human stand-in)"), ("scripted", "clean
 COLORS = {"scripted_dart": "tab:gray", "scripted": "tab:green", "diffusion_rl": "tab:blue", "gaussian_rl": "tab:orange"}
 TEACHER_MIN = 0.90  # a diffusion teacher below this success is reported as such and its task's students are marked
 WEAK = " ‡"  # the mark
+REPEATS = " †"  # a rate whose episodes repeat each init state's: its standard error is over the init states
+REPEATS_NOTE = (
+    "†: each init state's episodes are identical across the evaluation seeds (a noise-free policy on the "
+    "deterministic simulator), so the standard error is over the init states, not the episodes."
+)
 
 
 def success(results: str, tag: str, suite: str, nn: str):
@@ -44,17 +49,36 @@ def success(results: str, tag: str, suite: str, nn: str):
     return sum(e["success"] for e in episodes), len(episodes)
 
 
-def fmt_rate(r) -> str:
+def fmt_rate(r, independent=None) -> str:
+    """k/n as "p ± standard error (k/n)"; the error over ``independent`` samples when fewer than n are (marked †)."""
     if r is None:
         return "–"
     k, n = r
-    p = k / n
-    return f"{100 * p:.1f} ± {100 * math.sqrt(p * (1 - p) / n):.1f} ({k}/{n})"
+    p, m = k / n, independent or n
+    return f"{100 * p:.1f} ± {100 * math.sqrt(p * (1 - p) / m):.1f}{REPEATS if m < n else ''} ({k}/{n})"
 
 
 def episodes(results: str, tag: str, suite: str, nn: str) -> list[dict]:
     files = sorted(glob.glob(os.path.join(results, "eval", f"{tag}_seed*", suite, f"task{nn}.json")))
     return [e for f in files for e in json.load(open(f))["episodes"]]
+
+
+def independent_episodes(eps: list[dict]) -> int:
+    """How many of a checkpoint's episodes are independent samples: all of them, unless each init state's episodes
+    (one per evaluation seed) are identical in outcome and length, as a noise-free policy (the Gaussian's mean) on
+    the deterministic simulator makes them; then only the init states count."""
+    outcomes = {}
+    for e in eps:
+        if "init_state" not in e:
+            return len(eps)
+        outcomes.setdefault(e["init_state"], set()).add((e["success"], e["length"]))
+    repeated = len(outcomes) < len(eps) and all(len(v) == 1 for v in outcomes.values())
+    return len(outcomes) if repeated else len(eps)
+
+
+def rate_cell(results: str, tag: str, suite: str, nn: str) -> str:
+    """A checkpoint's success over all its evaluation seeds, its standard error over its independent episodes."""
+    return fmt_rate(success(results, tag, suite, nn), independent_episodes(episodes(results, tag, suite, nn)))
 
 
 def budget(results: str, key: str) -> dict:
@@ -157,10 +181,12 @@ def explanations(keys, results, tasks, lengths, smooth, students) -> list[str]:
            "| task | diffusion PPO | its student | Gaussian PPO | its student | DART student |",
            "|---|---|---|---|---|---|"]  # fmt: skip
     for (suite, nn), key in zip(tasks, keys):
-        cells = [fmt_rate(success(results, "diffusion_ppo", suite, nn)), fmt_rate(students["diffusion_rl"].get(key)),
-                 fmt_rate(success(results, "gaussian_ppo", suite, nn)), fmt_rate(students["gaussian_rl"].get(key)),
+        cells = [rate_cell(results, "diffusion_ppo", suite, nn), fmt_rate(students["diffusion_rl"].get(key)),
+                 rate_cell(results, "gaussian_ppo", suite, nn), fmt_rate(students["gaussian_rl"].get(key)),
                  fmt_rate(students["scripted_dart"].get(key))]  # fmt: skip
         out.append(f"| {key} | " + " | ".join(cells) + " |")
+    if any(REPEATS in line for line in out[-len(keys) :]):
+        out += ["", REPEATS_NOTE]
     out += ["", "**2. Length.** Mean length (steps) of the *successful* evaluation episodes of the BC start and of the "
             "final policy (did PPO make the policy faster?):", "",
             "| task | diffusion BC | diffusion PPO | Gaussian BC | Gaussian PPO |",
@@ -299,13 +325,16 @@ def main() -> None:
         # success of the BC starts and final policies
         lines += ["| policy | success % (n) |", "|---|---|"]
         for tag, label in POLICIES:
-            lines.append(f"| {label} | {fmt_rate(success(results, tag, suite, nn))} |")
+            lines.append(f"| {label} | {rate_cell(results, tag, suite, nn)} |")
             ok = [e["length"] for e in episodes(results, tag, suite, nn) if e["success"]]
             lengths.setdefault(key, {})[tag] = sum(ok) / len(ok) if ok else None
+        if any(REPEATS in line for line in lines[-len(POLICIES) :]):
+            lines += ["", REPEATS_NOTE]
         teacher = success(results, "diffusion_ppo", suite, nn)
         if teacher and teacher[0] / teacher[1] < TEACHER_MIN:
             weak.add(key)
-            lines += ["", f"**Teacher below {100 * TEACHER_MIN:.0f} %**: diffusion PPO {fmt_rate(teacher)}; this "
+            lines += ["", f"**Teacher below {100 * TEACHER_MIN:.0f} %**: diffusion PPO "
+                      f"{rate_cell(results, 'diffusion_ppo', suite, nn)}; this "
                       f"task's columns in the student tables are marked{WEAK} (students of an unconverged "
                       "teacher)."]  # fmt: skip
         ppo_runs = {alg: os.path.join(d, "metrics.jsonl") for alg, d in ppo_dirs.items()}

@@ -148,3 +148,32 @@ def test_no_results_is_a_one_sentence_error_that_keeps_the_page(tmp_path):
     assert result.returncode == 1
     assert f"error: no study results under {tmp_path / 'none'}; run scripts/reproduce_cpu.sh first" in result.stderr
     assert (out / "reproduction.md").read_text() == "the earlier study"
+
+
+def test_a_noise_free_policys_repeated_episodes_count_once_in_its_standard_error(tmp_path):
+    study, out = str(tmp_path / "study"), str(tmp_path / "docs")
+    make_study(study)
+    results = os.path.join(study, "results")
+    for tag in ("gaussian_ppo", "diffusion_ppo"):  # task 0, two evaluation seeds x 50 init states, 90 of 100 succeed
+        for seed in (0, 100):
+            path = os.path.join(results, "eval", f"{tag}_seed{seed}", "libero_object", "task00.json")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            jitter = seed // 100 if tag == "diffusion_ppo" else 0  # the sampled chain's episodes differ per seed
+            episodes = [{"episode": i, "init_state": i, "seed": seed + i, "success": i < 45, "length": 100 + i + jitter}
+                        for i in range(50)]  # fmt: skip
+            with open(path, "w") as f:
+                json.dump({"tag": tag, "episodes": episodes, "success_rate": 0.9}, f)
+    run_script(["scripts/reproduction_report.py", "--results", results, "--study-root", study,
+                "--convergence-root", os.path.join(study, "convergence_export"), "--out", out], cwd=ROOT)  # fmt: skip
+    text = open(os.path.join(out, "reproduction.md")).read()
+    task0 = text.split("## libero_object 0")[1].split("## libero_object 1")[0]
+    # identical repeats: the error over the 50 init states, sqrt(.9 * .1 / 50) = 4.2 points, and the note
+    assert "| Gaussian, PPO | 90.0 ± 4.2 † (90/100) |" in task0
+    assert "†: each init state's episodes are identical across the evaluation seeds" in task0
+    # episodes that differ between seeds are independent samples: sqrt(.9 * .1 / 100) = 3.0 points
+    assert "| Diffusion, PPO | 90.0 ± 3.0 (90/100) |" in task0
+    # task 1's evaluations carry no init states: every episode counts, no mark
+    assert "†" not in text.split("## libero_object 1")[1].split("## Students")[0]
+    teachers = text.split("**1. Teachers and their students.**")[1].split("**2. Length.**")[0]
+    assert "| libero_object_task00 | 90.0 ± 3.0 (90/100) | 90.0 ± 3.0 (90/100) | 90.0 ± 4.2 † (90/100) |" in teachers
+    assert teachers.count("†: each init state's episodes") == 1
