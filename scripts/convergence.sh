@@ -61,9 +61,33 @@ trap timed_end EXIT
 export_run() {  # export_run RUN_DIR DEST: the small artefacts of a run, for the report (none when EXPORT is "")
   local run=$1 dest=$2
   [ -n "$EXPORT" ] || return 0
+  keep_earlier_run "$run" "$dest"
   mkdir -p "$dest"
   for f in args.json metrics.jsonl final_eval.json wall_s.txt; do [ -f "$run/$f" ] && cp "$run/$f" "$dest/"; done
   return 0
+}
+
+keep_earlier_run() {  # keep_earlier_run RUN_DIR DEST: DEST holding another run's export (a rerun of the recipe on a
+  # new machine, e.g. for the comparison study) is a replicate, not a draft: it moves to ablations/<tag>_run<start
+  # date>__<task> (tag: recipe, gaussian or the ablation's), and the branches that named it follow it
+  local run=$1 dest=$2 group name tag key stamp kept b
+  [ -f "$dest/metrics.jsonl" ] && [ -f "$run/metrics.jsonl" ] || return 0
+  [ "$(head -1 "$dest/metrics.jsonl")" != "$(head -1 "$run/metrics.jsonl")" ] || return 0  # the same run
+  group=$(basename "$(dirname "$dest")") name=$(basename "$dest")
+  case $group in
+    ablations) tag=${name%%__*} key=${name#*__} ;;
+    tasks) tag=recipe key=$name ;;
+    *) tag=$group key=$name ;;
+  esac
+  stamp=$($PY -c "import json, sys, time; print(time.strftime('%Y%m%d-%H%M', time.gmtime(json.loads(sys.stdin.readline())['time'])))" \
+    <"$dest/metrics.jsonl")
+  kept=$EXPORT/ablations/${tag}_run${stamp}__$key
+  mkdir -p "$EXPORT/ablations"
+  mv "$dest" "$kept"
+  for b in "$EXPORT"/ablations/*/branch.json; do
+    [ -f "$b" ] && sed -i "s|\"from\": \"${dest#"$EXPORT"/}\"|\"from\": \"${kept#"$EXPORT"/}\"|" "$b"
+  done
+  echo "the earlier run exported at $dest moved to $kept (this run replaces it there)"
 }
 
 for spec in "${TASKS[@]}"; do

@@ -212,7 +212,8 @@ def ablation_table(runs: list[dict]) -> list[str]:
         final = "–"
         if run["final"]:
             f = run["final"]
-            final = "; ".join(f"{m} " + rate(f[m]["success_rate"], f["episodes"]) for m in MODES if m in f)
+            final = "; ".join(f"{m} " + rate(f[m]["success_rate"], distinct_episodes(run, m))
+                              + (" †" if m in run["noise_free"] else "") for m in MODES if m in f)  # fmt: skip
         steps = max(r.get("env_steps", 0) for r in run["rows"])
         pairs = a["num_envs"] * a["num_steps"] * (1 if gaussian else a["ft_denoising_steps"])  # (chunk, step) pairs
         minibatches = max(1, pairs // a["minibatch_size"])  # full minibatches, the remainder dropped
@@ -281,7 +282,7 @@ def main() -> None:
     for g in ("tasks", "gaussian", "ablations"):
         paths = sorted(glob.glob(os.path.join(args.root, g, "*")))
         groups[g] = [load_run(p) for p in paths if os.path.exists(os.path.join(p, "metrics.jsonl"))]
-    for run in groups["gaussian"]:
+    for run in groups["gaussian"] + [r for r in groups["ablations"] if "ft_denoising_steps" not in r["args"]]:
         run["noise_free"] = {"mean"}  # the Gaussian's mean action: a function of the observation alone
     for g, runs in groups.items():
         for run in runs:
@@ -307,7 +308,10 @@ def main() -> None:
         lines += [f"![{r['name']}](convergence/gaussian/{r['name']}/learning_curve.png)" for r in groups["gaussian"]]
         lines += [""]
     if groups["ablations"]:
-        lines += ["## Every setting tried", ""] + ablation_table(groups["ablations"]) + [""]
+        table = ablation_table(groups["ablations"])
+        lines += ["## Every setting tried", ""] + table + [""]
+        if any("†" in line for line in table):
+            lines += ["† noise-free: the standard error is over the init states (as above).", ""]
     starts = bc_start_table(args.root)
     if starts:
         lines += ["## BC starts of candidate tasks", "",

@@ -1,7 +1,7 @@
 """scripts/convergence.sh end to end on the real simulator at a tiny budget: DART demos, the weak BC start, one PPO
 iteration under another seed (reported as the ablation "seed1", beside the recipe's run, not over it), the
-export of its small artefacts, a rerun that finds every output and skips the work, and the BC start's evaluation
-alone (BC_ONLY)."""
+export of its small artefacts, a rerun that finds every output and skips the work (and keeps another run's export
+found at its place as a replicate), and the BC start's evaluation alone (BC_ONLY)."""
 
 import json
 import os
@@ -43,6 +43,22 @@ def test_a_second_seed_runs_beside_the_recipe_exports_and_resumes_as_a_no_op(tmp
     # a rerun finds the demos, the BC start and the final evaluation: no work, one more export
     again = run_study(root, export, SEED="1")
     assert "train success" not in again and "bc_diffusion" not in again and again.count("done") == 1
+    assert sorted(p.name for p in (export / "ablations").iterdir()) == ["seed1__libero_object_task00"]  # same run
+    # an export of another run there (a rerun of the recipe on a new machine replaces it) is kept as a replicate
+    # under its start date, and a branch that named it follows it
+    earlier = '{"step": 0, "time": 1796000000.0, "env_steps": 0}\n'
+    (dest / "metrics.jsonl").write_text(earlier)
+    (dest / "final_eval.json").write_text('{"earlier": true}')
+    branch = export / "ablations" / "X_from1__libero_object_task00"
+    branch.mkdir()
+    (branch / "branch.json").write_text('{"from": "ablations/seed1__libero_object_task00", "iteration": 1}')
+    out = run_study(root, export, SEED="1")
+    kept = export / "ablations" / "seed1_run20261130-0053__libero_object_task00"
+    assert f"the earlier run exported at {dest} moved to {kept}" in out
+    assert (kept / "metrics.jsonl").read_text() == earlier and json.loads((kept / "final_eval.json").read_text())
+    assert (dest / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()  # this run's, in its place
+    assert json.loads((dest / "final_eval.json").read_text())["episodes"] == 2
+    assert json.loads((branch / "branch.json").read_text())["from"] == f"ablations/{kept.name}"
     # BC_ONLY: the BC start (found) evaluated in mean and eta0 on the in-run episodes, exported for the report
     starts = run_study(root, export, BC_ONLY="1")
     assert "BC start done" in starts and "train success" not in starts
