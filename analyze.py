@@ -137,8 +137,8 @@ def demo_success(f: demo_hdf5.DemoFile, key: str, data: dict) -> bool:
 
 def task_metrics(paths: list[str], dt: float) -> dict:
     """Metrics of one task from one or more files of one source."""
-    noops = steps = n_traj = 0
-    lengths, jerks, actions, every, instruction = [], [], [], [], ""
+    noops = steps = n_traj = repeated = 0
+    lengths, jerks, actions, every, instruction, seen = [], [], [], [], "", set()
     for path in paths:
         with demo_hdf5.DemoFile(path) as f:
             instruction = f.instruction
@@ -152,11 +152,16 @@ def task_metrics(paths: list[str], dt: float) -> dict:
                     lengths.append(len(d["actions"]))
                     jerks.append(mean_squared_jerk(d["obs"]["ee_pos"], dt))
                     actions.append(np.asarray(d["actions"], dtype=np.float64))
+                    # a noise-free policy (the Gaussian's mean) replays an init state's trajectory action for action
+                    fingerprint = actions[-1].tobytes()
+                    repeated += fingerprint in seen
+                    seen.add(fingerprint)
     out = {
         "instruction": instruction,
         "files": paths,
         "trajectories": n_traj,
         "successful": len(lengths),
+        "repeated": repeated,  # successful trajectories whose actions repeat an earlier one's exactly
         "steps": steps,
         "noop_steps": noops,
         "noop_fraction": noops / steps if steps else float("nan"),

@@ -349,10 +349,15 @@ def main() -> None:
             for src, label in SOURCES:
                 m = metrics.get(src)
                 if m and "length_mean" in m:
-                    lines.append(f"| {label} | {m['successful']} | {m['noop_steps']} | {m['length_mean']:.1f} | "
+                    kept = f"{m['successful']}" + (f" ({m['repeated']} repeated)" if m.get("repeated") else "")
+                    lines.append(f"| {label} | {kept} | {m['noop_steps']} | {m['length_mean']:.1f} | "
                                  f"{m['msj_mean']:.1f} | {m['consistency_mean_std_all']:.4f} |")  # fmt: skip
                 if m and "chunk_smoothness" in m:
                     smooth.setdefault(key, {})[src] = m["chunk_smoothness"]
+            if any(m.get("repeated") for m in metrics.values()):
+                lines += ["", "repeated: trajectories identical, action for action, to an earlier one of the same "
+                          "source (a noise-free policy succeeding again from an init state it already succeeded "
+                          "from); they count in every metric and in the student's data as collected."]  # fmt: skip
             quality_figure(metrics, os.path.join(out_dir, "quality.png"), f"{key}: '{task.instruction}'")
             lines += ["", f"![data quality](reproduction/{key}/quality.png)", ""]
         # students

@@ -87,7 +87,17 @@ def test_planted_noops_are_counted_exactly(tmp_path):
     m = analyze.task_metrics([path], 0.05)
     assert m["noop_steps"] == expected and m["steps"] == 28
     assert m["noop_fraction"] == pytest.approx(expected / 28)
-    assert m["successful"] == 2 and m["length_mean"] == 14
+    assert m["successful"] == 2 and m["length_mean"] == 14 and m["repeated"] == 0
+
+
+def test_a_trajectory_replayed_action_for_action_is_counted_as_repeated(tmp_path):
+    path = write_tiny_demo_file(str(tmp_path / "x_demo.hdf5"), num_demos=4, T=14)
+    with h5py.File(path, "r+") as f:  # demos 2 and 3 replay demo 0 (a noise-free policy from the same init state)
+        for k in (2, 3):
+            f[f"data/demo_{k}/actions"][:] = f["data/demo_0/actions"][:]
+        f["data/demo_1/actions"][0, 0] += 1e-6  # a near-copy is a trajectory of its own
+    m = analyze.task_metrics([path], 0.05)
+    assert m["successful"] == 4 and m["repeated"] == 2
 
 
 def test_cli_two_sources_with_gaps_missing_tasks_and_original_libero_files(tmp_path):

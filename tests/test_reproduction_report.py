@@ -50,6 +50,7 @@ def make_study(root):
                   "chunk_smoothness": SMOOTH}
             for src, (ln, j, c) in QUALITY.items()
         }  # fmt: skip
+        metrics["gaussian_rl"]["repeated"] = 3 if key == TASKS[0] else 0  # the noise-free policy replayed 3 on task 0
         per_source = key == TASKS[0]
         for src in QUALITY if per_source else [""]:  # analysis/<task>/<source>/ or analysis/<task>/
             os.makedirs(os.path.join(results, "analysis", key, src))
@@ -83,6 +84,10 @@ def test_tables_marks_and_claims_of_a_synthetic_two_task_study(tmp_path):
             assert os.path.getsize(os.path.join(out, "reproduction", key, png)) > 10_000
         assert f"| {key} | diffusion RL | 0.0200 | 0.0040 | 5.0 | 30/50 |" in text  # within vs across chunks
     assert "| DART demos (human stand-in) | 50 | 0 | 160.0 | 520.0 | 0.2000 |" in text
+    task0, task1 = text.split("## libero_object 1")[0], text.split("## libero_object 1")[1].split("## Students")[0]
+    assert "| Gaussian RL | 50 (3 repeated) | 0 | 120.0 | 900.0 | 0.3000 |" in task0
+    assert "repeated: trajectories identical, action for action" in task0
+    assert "| Gaussian RL | 50 | 0 |" in task1 and "repeated" not in task1
     # the teacher below 90 % is reported and its task's student column marked, the other not
     assert "**Teacher below 90 %**: diffusion PPO 80.0 ± 4.0 (80/100)" in text
     assert text.count("**Teacher below 90 %**") == 1
