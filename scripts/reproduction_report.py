@@ -117,7 +117,8 @@ def read_jsonl(path: str) -> list[dict]:
 
 def learning_curves(runs: dict, out_png: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for (name, path), color in zip(runs.items(), ("tab:blue", "tab:orange")):
+    for name, path in runs.items():
+        color = {"diffusion": "tab:blue", "gaussian": "tab:orange"}[name]
         if not os.path.exists(path):
             continue
         rows = read_jsonl(path)
@@ -302,6 +303,9 @@ def main() -> None:
         os.makedirs(out_dir, exist_ok=True)
         lines += [f"## {suite} {int(nn)}: {task.instruction}", ""]
         b = budget(results, key)
+        # a class's run is this study's teacher once the study evaluated its final policy (before that, the run found
+        # may be an earlier one of the convergence study, e.g. on another machine)
+        studied = [alg for alg in ("diffusion", "gaussian") if success(results, f"{alg}_ppo", suite, nn)]
         ppo_dirs = {alg: ppo_run_dir(args.study_root, args.convergence_root, alg, suite, nn)
                     for alg in ("diffusion", "gaussian")}  # fmt: skip
         if b:
@@ -309,7 +313,7 @@ def main() -> None:
             run_args = json.load(open(run_args)) if os.path.exists(run_args) else {"num_envs": 2, "num_steps": 105}
             iters, envs, chunks = int(b["PPO_ITERS"]), run_args["num_envs"], run_args["num_steps"]
             seeds = b["EVAL_SEEDS"].strip('"').split()
-            walls = {alg: wall_hours(d) for alg, d in ppo_dirs.items()}
+            walls = {alg: wall_hours(d) for alg, d in ppo_dirs.items() if alg in studied}
             wall = ", ".join(f"{alg} PPO {h:.1f} h" for alg, h in walls.items() if h is not None) or "not recorded"
             lines += [f"Budget: {b['DEMOS']} demos per source (BC starts on the first 10 DART demos), "
                       f"{b['BC_STEPS']} BC steps, PPO {iters} iterations x {envs} envs x {chunks} chunks x 8 actions "
@@ -337,9 +341,15 @@ def main() -> None:
                       f"{rate_cell(results, 'diffusion_ppo', suite, nn)}; this "
                       f"task's columns in the student tables are marked{WEAK} (students of an unconverged "
                       "teacher)."]  # fmt: skip
-        ppo_runs = {alg: os.path.join(d, "metrics.jsonl") for alg, d in ppo_dirs.items()}
-        learning_curves(ppo_runs, os.path.join(out_dir, "learning_curve.png"), f"{key}: '{task.instruction}'")
-        lines += ["", f"![learning curves](reproduction/{key}/learning_curve.png)", ""]
+        ppo_runs = {alg: os.path.join(d, "metrics.jsonl") for alg, d in ppo_dirs.items() if alg in studied}
+        curve_png = os.path.join(out_dir, "learning_curve.png")
+        if ppo_runs:
+            learning_curves(ppo_runs, curve_png, f"{key}: '{task.instruction}'")
+            lines += ["", f"![learning curves](reproduction/{key}/learning_curve.png)", ""]
+        else:  # no teacher of this study yet: no figure (nor one left from an earlier run)
+            if os.path.exists(curve_png):
+                os.remove(curve_png)
+            lines += ["", "Learning curves: none yet (no teacher of this task evaluated by the study).", ""]
         # data quality of the four sources (one analyze.py report per source, or one over all of them)
         metrics = source_metrics(os.path.join(results, "analysis", key))
         if metrics:

@@ -182,3 +182,25 @@ def test_a_noise_free_policys_repeated_episodes_count_once_in_its_standard_error
     teachers = text.split("**1. Teachers and their students.**")[1].split("**2. Length.**")[0]
     assert "| libero_object_task00 | 90.0 ± 3.0 (90/100) | 90.0 ± 3.0 (90/100) | 90.0 ± 4.2 † (90/100) |" in teachers
     assert teachers.count("†: each init state's episodes") == 1
+
+
+def test_a_class_not_yet_evaluated_by_the_study_shows_no_wall_time_from_an_earlier_run(tmp_path):
+    study, out = str(tmp_path / "study"), str(tmp_path / "docs")
+    make_study(study)
+    earlier = os.path.join(study, "convergence_export", "gaussian", "libero_object_task00")  # found for task 0
+    os.makedirs(earlier)
+    with open(os.path.join(earlier, "wall_s.txt"), "w") as f:
+        f.write("7200\n")
+    with open(os.path.join(earlier, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 0, "env_steps": 0, "eval/success_rate": 0.3}) + "\n")
+    cmd = ["scripts/reproduction_report.py", "--results", os.path.join(study, "results"), "--study-root", study,
+           "--convergence-root", os.path.join(study, "convergence_export"), "--out", out]  # fmt: skip
+    run_script(cmd, cwd=ROOT)
+    task0 = open(os.path.join(out, "reproduction.md")).read().split("## libero_object 1")[0]
+    assert "Wall time: diffusion PPO 1.5 h, gaussian PPO 2.0 h." in task0  # the study evaluated its final policy
+    for seed_dir in os.listdir(os.path.join(study, "results", "eval")):  # not yet: the run found is not the study's
+        if seed_dir.startswith("gaussian_ppo"):
+            os.remove(os.path.join(study, "results", "eval", seed_dir, "libero_object", "task00.json"))
+    run_script(cmd, cwd=ROOT)
+    task0 = open(os.path.join(out, "reproduction.md")).read().split("## libero_object 1")[0]
+    assert "Wall time: diffusion PPO 1.5 h." in task0 and "| Gaussian, PPO | – |" in task0
