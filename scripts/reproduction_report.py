@@ -42,11 +42,8 @@ REPEATS_NOTE = (
 
 def success(results: str, tag: str, suite: str, nn: str):
     """(successes, episodes) of a checkpoint over all its evaluation seeds, or None."""
-    files = sorted(glob.glob(os.path.join(results, "eval", f"{tag}_seed*", suite, f"task{nn}.json")))
-    if not files:
-        return None
-    episodes = [e for f in files for e in json.load(open(f))["episodes"]]
-    return sum(e["success"] for e in episodes), len(episodes)
+    eps = episodes(results, tag, suite, nn)
+    return (sum(e["success"] for e in eps), len(eps)) if eps else None
 
 
 def fmt_rate(r, independent=None) -> str:
@@ -78,7 +75,8 @@ def independent_episodes(eps: list[dict]) -> int:
 
 def rate_cell(results: str, tag: str, suite: str, nn: str) -> str:
     """A checkpoint's success over all its evaluation seeds, its standard error over its independent episodes."""
-    return fmt_rate(success(results, tag, suite, nn), independent_episodes(episodes(results, tag, suite, nn)))
+    eps = episodes(results, tag, suite, nn)
+    return fmt_rate((sum(e["success"] for e in eps), len(eps)) if eps else None, independent_episodes(eps))
 
 
 def budget(results: str, key: str) -> dict:
