@@ -6,7 +6,8 @@ Each run directory there holds what convergence.sh exported from a PPO run: args
 evaluations every few iterations: 50 protocol episodes in the evaluated mode and in eta0), final_eval.json (every
 action mode over the same 200 episodes) and wall_s.txt; an ablation that branched from another run's checkpoint
 also has branch.json ({"from": that run, "iteration": N}): its table row then covers only what came after the branch.
-Success rates carry their binomial standard error sqrt(p (1 - p) / n), n the distinct episodes: a noise-free mode
+Success rates carry their binomial standard error sqrt(p (1 - p) / n) (at 0 or 100 % the exact one-sided 95 %
+bound), n the distinct episodes: a noise-free mode
 (the Gaussian policy's `mean`) repeats each of the 50 init states' episodes, so its n is 50 however many episodes ran;
 "env steps to X %" is the first in-run evaluation at or above X (50 episodes: +-7 points).
 """
@@ -76,8 +77,13 @@ def train_curve(run: dict) -> list[tuple]:
 
 
 def rate(p, n) -> str:
+    """A success rate with its binomial standard error over n independent episodes; at 0 or 100 %, where that error
+    vanishes, the exact one-sided 95 % bound instead (all n succeeded: p >= 0.05^(1/n), 94.2 % for n = 50)."""
     if p is None or p != p:
         return "–"
+    if p in (0, 1):
+        bound = 0.05 ** (1 / n)
+        return f"{100 * p:.1f} ({'≥' if p else '≤'} {100 * (bound if p else 1 - bound):.1f} at 95 %)"
     return f"{100 * p:.1f} ± {100 * math.sqrt(p * (1 - p) / n):.1f}"
 
 

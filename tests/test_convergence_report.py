@@ -95,9 +95,7 @@ def test_task_and_branched_ablation_rows(tmp_path):
         assert os.path.getsize(root / png / "learning_curve.png") > 10_000
 
 
-def test_running_time_leaves_out_the_pause_of_a_resumed_run():
-    """Time to X % counts the run's own running time: an iteration logged a day after the row before it (stopped,
-    resumed in a later session) adds its env + policy + update seconds, not the pause."""
+def load_report():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -105,7 +103,24 @@ def test_running_time_leaves_out_the_pause_of_a_resumed_run():
     )
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
+    return report
+
+
+def test_running_time_leaves_out_the_pause_of_a_resumed_run():
+    """Time to X % counts the run's own running time: an iteration logged a day after the row before it (stopped,
+    resumed in a later session) adds its env + policy + update seconds, not the pause."""
+    report = load_report()
     it = {"env_s": 100.0, "policy_s": 2.0, "update_s": 8.0}
     rows = [{"time": T0}, {"time": T0 + 110, **it}, {"time": T0 + 400},  # an evaluation: 290 s, counted
             {"time": T0 + 86_400, **it}, {"time": T0 + 86_510, **it}]  # resumed a day later  # fmt: skip
     assert report.running_seconds(rows) == [0.0, 110.0, 400.0, 510.0, 620.0]
+
+
+def test_a_rate_of_0_or_100_percent_gives_its_one_sided_bound_not_a_zero_error():
+    """The binomial error sqrt(p (1 - p) / n) is 0 at p = 0 or 1, which would claim certainty: there the rate carries
+    the exact one-sided 95 % bound (n successes of n: p >= 0.05^(1/n)); between, the error as before."""
+    rate = load_report().rate
+    assert rate(1.0, 50) == "100.0 (≥ 94.2 at 95 %)"  # 0.05 ** (1 / 50) = 0.9418
+    assert rate(0.0, 200) == "0.0 (≤ 1.5 at 95 %)"  # 1 - 0.05 ** (1 / 200) = 0.0149
+    assert rate(0.5, 200) == "50.0 ± 3.5"
+    assert rate(None, 50) == "–"
