@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from convergence_report import rate  # noqa: E402  (the same rate format on both pages)
+from scripts.convergence_report import rate  # noqa: E402  (the same rate format on both pages)
 
 POLICIES = [("diffusion_bc", "Diffusion, BC start"), ("diffusion_ppo", "Diffusion, PPO"),
             ("gaussian_bc", "Gaussian, BC start"), ("gaussian_ppo", "Gaussian, PPO")]  # fmt: skip
