@@ -484,19 +484,24 @@ def freeze(model, freeze_vision: bool, freeze_vlm: bool) -> None:
         model.model.vlm.vision_tower.requires_grad_(False)
 
 
-def shard(model) -> None:
+def shard(model, device: torch.device) -> None:
     """FSDP2: one unit per transformer layer, the rest in the root unit. The VLM's last layer stays in the root:
     its hidden-state output is unused (only its keys and values reach the expert), so the pre-backward hook that
-    would re-gather a resharded layer never fires, and its key/value projections' backward found freed weights."""
+    would re-gather a resharded layer never fires, and its key/value projections' backward found freed weights.
+    The mesh is built on the training device's type: FSDP's default mesh is CUDA's wherever CUDA exists, which
+    would put a --no-cuda run's ranks on GPUs."""
     import warnings
 
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
 
     # FSDP2 warns that the root returns views (the loss, the logits): harmless here, nothing modifies them in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for layer in [*model.model.vlm.language_model.layers[:-1], *model.model.dit.layers]:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
@@ -608,6 +613,10 @@ if __name__ == "__main__":
         check_args(args, world, distributed)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    gpus, per_node = torch.cuda.device_count() if args.cuda else 0, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if distributed and gpus and per_node > gpus:  # one GPU per process: more would fail deep in NCCL or FSDP
+        sys.exit(f"error: {per_node} processes per node but {gpus} GPU(s) here; launch at most {gpus} per node "
+                 "(torchrun --nproc-per-node) or train on the CPU with --no-cuda.")  # fmt: skip
     if distributed:
         dist.init_process_group("nccl" if args.cuda and torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if distributed else 0
@@ -661,7 +670,7 @@ if __name__ == "__main__":
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     train_model = model
     if distributed and args.fsdp:
-        shard(model)  # parameters become DTensor shards in place
+        shard(model, device)  # parameters become DTensor shards in place
     elif distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None

@@ -156,8 +156,9 @@ def main(args: Args) -> None:
     critic = ppo.Critic(cfg, (256, 256)).to(device)
     N = args.ppo_chunks
     obs = ft_policy.ft.obs_tensors(fake_obs(N, S, rng))
+    obs["time"] = torch.rand(N, generator=torch.Generator().manual_seed(0), device="cpu").to(device)  # critic input
     with torch.no_grad():
-        chains = torch.cat([ft_policy.sample_chain({k: v[i : i + 50] for k, v in obs.items()}, 3.0, 0.1, False)[0]
+        chains = torch.cat([ft_policy.sample_chain({k: v[i : i + 50] for k, v in obs.items()}, 3.0, 0.1)[0]
                             for i in range(0, N, 50)])  # fmt: skip
     batch = {"obs": {k: v.cpu() for k, v in obs.items()}, "chains": chains.cpu(), "advantages": torch.randn(N),
              "returns": torch.randn(N)}  # fmt: skip

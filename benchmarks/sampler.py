@@ -120,14 +120,15 @@ def main(args: Args) -> None:
 
     header = f"{'batch':>5}  {'eager ms':>9}  {'graphed ms':>10}  {'diffusers ms':>12}  {'eager/graphed':>13}  "
     print(header + f"{'diffusers/eager':>15}  {'diffusers/graphed':>17}")
+    mode = "eta0" if args.deterministic else "sample"  # sample: the rollouts' chain, eta = 1 and its std floor
     for B in args.batch_sizes:
         obs_t = make_obs(policy, B, device)
         x = torch.randn(B, cfg["horizon"], le.ACTION_DIM, device=device)
-        eager_ms = timed(lambda: graphed._eager(obs_t, args.deterministic), repeats, device)  # noqa: B023
+        eager_ms = timed(lambda: graphed._eager(obs_t, mode), repeats, device)  # noqa: B023
         diff_ms = timed(lambda: reference(obs_t, x), repeats, device)  # noqa: B023
         graph_ms = None
         if graphed.enabled:
-            graph_ms = timed(lambda: graphed(obs_t, args.deterministic), repeats, device)  # noqa: B023
+            graph_ms = timed(lambda: graphed(obs_t, mode), repeats, device)  # noqa: B023
         g = f"{graph_ms:10.2f}" if graph_ms else f"{'-':>10}"
         r1 = f"{eager_ms / graph_ms:12.2f}x" if graph_ms else f"{'-':>13}"
         r3 = f"{diff_ms / graph_ms:16.2f}x" if graph_ms else f"{'-':>17}"
@@ -135,7 +136,7 @@ def main(args: Args) -> None:
         if args.deterministic:  # same x_K in all three: the chains must agree
             torch.manual_seed(B)
             with torch.no_grad():
-                _, eager_a = graphed._eager(obs_t, True)
+                _, eager_a = graphed._eager(obs_t, mode)
             torch.manual_seed(B)
             clip = ppo_args.noise_clip
             x_K = torch.randn(B, cfg["horizon"], le.ACTION_DIM, device=device).clamp(-clip, clip)

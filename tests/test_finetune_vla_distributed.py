@@ -4,6 +4,7 @@
 A tiny randomly initialised pi0 (the script's --config-only tiny) trains for a few steps on a small trajectory file.
 """
 
+import math
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import finetune_vla as fv
 STEPS = 12
 COMMON = (
     "--config-only tiny --image-size 32 --batch-size 4 --num-workers 0 --lr 1e-3 --lr-min 1e-4 --warmup-steps 2 "
-    "--log-every 1 --save-every 2 --ema-decay 0.9"
+    "--log-every 1 --save-every 2 --ema-decay 0.9 --no-cuda"  # the gloo CPU ranks this module is about, on any node
 ).split()
 
 
@@ -165,3 +166,26 @@ def test_freeze_flags_survive_a_resume_and_other_flags_are_refused(data, tmp_pat
     assert proc.returncode != 0
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert "--freeze-vision" in proc.stderr
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_node_one_nccl_rank_per_gpu_trains_and_more_ranks_are_refused(data, tmp_path):
+    """The CUDA path (NCCL, bf16 autocast): as many ranks as GPUs train and write their checkpoint; one rank more
+    than there are GPUs is refused in one sentence before any work (it used to fail deep in NCCL or FSDP)."""
+    gpus = torch.cuda.device_count()
+    on_gpu = [c for c in COMMON if c != "--no-cuda"]
+
+    def run(nproc, root):
+        cmd = [*torchrun(nproc), "finetune_vla.py", *on_gpu, "--data", str(data), "--run-root", str(root),
+               "--total-steps", "4"]  # fmt: skip
+        return subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=600)
+
+    over = run(gpus + 1, tmp_path / "over")
+    assert over.returncode != 0
+    assert f"error: {gpus + 1} processes per node but {gpus} GPU(s) here" in over.stderr, over.stderr[-3000:]
+    # torchrun prints its own traceback for a failed child; the script itself must stop without one
+    assert 'finetune_vla.py", line' not in over.stderr and not (tmp_path / "over" / "finetune_vla").exists()
+    ok = run(gpus, tmp_path / "ok")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert sorted(losses(tmp_path / "ok")) == [1, 2, 3, 4] and all(map(math.isfinite, losses(tmp_path / "ok").values()))
+    assert (ckpt(tmp_path / "ok") / "model" / "model.safetensors").exists()
