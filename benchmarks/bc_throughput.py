@@ -156,7 +156,7 @@ def main(args: Args) -> None:
     critic = ppo.Critic(cfg, (256, 256)).to(device)
     N = args.ppo_chunks
     obs = ft_policy.ft.obs_tensors(fake_obs(N, S, rng))
-    obs["time"] = torch.rand(N, generator=torch.Generator().manual_seed(0), device="cpu").to(device)  # critic input
+    obs["time"] = torch.rand(N, generator=torch.Generator().manual_seed(0)).to(device)  # the critic sees t / limit
     with torch.no_grad():
         chains = torch.cat([ft_policy.sample_chain({k: v[i : i + 50] for k, v in obs.items()}, 3.0, 0.1)[0]
                             for i in range(0, N, 50)])  # fmt: skip
