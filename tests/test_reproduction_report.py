@@ -9,6 +9,7 @@ import os
 from helpers import ROOT, run_script
 
 TASKS = ("libero_object_task00", "libero_object_task01")
+STUDY = ["--tasks", "libero_object:0", "libero_object:1"]  # the study's tasks: the two above
 TEACHER = {"libero_object_task00": 95, "libero_object_task01": 80}  # diffusion PPO successes of 100; task01 < 90 %
 STUDENTS = {"diffusion_rl": 90, "gaussian_rl": 50, "scripted_dart": 88, "scripted": 70}  # per task, of 100
 QUALITY = {  # per source, the same on both tasks: (length mean, std), (jerk mean, std), (consistency, its SE)
@@ -29,6 +30,15 @@ def write_eval(results, tag, key, successes, n=100, length=100):
 
 
 SMOOTH = {"boundary": 0.02, "within": 0.004, "ratio": 5.0, "largest_at_boundary": 30, "trajectories": 50}
+
+
+def report(study, out, *extra, results=None):
+    """Run the report on a study tree made by make_study (its two tasks are the study's unless extra names others)."""
+    results = results or os.path.join(study, "results")
+    tasks = [] if "--tasks" in extra else STUDY
+    return run_script(["scripts/reproduction_report.py", "--results", results, "--study-root", study,
+                       "--convergence-root", os.path.join(study, "convergence_export"), "--out", out, *tasks, *extra],
+                      cwd=ROOT)  # fmt: skip
 
 
 def make_study(root):
@@ -72,8 +82,7 @@ def make_study(root):
 def test_tables_marks_and_claims_of_a_synthetic_two_task_study(tmp_path):
     study, out = str(tmp_path / "study"), str(tmp_path / "docs")
     make_study(study)
-    run_script(["scripts/reproduction_report.py", "--results", os.path.join(study, "results"), "--study-root", study,
-                "--convergence-root", os.path.join(study, "convergence_export"), "--out", out], cwd=ROOT)  # fmt: skip
+    report(study, out)
     text = open(os.path.join(out, "reproduction.md")).read()
     assert "**Status: 2 of 2 tasks complete**" in text
     # each task's budget, wall time and command; the curves were drawn from the recipe layout's metrics
@@ -131,8 +140,7 @@ def test_a_student_claim_that_does_not_hold_names_teachers_and_transfer(tmp_path
     make_study(study)
     for key in TASKS:  # the Gaussian-RL students now beat the diffusion-RL ones on both tasks
         write_eval(os.path.join(study, "results"), "student_gaussian_rl", key, 95)
-    run_script(["scripts/reproduction_report.py", "--results", os.path.join(study, "results"), "--study-root", study,
-                "--convergence-root", os.path.join(study, "convergence_export"), "--out", out], cwd=ROOT)  # fmt: skip
+    report(study, out)
     claims = open(os.path.join(out, "reproduction.md")).read().split("## Claims")[1].split("## Why")[0]
     row = next(line for line in claims.splitlines() if "better student than Gaussian" in line)
     # teachers pooled over both tasks: diffusion (95 + 80) / 200, Gaussian 60 / 100 twice; students 90 % and 95 %:
@@ -144,6 +152,33 @@ def test_a_student_claim_that_does_not_hold_names_teachers_and_transfer(tmp_path
     )
 
 
+def test_a_task_beyond_the_study_is_reported_marked_and_not_pooled_and_a_study_task_without_results_shows(tmp_path):
+    study, out = str(tmp_path / "study"), str(tmp_path / "docs")
+    make_study(study)
+    results = os.path.join(study, "results")
+    for tag, k in {"diffusion_bc": 30, "diffusion_ppo": 60, "gaussian_bc": 40, "gaussian_ppo": 60}.items():
+        write_eval(results, tag, "libero_goal_task01", k)  # a task tried beside the study's: every policy, no students
+    write_eval(results, "student_diffusion_rl", "libero_goal_task01", 10)
+    report(study, out, "--tasks", "libero_object:0", "libero_object:1", "libero_goal:6")
+    text = open(os.path.join(out, "reproduction.md")).read()
+    # two of the three study tasks are complete; the third has a section of dashes; the task beyond them is named
+    assert "**Status: 2 of 3 tasks complete** (libero_object_task00, libero_object_task01)" in text
+    assert "Also reported, not pooled (not one of the study's tasks §): libero_goal_task01." in text
+    goal6 = text.split("## libero_goal 6")[1].split("## libero_object 0")[0]
+    assert "| Diffusion, PPO | – |" in goal6 and "Learning curves: none yet" in goal6
+    goal1 = text.split("## libero_goal 1")[1].split("## libero_goal 6")[0]
+    assert "Not one of the study's tasks (`--tasks`): § its results are reported here" in goal1
+    assert "| Diffusion, PPO | 60.0 ± 4.9 (60/100) |" in goal1 and "**Teacher below 90 %**" in goal1
+    table = text.split("## Students")[1].split("## Claims")[0]
+    header = "| training data | libero_goal_task01 ‡ § | libero_goal_task06 | libero_object_task00 |"
+    assert header + " libero_object_task01 ‡ | average |" in table
+    assert "§: not one of the study's tasks; not in the average." in table
+    # its student (10 %) is shown but the average is the two study tasks' alone, as are the claims
+    students = "| 10.0 ± 3.0 (10/100) | – | 90.0 ± 3.0 (90/100) | 90.0 ± 3.0 (90/100) | 90.0 ± 2.1 (180/200) |"
+    assert f"| diffusion RL {students}" in table
+    assert "90.0 % vs 50.0 %, difference +40.0 ± 4.1 points" in text.split("## Claims")[1]
+
+
 def test_no_results_is_a_one_sentence_error_that_keeps_the_page(tmp_path):
     out = tmp_path / "docs"
     out.mkdir()
@@ -153,6 +188,10 @@ def test_no_results_is_a_one_sentence_error_that_keeps_the_page(tmp_path):
     assert result.returncode == 1
     assert f"error: no study results under {tmp_path / 'none'}; run scripts/reproduce_cpu.sh first" in result.stderr
     assert (out / "reproduction.md").read_text() == "the earlier study"
+    result = run_script(["scripts/reproduction_report.py", "--out", str(out), "--tasks", "libero_goal"], cwd=ROOT,
+                        check=False)  # fmt: skip
+    assert result.returncode == 1
+    assert "error: --tasks takes suite:id pairs (e.g. libero_goal:6), not 'libero_goal'." in result.stderr
 
 
 def test_a_noise_free_policys_repeated_episodes_count_once_in_its_standard_error(tmp_path):
@@ -168,8 +207,7 @@ def test_a_noise_free_policys_repeated_episodes_count_once_in_its_standard_error
                         for i in range(50)]  # fmt: skip
             with open(path, "w") as f:
                 json.dump({"tag": tag, "episodes": episodes, "success_rate": 0.9}, f)
-    run_script(["scripts/reproduction_report.py", "--results", results, "--study-root", study,
-                "--convergence-root", os.path.join(study, "convergence_export"), "--out", out], cwd=ROOT)  # fmt: skip
+    report(study, out)
     text = open(os.path.join(out, "reproduction.md")).read()
     task0 = text.split("## libero_object 0")[1].split("## libero_object 1")[0]
     # identical repeats: the error over the 50 init states, sqrt(.9 * .1 / 50) = 4.2 points, and the note
@@ -194,7 +232,7 @@ def test_a_class_not_yet_evaluated_by_the_study_shows_no_wall_time_from_an_earli
     with open(os.path.join(earlier, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"step": 0, "env_steps": 0, "eval/success_rate": 0.3}) + "\n")
     cmd = ["scripts/reproduction_report.py", "--results", os.path.join(study, "results"), "--study-root", study,
-           "--convergence-root", os.path.join(study, "convergence_export"), "--out", out]  # fmt: skip
+           "--convergence-root", os.path.join(study, "convergence_export"), "--out", out, *STUDY]  # fmt: skip
     run_script(cmd, cwd=ROOT)
     task0 = open(os.path.join(out, "reproduction.md")).read().split("## libero_object 1")[0]
     assert "Wall time: diffusion PPO 1.5 h, gaussian PPO 2.0 h." in task0  # the study evaluated its final policy
