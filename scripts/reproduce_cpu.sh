@@ -4,7 +4,7 @@
 #
 #   bash scripts/reproduce_cpu.sh                      # the four default tasks, one after the other
 #   bash scripts/reproduce_cpu.sh libero_object:0      # one task (suite:local id)
-#   SOURCES="diffusion_rl" bash scripts/reproduce_cpu.sh libero_goal:6   # one source of a task (one session's work)
+#   SOURCES="diffusion_rl" bash scripts/reproduce_cpu.sh libero_goal:7   # one source of a task (one session's work)
 #
 # Each task is four sources, each run to its end before the next starts: the DART demos (the human stand-in) and the
 # clean scripted expert, then each RL class: its teacher (scripts/convergence.sh: the converged recipe, 16 envs x 140
@@ -43,7 +43,7 @@ STUDENT_DEMOS=${STUDENT_DEMOS:-50}   # trajectories per source for the downstrea
 FAST_EVAL=${FAST_EVAL:-1}            # 1: evaluate on libero_env's fast step (same success and length as stock)
 SOURCES=${SOURCES:-"scripted_dart scripted diffusion_rl gaussian_rl"}  # which sources of each task to run
 TASKS=("$@")
-[ ${#TASKS[@]} -gt 0 ] || TASKS=(libero_object:0 libero_object:1 libero_spatial:0 libero_goal:6)  # reproduction_report.py STUDY_TASKS
+[ ${#TASKS[@]} -gt 0 ] || TASKS=(libero_object:0 libero_object:1 libero_spatial:0 libero_goal:7)  # reproduction_report.py STUDY_TASKS
 for s in $SOURCES; do  # bad input stops the study before any work
   case $s in scripted_dart | scripted | diffusion_rl | gaussian_rl) ;; *)
     echo "error: unknown source '$s' in SOURCES; use scripted_dart, scripted, diffusion_rl or gaussian_rl." >&2

@@ -35,7 +35,7 @@ COLORS = {"scripted_dart": "tab:gray", "scripted": "tab:green", "diffusion_rl": 
 TEACHER_MIN = 0.90  # a diffusion teacher below this success is reported as such and its task's students are marked
 WEAK = " ‡"  # the mark
 EXTRA = " §"  # a task with results that is not one of the study's (--tasks): reported, not pooled
-STUDY_TASKS = ["libero_object:0", "libero_object:1", "libero_spatial:0", "libero_goal:6"]  # reproduce_cpu.sh's default
+STUDY_TASKS = ["libero_object:0", "libero_object:1", "libero_spatial:0", "libero_goal:7"]  # reproduce_cpu.sh's default
 REPEATS = " †"  # a rate whose episodes repeat each init state's: its standard error is over the init states
 REPEATS_NOTE = (
     "†: each init state's episodes are identical across the evaluation seeds (a noise-free policy on the "
