@@ -325,14 +325,19 @@ def main() -> None:
                     for alg in ("diffusion", "gaussian")}  # fmt: skip
         if b:
             run_args = os.path.join(ppo_dirs["diffusion"], "args.json")  # the batch the teacher ran with
-            run_args = json.load(open(run_args)) if os.path.exists(run_args) else {"num_envs": 2, "num_steps": 105}
-            iters, envs, chunks = int(b["PPO_ITERS"]), run_args["num_envs"], run_args["num_steps"]
+            iters = int(b["PPO_ITERS"])
+            if os.path.exists(run_args):
+                run_args = json.load(open(run_args))
+                envs, chunks = run_args["num_envs"], run_args["num_steps"]
+                batch = f"x {envs} envs x {chunks} chunks x 8 actions = {iters * envs * chunks * 8:,} env steps"
+            else:  # no teacher started yet: its batch is not known here
+                batch = "(the batch is read from the teacher's run once it has started)"
             seeds = b["EVAL_SEEDS"].strip('"').split()
             walls = {alg: wall_hours(d) for alg, d in ppo_dirs.items() if alg in studied}
             wall = ", ".join(f"{alg} PPO {h:.1f} h" for alg, h in walls.items() if h is not None) or "not recorded"
             lines += [f"Budget: {b['DEMOS']} demos per source (BC starts on the first 10 DART demos), "
-                      f"{b['BC_STEPS']} BC steps, PPO {iters} iterations x {envs} envs x {chunks} chunks x 8 actions "
-                      f"= {iters * envs * chunks * 8:,} env steps per policy class, evaluation {len(seeds)} seeds x "
+                      f"{b['BC_STEPS']} BC steps, PPO {iters} iterations {batch} per policy class, evaluation "
+                      f"{len(seeds)} seeds x "
                       f"{b['EVAL_EPISODES']} init states, students on {b['STUDENT_DEMOS']} trajectories. Wall time: "
                       f"{wall}. Command: `PPO_ITERS={iters} EVAL_SEEDS=\"{' '.join(seeds)}\" bash "
                       f"scripts/reproduce_cpu.sh {suite}:{int(nn)}`."]  # fmt: skip

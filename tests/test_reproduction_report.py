@@ -159,6 +159,8 @@ def test_a_task_beyond_the_study_is_reported_marked_and_not_pooled_and_a_study_t
     for tag, k in {"diffusion_bc": 30, "diffusion_ppo": 60, "gaussian_bc": 40, "gaussian_ppo": 60}.items():
         write_eval(results, tag, "libero_goal_task01", k)  # a task tried beside the study's: every policy, no students
     write_eval(results, "student_diffusion_rl", "libero_goal_task01", 10)
+    with open(os.path.join(results, "budget", "libero_goal_task06.env"), "w") as f:  # started, no teacher run yet
+        f.write('DEMOS=50\nBC_STEPS=8000\nPPO_ITERS=83\nEVAL_SEEDS="0"\nEVAL_EPISODES=100\nSTUDENT_DEMOS=50\n')
     report(study, out, "--tasks", "libero_object:0", "libero_object:1", "libero_goal:6")
     text = open(os.path.join(out, "reproduction.md")).read()
     # two of the three study tasks are complete; the third has a section of dashes; the task beyond them is named
@@ -166,6 +168,7 @@ def test_a_task_beyond_the_study_is_reported_marked_and_not_pooled_and_a_study_t
     assert "Also reported, not pooled (not one of the study's tasks §): libero_goal_task01." in text
     goal6 = text.split("## libero_goal 6")[1].split("## libero_object 0")[0]
     assert "| Diffusion, PPO | – |" in goal6 and "Learning curves: none yet" in goal6
+    assert "PPO 83 iterations (the batch is read from the teacher's run once it has started) per policy class" in goal6
     goal1 = text.split("## libero_goal 1")[1].split("## libero_goal 6")[0]
     assert "Not one of the study's tasks (`--tasks`): § its results are reported here" in goal1
     assert "| Diffusion, PPO | 60.0 ± 4.9 (60/100) |" in goal1 and "**Teacher below 90 %**" in goal1
