@@ -32,10 +32,10 @@ def write_eval(results, tag, key, successes, n=100, length=100):
 SMOOTH = {"boundary": 0.02, "within": 0.004, "ratio": 5.0, "largest_at_boundary": 30, "trajectories": 50}
 
 
-def report(study, out, *extra, results=None):
+def report(study, out, *extra):
     """Run the report on a study tree made by make_study (its two tasks are the study's unless extra names others)."""
-    results = results or os.path.join(study, "results")
     tasks = [] if "--tasks" in extra else STUDY
+    results = os.path.join(study, "results")
     return run_script(["scripts/reproduction_report.py", "--results", results, "--study-root", study,
                        "--convergence-root", os.path.join(study, "convergence_export"), "--out", out, *tasks, *extra],
                       cwd=ROOT)  # fmt: skip
@@ -234,14 +234,12 @@ def test_a_class_not_yet_evaluated_by_the_study_shows_no_wall_time_from_an_earli
         f.write("7200\n")
     with open(os.path.join(earlier, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"step": 0, "env_steps": 0, "eval/success_rate": 0.3}) + "\n")
-    cmd = ["scripts/reproduction_report.py", "--results", os.path.join(study, "results"), "--study-root", study,
-           "--convergence-root", os.path.join(study, "convergence_export"), "--out", out, *STUDY]  # fmt: skip
-    run_script(cmd, cwd=ROOT)
+    report(study, out)
     task0 = open(os.path.join(out, "reproduction.md")).read().split("## libero_object 1")[0]
     assert "Wall time: diffusion PPO 1.5 h, gaussian PPO 2.0 h." in task0  # the study evaluated its final policy
     for seed_dir in os.listdir(os.path.join(study, "results", "eval")):  # not yet: the run found is not the study's
         if seed_dir.startswith("gaussian_ppo"):
             os.remove(os.path.join(study, "results", "eval", seed_dir, "libero_object", "task00.json"))
-    run_script(cmd, cwd=ROOT)
+    report(study, out)
     task0 = open(os.path.join(out, "reproduction.md")).read().split("## libero_object 1")[0]
     assert "Wall time: diffusion PPO 1.5 h." in task0 and "| Gaussian, PPO | – |" in task0
