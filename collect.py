@@ -299,7 +299,7 @@ if __name__ == "__main__":
     print(f"policy: {args.policy}  ->  {out_path if args.save else '(not saved)'}")
 
     # ALGO LOGIC: resume or start clean
-    writer, first_episode, attempts, successes = None, 0, 0, 0
+    writer, first_episode, attempts, successes, succeeded = None, 0, 0, 0, 0
     if args.save:
         if args.resume == "auto" and os.path.exists(out_path):
             with demo_hdf5.DemoFile(out_path) as existing:
@@ -312,6 +312,7 @@ if __name__ == "__main__":
         if writer.resumed_demos:
             successes = writer.resumed_demos
             attempts = max(int(writer.file_attrs.get("num_attempts", successes)), successes)
+            succeeded = max(int(writer.file_attrs.get("num_successful", successes)), successes)
             first_episode = int(writer.file_attrs.get("next_episode", attempts))
             print(f"continuing a killed run from {writer.partial}: {successes} demos kept, {attempts} episodes run")
         else:
@@ -333,7 +334,8 @@ if __name__ == "__main__":
         policy = scripted_expert.ScriptedPolicy(steps, scene, args.scripted_noise, args.seed)
     replan = args.replan_steps or policy.replan_steps
     bar = tqdm(total=args.num_success, initial=successes, desc="successes", unit="demo")
-    state = {"attempts": attempts, "successes": successes, "started": first_episode}
+    # successes: demos kept; succeeded: every successful episode, also those still running when the last demo was kept
+    state = {"attempts": attempts, "successes": successes, "succeeded": succeeded, "started": first_episode}
 
     def episodes():
         e = first_episode
@@ -344,6 +346,7 @@ if __name__ == "__main__":
 
     def on_episode_end(result: le.EpisodeResult) -> None:
         state["attempts"] += 1
+        state["succeeded"] += int(result.success)
         keep = result.success and state["successes"] < args.num_success
         if keep:
             state["successes"] += 1
@@ -351,7 +354,9 @@ if __name__ == "__main__":
         if writer is not None:
             # progress counters first: add_demo flushes them together with the demo, so a run killed right after
             # never resumes with fewer attempts than demos or re-runs the episode it just kept
-            writer.set_attrs(num_attempts=state["attempts"], next_episode=state["started"])
+            writer.set_attrs(
+                num_attempts=state["attempts"], num_successful=state["succeeded"], next_episode=state["started"]
+            )
             if keep:
                 if args.scripted_noise and args.scripted_label == "expert" and hasattr(policy, "expert_labels"):
                     labels = policy.expert_labels(result.episode)
@@ -363,7 +368,7 @@ if __name__ == "__main__":
                 writer.add_demo(**episode_arrays(result.steps), attrs=attrs)
         if hasattr(policy, "by_episode"):
             policy.by_episode.pop(result.episode, None)
-        bar.set_postfix(attempts=state["attempts"], rate=f"{state['successes'] / state['attempts']:.2f}")
+        bar.set_postfix(attempts=state["attempts"], rate=f"{state['succeeded'] / state['attempts']:.2f}")
         result.steps.clear()  # recorded images are large; keep only what was written
 
     start = time.time()
@@ -382,8 +387,11 @@ if __name__ == "__main__":
     finally:
         bar.close()
         venv.close()
-    rate = state["successes"] / max(state["attempts"], 1)
-    print(f"success rate {rate:.3f} ({state['successes']}/{state['attempts']} episodes) in {time.time() - start:.0f} s")
+    rate = state["succeeded"] / max(state["attempts"], 1)
+    print(
+        f"success rate {rate:.3f} ({state['succeeded']}/{state['attempts']} episodes, {state['successes']} kept) "
+        f"in {time.time() - start:.0f} s"
+    )
     if writer is not None:
         if state["successes"] >= args.num_success:
             writer.commit({"num_attempts": state["attempts"], "success_rate": rate})

@@ -171,6 +171,22 @@ def test_collect_rolls_out_a_bc_diffusion_checkpoint_found_by_convention(tmp_pat
                 "--total-steps", "3", "--batch-size", "4", "--eval-episodes", "0"], cwd=ROOT)  # fmt: skip
     cli = "collect.py --policy diffusion --ckpt-phase bc --obs-mode state --no-save --max-episodes 2 --num-envs 2"
     out = run_script([*cli.split(), "--run-root", runs], cwd=ROOT).stdout
-    assert "success rate 0.000 (0/2 episodes)" in out  # an untrained policy; the point is the plumbing
+    assert "success rate 0.000 (0/2 episodes, 0 kept)" in out  # an untrained policy; the point is the plumbing
     missing = run_script([*cli.split(), "--run-root", str(tmp_path / "none")], cwd=ROOT, check=False)
     assert missing.returncode != 0 and "error: No checkpoint at" in missing.stderr
+
+
+@pytest.mark.sim
+def test_the_success_rate_counts_the_episodes_still_running_when_the_last_demo_is_kept(tmp_path):
+    """Two envs, one demo wanted: both first episodes run to their end (init states 0 and 1, which the scripted expert
+    solves: 50/50 on this task), one is kept, and the rate is 2/2, not 1/2."""
+    out = run_script(
+        "collect.py --policy scripted --suite libero_object --task-id 0 --num-success 1 --num-envs 2".split()
+        + ["--obs-mode", "state", "--data-root", str(tmp_path)],
+        cwd=ROOT,
+    ).stdout
+    path = demo_hdf5.demo_path(str(tmp_path), "scripted", "libero_object", le.resolve_task("libero_object", 0).name)
+    with demo_hdf5.DemoFile(path) as f:
+        assert len(f) == 1 and f.attrs["num_attempts"] == 2 and f.attrs["num_successful"] == 2
+        assert abs(f.attrs["success_rate"] - 1.0) < 1e-9
+    assert "success rate 1.000 (2/2 episodes, 1 kept)" in out
