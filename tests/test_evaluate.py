@@ -90,7 +90,7 @@ def test_protocol_assignment_is_independent_of_workers_and_matches_collect(tmp_p
     out = run_script("collect.py --policy scripted --suite libero_spatial --task-id 4 --num-success 4 --max-episodes 4"
                      " --obs-mode state --no-save --num-envs 2".split(), cwd=ROOT).stdout  # fmt: skip
     successes = sum(e["success"] for e in reports[0]["episodes"])
-    assert f"success rate {successes / 4:.3f} ({successes}/4 episodes)" in out
+    assert f"success rate {successes / 4:.3f} ({successes}/4 episodes, {successes} kept)" in out
 
 
 @pytest.mark.sim
