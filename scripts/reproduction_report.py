@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 
 import matplotlib
 
@@ -135,8 +136,8 @@ def learning_curves(runs: dict, out_png: str, title: str) -> None:
             ax.plot(xs, smooth, "-", color=color, alpha=0.5, label=f"{name}: rollout success (running mean of 10)")
     ax.set_xlabel("env steps")
     ax.set_ylabel("success rate")
-    ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=9)
+    ax.set_ylim(-0.02, 1.02)  # markers at 0 and 100 % drawn whole
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)  # long task instructions wrap instead of running off the figure
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
