@@ -50,6 +50,19 @@ for s in $SOURCES; do  # bad input stops the study before any work
     exit 2 ;;
   esac
 done
+budget_text() {  # the budget a task's study runs with, as its RESULTS/budget file records it
+  printf 'DEMOS=%s\nBC_STEPS=%s\nPPO_ITERS=%s\nEVAL_SEEDS="%s"\nEVAL_EPISODES=%s\nMAX_EPISODES=%s\nSTUDENT_DEMOS=%s\n' \
+    "$DEMOS" "$BC_STEPS" "$PPO_ITERS" "$EVAL_SEEDS" "$EVAL_EPISODES" "$MAX_EPISODES" "$STUDENT_DEMOS"
+  printf 'GAUSSIAN_LR=%s\nEVAL_MODE=%s\n' "$GAUSSIAN_LR" "$EVAL_MODE"
+}
+for spec in "${TASKS[@]}"; do  # a task started with another budget is not continued with this one (mixed sources)
+  budget="$E/budget/${spec%%:*}_task$(printf %02d "${spec##*:}").env"
+  if [ -f "$budget" ] && [ "$(cat "$budget")" != "$(budget_text)" ]; then
+    echo "error: $spec's study started with another budget ($budget: $(tr '\n' ' ' <"$budget")); rerun with that" \
+      "budget, or move the task's results in $E aside to start it again." >&2
+    exit 2
+  fi
+done
 D=$ROOT/data R=$ROOT/runs
 export PYTHONUNBUFFERED=1
 fast_eval=""
@@ -94,13 +107,8 @@ for spec in "${TASKS[@]}"; do
   name=$($PY -c "import libero_env as le; print(le.resolve_task('$suite', $id).name)" 2>/dev/null | tail -1)
   file() { echo "$D/$1/$suite/${name}_demo.hdf5"; }
   step "$suite $id: $name"
-  budget="$E/budget/${suite}_task$nn.env"  # the budget this task's study started with (kept on resume)
-  if [ ! -f "$budget" ]; then
-    mkdir -p "$E/budget"
-    printf 'DEMOS=%s\nBC_STEPS=%s\nPPO_ITERS=%s\nEVAL_SEEDS="%s"\nEVAL_EPISODES=%s\nMAX_EPISODES=%s\nSTUDENT_DEMOS=%s\n' \
-      "$DEMOS" "$BC_STEPS" "$PPO_ITERS" "$EVAL_SEEDS" "$EVAL_EPISODES" "$MAX_EPISODES" "$STUDENT_DEMOS" >"$budget"
-    printf 'GAUSSIAN_LR=%s\nEVAL_MODE=%s\n' "$GAUSSIAN_LR" "$EVAL_MODE" >>"$budget"
-  fi
+  budget="$E/budget/${suite}_task$nn.env"  # the budget this task's study started with (checked above on resume)
+  [ -f "$budget" ] || { mkdir -p "$E/budget" && budget_text >"$budget"; }
 
   for s in $SOURCES; do
     case $s in

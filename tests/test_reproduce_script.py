@@ -18,8 +18,8 @@ TINY = dict(DEMOS="3", BC_STEPS="20", PPO_ITERS="1", EVAL_SEEDS="0", EVAL_EPISOD
             RECIPE="--num-envs 2 --num-steps 4 --minibatch-size 10 --critic-warmup-iters 0")  # fmt: skip
 
 
-def run_study(tmp_path, sources, expect_rc=0):
-    env = {**TINY, "STUDY_ROOT": str(tmp_path / "study"), "TEACHERS": str(tmp_path / "teachers"),
+def run_study(tmp_path, sources, expect_rc=0, **budget):
+    env = {**TINY, **budget, "STUDY_ROOT": str(tmp_path / "study"), "TEACHERS": str(tmp_path / "teachers"),
            "RESULTS": str(tmp_path / "results"), "SOURCES": sources, "PY": sys.executable,
            "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}  # fmt: skip
     out = subprocess.run(["bash", "scripts/reproduce_cpu.sh", "libero_object:0"], cwd=ROOT, capture_output=True,
@@ -58,3 +58,7 @@ def test_sources_write_their_results_and_a_new_machine_skips_what_is_done(tmp_pa
     # bad input stops before any work
     bad = run_study(tmp_path, "scripted_dart human", expect_rc=2)
     assert "error: unknown source 'human' in SOURCES" in bad
+    # a task is not continued at another budget than the one it started with (its sources would not compare)
+    other = run_study(tmp_path, "scripted_dart gaussian_rl", expect_rc=2, PPO_ITERS="2")
+    assert "error: libero_object:0's study started with another budget" in other and "PPO_ITERS=1 " in other
+    assert "===" not in other and "PPO_ITERS=1\n" in (results / "budget" / "libero_object_task00.env").read_text()
