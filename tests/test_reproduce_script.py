@@ -62,3 +62,27 @@ def test_sources_write_their_results_and_a_new_machine_skips_what_is_done(tmp_pa
     other = run_study(tmp_path, "scripted_dart gaussian_rl", expect_rc=2, PPO_ITERS="2")
     assert "error: libero_object:0's study started with another budget" in other and "PPO_ITERS=1 " in other
     assert "===" not in other and "PPO_ITERS=1\n" in (results / "budget" / "libero_object_task00.env").read_text()
+
+
+def test_the_default_command_continues_every_committed_task_at_its_recorded_budget(tmp_path):
+    """The committed results/budget/ files are what the default command runs with (83 PPO iterations, 120 on
+    LIBERO-Spatial 0): with no budget variable set, every study task is continued (its finished source is skipped)
+    rather than refused, and overriding a task's recorded budget is refused before any work."""
+    budgets = ("DEMOS", "BC_STEPS", "PPO_ITERS", "EVAL_SEEDS", "EVAL_EPISODES", "MAX_EPISODES", "STUDENT_DEMOS",
+               "GAUSSIAN_LR", "EVAL_MODE")  # fmt: skip
+    env = {k: v for k, v in script_env().items() if k not in budgets}
+    env.update(SOURCES="scripted_dart", STUDY_ROOT=str(tmp_path / "study"), TEACHERS=str(tmp_path / "teachers"),
+               PY=sys.executable)  # fmt: skip
+    out = subprocess.run(["bash", "scripts/reproduce_cpu.sh"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=env)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for task in ("libero_object 0", "libero_object 1", "libero_spatial 0", "libero_goal 7"):
+        assert f"{task}: scripted_dart already done" in out.stdout
+    assert not (tmp_path / "study").exists() and not (tmp_path / "teachers").exists()  # no work done
+    with open(os.path.join(ROOT, "docs", "reproduction", "results", "budget", "libero_spatial_task00.env")) as f:
+        assert "PPO_ITERS=120\n" in f.read()
+    env["PPO_ITERS"] = "83"
+    out = subprocess.run(["bash", "scripts/reproduce_cpu.sh", "libero_spatial:0"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=env)  # fmt: skip
+    assert out.returncode == 2 and "error: libero_spatial:0's study started with another budget" in out.stderr
+    assert "===" not in out.stdout
