@@ -50,12 +50,10 @@ RECIPE=${RECIPE:-"--num-envs 16 --num-steps 140 --actor-lr 1e-4 --constant-lr --
 bc_recipe="--obs-mode state --denoiser mlp --batch-size 256 --lr 3e-4 --total-steps $BC_STEPS --eval-episodes 0"
 step() { echo "=== [$(date +%H:%M:%S)] $*"; }
 
-# Wall time of each PPO invocation, one line per (resumed) invocation in the run's wall_s.txt: written when the run
-# returns and also when this script is stopped or killed part-way (kill -TERM pre-empts the PPO script at the end of
-# its iteration), so a run resumed over several sessions still adds up its whole wall time.
-wall_file="" wall_start=0
-timed_start() { wall_file=$1 wall_start=$(date +%s); }
-timed_end() { [ -z "$wall_file" ] || echo "$(( $(date +%s) - wall_start ))" >>"$wall_file"; wall_file=""; }
+# Wall time of each PPO invocation, one line per (resumed) invocation in the run's wall_s.txt, kept up to date while
+# it runs (scripts/wall_time.sh), so a run resumed over several sessions, or killed at a session's end, still adds up
+# its whole wall time.
+source scripts/wall_time.sh
 trap timed_end EXIT
 
 export_run() {  # export_run RUN_DIR DEST: the small artefacts of a run, for the report (none when EXPORT is "")
