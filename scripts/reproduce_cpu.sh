@@ -34,9 +34,9 @@ TEACHERS=${TEACHERS:-convergence}    # convergence.sh's root: BC starts and PPO 
 E=${RESULTS:-docs/reproduction/results}  # the small results, committed
 DEMOS=${DEMOS:-50}                   # demonstrations per source (DART and clean scripted) and RL trajectories
 BC_STEPS=${BC_STEPS:-8000}           # BC gradient steps (batch 256) of the students (the BC starts: convergence.sh's 8000)
-PPO_ITERS=${PPO_ITERS:-}             # PPO iterations of 16 envs x 140 chunks (x 8 actions), each 17,920 env steps:
-task_iters() {  # ...by default 83 (1.49M env steps), 120 (2.15M) on LIBERO-Spatial 0, where three runs of the recipe
-  # ended at 89.5, ~90 and 77.5 % at 83 (docs/convergence/findings.md); PPO_ITERS sets every task's
+PPO_ITERS=${PPO_ITERS:-}             # PPO iterations of every task (16 envs x 140 chunks x 8 actions: 17,920 env steps)
+task_iters() {  # PPO_ITERS unset: 83 (1.49M env steps), and 120 (2.15M) on LIBERO-Spatial 0, where three runs of the
+  # recipe ended at 89.5, ~90 and 77.5 % at 83 (docs/convergence/findings.md)
   if [ -n "$PPO_ITERS" ]; then echo "$PPO_ITERS"; elif [ "$1" = libero_spatial:0 ]; then echo 120; else echo 83; fi
 }
 GAUSSIAN_LR=${GAUSSIAN_LR:-1e-4}     # the Gaussian's actor LR (tuned as the diffusion recipe's: docs/convergence.md)
