@@ -2,7 +2,8 @@
 data quality, its BC student and the student's evaluation) and an RL source (the Gaussian teacher through
 convergence.sh, its BC start and final policy evaluated, its collection attempted), the small results written to
 RESULTS, and a rerun on a "new machine" (checkpoints and HDF5 gone, RESULTS kept) that finds a finished source
-there and does no work for it."""
+there and does no work for it; and, without the simulator, the default command against the committed results (every
+study task continued at the budget its results record)."""
 
 import json
 import os
