@@ -1,6 +1,8 @@
 """collect.py — phase 3: roll out a policy in parallel LIBERO environments and keep successful trajectories.
 
-Episodes cycle through the task's 50 fixed init states (episode e starts from init state e % 50). Every step
+Episode e starts (env seed ``seed + e``) from a layout LIBERO's placement initializer samples from that seed
+(``--layouts sampled``, the default: the protocol's 50 fixed init states stay held out for evaluation), or with
+``--layouts protocol`` from init state e % 50; the file records which (root attribute ``layouts``). Every step
 records the observation the action was chosen from (both cameras, proprio, ee/joint states, LIBERO's
 object-state vector, the simulator state), failed episodes are dropped, actions are stored as executed (no
 filtering: no-op statistics are analyze.py's to measure), and the file is written atomically to
@@ -64,6 +66,9 @@ class Args:
     """successful trajectories to keep"""
     max_episodes: int = 500
     """give up after this many episodes (successes or not)"""
+    layouts: Literal["sampled", "protocol"] = "sampled"
+    """where episodes start: sampled, a layout LIBERO's placement initializer draws from the episode's seed (never
+    one of the protocol's 50 init states, which evaluation holds out); protocol, episode e from init state e % 50"""
     num_envs: int = 2
     """parallel environment workers"""
     image_size: int = 256
@@ -296,7 +301,7 @@ if __name__ == "__main__":
     source = args.source or DEFAULT_SOURCE[args.policy]
     out_path = demo_hdf5.demo_path(args.data_root, source, task.suite, task.name)
     print(f"task: {task.suite} {task.local_id} (global {task.global_id}) '{task.instruction}'")
-    print(f"policy: {args.policy}  ->  {out_path if args.save else '(not saved)'}")
+    print(f"policy: {args.policy}  ->  {out_path if args.save else '(not saved)'}  (layouts: {args.layouts})")
 
     # ALGO LOGIC: resume or start clean
     writer, first_episode, attempts, successes, succeeded = None, 0, 0, 0, 0
@@ -310,6 +315,11 @@ if __name__ == "__main__":
             out_path, file_info(args, task, source, args.ckpt or ""), resume=args.resume == "auto"
         )
         if writer.resumed_demos:
+            earlier = writer.file_attrs.get("layouts", "protocol")
+            if earlier != args.layouts:
+                writer.close()
+                sys.exit(f"error: {writer.partial} was started with --layouts {earlier}; rerun with --layouts "
+                         f"{earlier}, or --resume never to start again.")  # fmt: skip
             successes = writer.resumed_demos
             attempts = max(int(writer.file_attrs.get("num_attempts", successes)), successes)
             succeeded = max(int(writer.file_attrs.get("num_successful", successes)), successes)
@@ -318,6 +328,7 @@ if __name__ == "__main__":
         else:
             reason = " (discarded an unreadable .partial)" if writer.discarded_partial else ""
             print(f"starting clean{reason}")
+        writer.set_attrs(layouts=args.layouts)
         if args.policy == "scripted":
             writer.set_attrs(scripted_noise=args.scripted_noise, scripted_label=args.scripted_label)
 
@@ -383,6 +394,7 @@ if __name__ == "__main__":
             render=args.obs_mode == "rgb",
             on_episode_end=on_episode_end,
             reset_policy=getattr(policy, "reset", None),
+            layouts=args.layouts,
         )
     finally:
         bar.close()

@@ -70,6 +70,10 @@ class Args:
     """one task (None: every task of the suite)"""
     num_episodes: int = 50
     """episodes per task: init states 0..N-1"""
+    layouts: Literal["protocol", "sampled"] = "protocol"
+    """protocol: the LIBERO protocol's fixed init states (episode e from init state e % 50, the held-out
+    evaluation); sampled: layouts LIBERO's placement initializer draws from each episode's seed (the training
+    distribution; results go under the tag with '_sampled' appended unless --tag is given)"""
     num_envs: int = 2
     """parallel environment workers"""
     replan_steps: int = 0
@@ -117,11 +121,12 @@ def make_policy(args: Args, task: le.Task, venv_factory):
 def default_tag(args: Args) -> str:
     if args.tag:
         return args.tag
+    suffix = "_sampled" if args.layouts == "sampled" else ""  # never summarised with the protocol's numbers
     if args.policy == "vla":
-        return os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))).split("__")[0]
+        return os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))).split("__")[0] + suffix
     if args.policy == "diffusion":
-        return f"diffusion_{args.ckpt_phase}"
-    return args.policy
+        return f"diffusion_{args.ckpt_phase}{suffix}"
+    return args.policy + suffix
 
 
 def task_result_path(results_root: str, tag: str, task: le.Task) -> str:
@@ -158,8 +163,9 @@ def evaluate_task(args: Args, task: le.Task, tag: str) -> dict:
         if args.capture_video and r.episode < args.video_episodes:
             save_video(os.path.join(video_dir, f"{le.task_dir_name(task)}_ep{r.episode:02d}.mp4"), r.steps)
         r.steps = []
+        where = "sampled layout" if r.init_state == le.SAMPLED else f"init state {r.init_state:2d}"
         print(
-            f"  episode {r.episode:2d} (init state {r.init_state:2d}): {'success' if r.success else 'failure'} "
+            f"  episode {r.episode:2d} ({where}): {'success' if r.success else 'failure'} "
             f"after {r.length} steps  [{sum(done)}/{len(done)}]",
             flush=True,
         )
@@ -176,6 +182,7 @@ def evaluate_task(args: Args, task: le.Task, tag: str) -> dict:
             render=venv.obs_mode == "rgb",
             on_episode_end=on_episode_end,
             reset_policy=getattr(policy, "reset", None),
+            layouts=args.layouts,
         )
     finally:
         venv.close()
@@ -197,6 +204,7 @@ def evaluate_task(args: Args, task: le.Task, tag: str) -> dict:
             "num_wait_steps": le.NUM_WAIT_STEPS,
             "replan_steps": replan,
             "seed": args.seed,
+            "layouts": args.layouts,
         },
         "num_episodes": len(results),
         "success_rate": float(np.mean([r.success for r in results])),
@@ -225,6 +233,8 @@ def collect_results(results_root: str) -> dict:
     for path in sorted(glob.glob(os.path.join(results_root, "eval", "*", "*", "task*.json"))):
         with open(path) as f:
             r = json.load(f)
+        if r.get("protocol", {}).get("layouts", "protocol") != "protocol":
+            continue  # Tables I/II are the protocol's: evaluations on sampled layouts are not held out
         rates.setdefault(r["tag"], {}).setdefault(r["task"]["suite"], {})[r["task"]["local_id"]] = r["success_rate"]
         infos[r["tag"]] = r.get("policy_info") or {}
     return {"rates": rates, "infos": infos}

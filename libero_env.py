@@ -6,6 +6,8 @@ Everything the phase scripts need from the simulator lives here, once:
   with the instruction read from each BDDL file's ``:language`` (never parsed from the file name);
 * the evaluation protocol as data (``SUITE_MAX_STEPS``, ``NUM_WAIT_STEPS``, ``WAIT_ACTION``) and as code
   (:meth:`LiberoEnv.reset`, :func:`run_episodes`, and :func:`evaluate_success` for the training scripts);
+* the layout split: resets to the protocol's 50 fixed init states (held out for evaluation) or to layouts LIBERO's
+  placement initializer samples from the episode's seed (training, demonstrations, collection), never one of the 50;
 * :class:`LiberoEnv`, a single environment with soft resets and rendering only when asked for;
 * :class:`VectorLiberoEnv`, environments grouped over subprocess workers (several per process) with
   deterministic init-state assignment and worker failures surfaced as :class:`EnvWorkerError` (naming the env,
@@ -53,6 +55,13 @@ SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 3
 NUM_WAIT_STEPS = 10  # objects settle after set_init_state; these steps do not count toward the limit
 WAIT_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)  # hold still, gripper open
 NUM_INIT_STATES = 50  # fixed init states per task; episode e uses init state e
+# Layouts: the protocol's 50 fixed init states are held out for evaluation; training, demonstrations and collection
+# use layouts LIBERO's own placement initializer samples (the BDDL regions) from the episode's seed.
+LAYOUTS = ("protocol", "sampled")
+SAMPLED = -1  # the ``init_state`` of a reset to a sampled layout (recorded as such in results and HDF5 files)
+MIN_PROTOCOL_DISTANCE = 0.001  # m: a sampled layout whose every object lies this close to a protocol state is one
+SETTLE_TOLERANCE = 0.01  # m: how much further than in any protocol state an object may slide while settling
+MAX_LAYOUT_DRAWS = 100  # redraws allowed before a sampled reset gives up (none needed more than a few, measured)
 CONTROL_HZ = 20
 ACTION_DIM = 7
 PROPRIO_DIM = 8  # eef pos (3), eef axis-angle (3), gripper qpos (2)
@@ -493,23 +502,87 @@ class LiberoEnv:
             body = model.body_parentid[body]
         return body == root
 
-    # -- protocol ------------------------------------------------------------------------------------------------
+    # -- protocol and sampled layouts ----------------------------------------------------------------------------
     def reset(self, init_state: int, seed: int, render: bool = True) -> dict:
-        """Protocol reset: seed, soft reset, ``set_init_state(init_states[init_state])``, then the wait steps.
+        """Seed, soft reset, restore the layout, then the wait steps (which do not count toward the step limit).
 
-        The init state is chosen by the caller (episode e -> init state e), never by which worker is free.
+        ``init_state`` 0-49: the protocol's fixed init state (``set_init_state(init_states[init_state])``), chosen by
+        the caller (episode e -> init state e), never by which worker is free. ``SAMPLED``: the layout LIBERO's
+        placement initializer samples from ``seed`` (:meth:`_sampled_layout`), never one of the protocol's 50.
+        ``layout_info()`` describes the layout of the last reset.
         """
-        if not 0 <= init_state < len(self.init_states):
-            raise IndexError(f"init state {init_state} out of range 0-{len(self.init_states) - 1}")
-        self._wrapper.seed(seed)
-        self._wrapper.reset()
-        self._clear_carried_state()
-        raw = self._wrapper.set_init_state(self.init_states[init_state])
-        for _ in range(self.num_wait_steps):
-            raw, _, _, _ = self._step(WAIT_ACTION)
+        if init_state == SAMPLED:
+            raw = self._sampled_layout(seed)
+        else:
+            if not 0 <= init_state < len(self.init_states):
+                raise IndexError(f"init state {init_state} out of range 0-{len(self.init_states) - 1}")
+            raw, _, settle = self._start(seed, self.init_states[init_state])
+            self.layout = {"init_state": init_state, "seed": seed, "draws": 1, "settle": settle}
         self.t = 0
         self._obs = self._convert(raw, render and self.obs_mode == "rgb")
         return self._obs
+
+    def layout_info(self) -> dict:
+        """The last reset's layout: ``init_state`` (0-49, or SAMPLED), ``seed``, ``draws`` (sampled: the draws it took),
+        ``settle`` (how far, xy in m, an object slid over the wait steps), ``protocol_distance`` (sampled: to the
+        nearest protocol state, :func:`layout_distance`)."""
+        return dict(self.layout)
+
+    def _start(self, seed: int, state: Optional[np.ndarray]):
+        """Seed, soft reset (LIBERO's reset samples a layout from the seed), clear the carried state, restore
+        ``state`` (None: the sampled layout itself, through the same ``set_init_state`` as a protocol state), run the
+        wait steps. Returns (raw observation, the restored state, the largest xy distance an object slid)."""
+        self._wrapper.seed(seed)
+        self._wrapper.reset()
+        self._clear_carried_state()
+        if state is None:
+            state = self.env.sim.get_state().flatten()
+        raw = self._wrapper.set_init_state(state)
+        for _ in range(self.num_wait_steps):
+            raw, _, _, _ = self._step(WAIT_ACTION)
+        slid = self.object_positions(self.env.sim.get_state().flatten()) - self.object_positions(state)
+        return raw, state, float(np.linalg.norm(slid[:, :2], axis=1).max(initial=0.0))
+
+    def object_positions(self, state: np.ndarray) -> np.ndarray:
+        """(n_objects, 3) world positions of the movable objects (their free joints) in a flattened sim state
+        (time, qpos, qvel): the layout as LIBERO's init states store it."""
+        if not hasattr(self, "_object_qpos"):
+            model = self.env.sim.model
+            self._object_qpos = [model.get_joint_qpos_addr(o.joints[-1])[0] for o in self.env.objects_dict.values()]
+        qpos = np.asarray(state)[1 : 1 + self.env.sim.model.nq]
+        return np.array([qpos[a : a + 3] for a in self._object_qpos]).reshape(-1, 3)
+
+    def protocol_layouts(self) -> dict:
+        """The protocol's 50 layouts, which sampled ones are checked against: ``positions`` (50, n_objects, 3) as
+        stored and ``settle`` (50,), how far an object slides over the wait steps from each. Computed once per task
+        and process (50 resets with their wait steps, 2-7 s)."""
+        if self.task.name not in _PROTOCOL_LAYOUTS:
+            positions = np.stack([self.object_positions(s) for s in self.init_states])
+            settle = np.array([self._start(e, s)[2] for e, s in enumerate(self.init_states)])
+            _PROTOCOL_LAYOUTS[self.task.name] = {"positions": positions, "settle": settle}
+        return _PROTOCOL_LAYOUTS[self.task.name]
+
+    def _sampled_layout(self, seed: int) -> dict:
+        """A layout of LIBERO's placement initializer (every object placed uniformly in its BDDL region, the
+        fixtures and articulated joints as LIBERO's reset samples them), drawn from ``seed``, so the same (seed,
+        episode) gives the same layout in any worker. A draw is redrawn (from a seed derived from (seed, draw))
+        when it is one of the protocol's 50 (every object within MIN_PROTOCOL_DISTANCE of a protocol state's), or
+        when an object slides further over the wait steps than in any protocol state, by more than SETTLE_TOLERANCE:
+        LIBERO's sampler lets objects overlap, and the solver then throws one out (measured on LIBERO-Spatial 0: the
+        bowl between plate and ramekin thrown up to 61 cm from an overlapping plate in ~10 % of draws, against at
+        most 5.6 cm over the 50 protocol states)."""
+        ref = self.protocol_layouts()
+        bound = ref["settle"].max() + SETTLE_TOLERANCE
+        for draw in range(MAX_LAYOUT_DRAWS):
+            draw_seed = seed if draw == 0 else int(np.random.SeedSequence([seed, draw]).generate_state(1)[0])
+            raw, state, settle = self._start(draw_seed, None)
+            distance = layout_distance(self.object_positions(state), ref["positions"])
+            if distance >= MIN_PROTOCOL_DISTANCE and settle <= bound:
+                self.layout = {"init_state": SAMPLED, "seed": seed, "draws": draw + 1, "settle": settle,
+                               "protocol_distance": distance}  # fmt: skip
+                return raw
+        raise RuntimeError(f"{self.task.name}: no sampled layout of seed {seed} passed the checks in "
+                           f"{MAX_LAYOUT_DRAWS} draws; use the protocol's layouts for this task.")  # fmt: skip
 
     def _clear_carried_state(self) -> None:
         """A soft reset keeps two pieces of state a hard reset rebuilds: the Panda gripper's ramped command
@@ -557,6 +630,18 @@ class LiberoEnv:
 
     def close(self) -> None:
         self._wrapper.close()
+
+
+_PROTOCOL_LAYOUTS: dict = {}  # task name -> LiberoEnv.protocol_layouts(), shared by the envs of a process
+
+
+def layout_distance(positions: np.ndarray, protocol: np.ndarray) -> float:
+    """How far a layout (n_objects, 3) lies from the nearest of the protocol's (50, n_objects, 3): the smallest,
+    over the protocol states, of the largest distance an object would have to move (m). 0 for the same layout;
+    inf for a task without movable objects (nothing to compare)."""
+    if positions.size == 0:
+        return float("inf")
+    return float(np.linalg.norm(protocol - positions[None], axis=-1).max(-1).min())
 
 
 def make_env(task: Task, **kwargs) -> LiberoEnv:
@@ -784,9 +869,11 @@ class EpisodeResult:
     steps: list = field(default_factory=list)  # recorded per-step dicts (record=True)
 
 
-def episode_init_state(episode: int) -> int:
-    """Episode e uses init state e (cycling after the 50 fixed states)."""
-    return episode % NUM_INIT_STATES
+def episode_init_state(episode: int, layouts: str = "protocol") -> int:
+    """Episode e uses init state e (cycling after the 50 fixed states), or a layout sampled from its seed."""
+    if layouts not in LAYOUTS:
+        raise ValueError(f"layouts must be one of {', '.join(LAYOUTS)}, got '{layouts}'.")
+    return SAMPLED if layouts == "sampled" else episode % NUM_INIT_STATES
 
 
 def run_episodes(
@@ -799,16 +886,19 @@ def run_episodes(
     render: bool = True,
     on_episode_end: Optional[Callable[[EpisodeResult], None]] = None,
     reset_policy: Optional[Callable[[list[int], list[int]], None]] = None,
+    layouts: str = "protocol",
 ) -> list[EpisodeResult]:
     """Run protocol episodes over a vector env; results sorted by episode.
 
-    Episode ``e`` starts from init state ``e % 50`` with env seed ``seed + e`` whichever worker runs it.
+    Episode ``e`` starts with env seed ``seed + e`` whichever worker runs it, from init state ``e % 50``
+    (``layouts="protocol"``) or from the layout LIBERO samples from that seed (``"sampled"``, init state SAMPLED).
     ``episodes`` is consumed lazily, one episode each time a worker is free, so a generator may stop early (a
     collection that has enough successes). Each query, ``policy(obs_batch, env_ids) -> (B, T, 7)`` returns an
     action chunk per active env, of which the first ``replan_steps`` run open loop (fewer when the episode ends).
     Episodes that end on the same step are all counted. ``reset_policy(env_ids, episodes)`` is called when envs
     start new episodes (stateful policies).
     """
+    episode_init_state(0, layouts)  # an unknown split fails before any env is reset
     upcoming = iter(episodes)
     active: dict[int, dict] = {}
     results: list[EpisodeResult] = []
@@ -818,7 +908,8 @@ def run_episodes(
         if not pairs:
             return
         ids, eps = [i for i, _ in pairs], [e for _, e in pairs]
-        obs = venv.reset(ids, [episode_init_state(e) for e in eps], [seed + e for e in eps], render=render)
+        inits = [episode_init_state(e, layouts) for e in eps]
+        obs = venv.reset(ids, inits, [seed + e for e in eps], render=render)
         for i, e, o in zip(ids, eps, obs):
             active[i] = {"episode": e, "obs": o, "steps": []}
         if reset_policy is not None:
@@ -837,7 +928,7 @@ def run_episodes(
                 state["steps"].extend(out.records)
             if out.done or out.truncated:
                 e = state["episode"]
-                result = EpisodeResult(e, episode_init_state(e), seed + e, out.done, out.t, state["steps"])
+                result = EpisodeResult(e, episode_init_state(e, layouts), seed + e, out.done, out.t, state["steps"])
                 results.append(result)
                 if on_episode_end is not None:
                     on_episode_end(result)

@@ -4,7 +4,7 @@ What is specific to the policy class stays in its script: the denoising MDP, its
 in ppo_diffusion.py (and the critic both use); the Gaussian head and its update in ppo_gaussian.py. What is the same
 for both lives here, so that "the same training procedure" is one piece of code, not two copies:
 
-- the rollout: ``num_envs`` episodes stepped chunk by chunk, from init states drawn from the task's 50, each
+- the rollout: ``num_envs`` episodes stepped chunk by chunk, from sampled layouts (or the protocol's 50), each
   observation tagged with its elapsed fraction t / limit (the critic's input), with the success reward (sparse, or
   DPPO's reward-until-the-limit in closed form) and a running reward scale;
 - returns: chunk-level GAE with success and time-out both terminal (value 0), only an episode cut by the end of an
@@ -33,15 +33,17 @@ import run_utils
 class Rollout:
     """Keeps ``num_envs`` episodes running across iterations; each :meth:`collect` gathers ``num_steps`` chunk steps.
 
-    Training episodes start from init states drawn uniformly from the task's 50 (seeded), env seed
-    ``seed + 10^6 + episode counter`` (disjoint from evaluation seeds). Every observation carries ``time``, the
-    elapsed fraction t / step limit of its episode (the critic's input; the actor ignores it).
+    Training episode n has env seed ``seed + 10^6 + n`` (disjoint from evaluation seeds) and starts from the layout
+    LIBERO samples from that seed (``layouts="sampled"``: the protocol's 50 init states stay held out for
+    evaluation), or from an init state drawn uniformly from the 50 (``"protocol"``). Every observation carries
+    ``time``, the elapsed fraction t / step limit of its episode (the critic's input; the actor ignores it).
     """
 
     def __init__(self, venv: le.VectorLiberoEnv, preprocess: Callable, seed: int, render: bool,
-                 success_reward: Optional[Callable[[int], float]] = None):  # fmt: skip
+                 success_reward: Optional[Callable[[int], float]] = None, layouts: str = "sampled"):  # fmt: skip
         """``success_reward(t)``: the reward of a success at env step t (None: the sparse reward, 1)."""
-        self.venv, self.preprocess, self.render = venv, preprocess, render
+        le.episode_init_state(0, layouts)  # an unknown split fails here
+        self.venv, self.preprocess, self.render, self.layouts = venv, preprocess, render, layouts
         self.success_reward = success_reward
         self.max_steps = venv.task.max_steps
         self.rng, self.seed, self.episodes = np.random.default_rng(seed), seed, 0
@@ -63,7 +65,9 @@ class Rollout:
         return self.success_reward(out.t) if out.done and self.success_reward is not None else out.reward
 
     def _reset(self, ids: list[int]) -> list[dict]:
-        inits = self.rng.integers(0, le.NUM_INIT_STATES, len(ids))
+        inits = self.rng.integers(0, le.NUM_INIT_STATES, len(ids))  # drawn either way: one RNG stream per seed
+        if self.layouts == "sampled":
+            inits = [le.SAMPLED] * len(ids)
         seeds = [self.seed + 1_000_000 + self.episodes + j for j in range(len(ids))]
         self.episodes += len(ids)
         self.t[ids] = 0
@@ -119,6 +123,16 @@ class Rollout:
             "truncated": stack("truncated"),
             "next_obs": {k: v.cpu() for k, v in self.observe().items()},  # where the iteration cut the episodes
         }
+
+
+def check_resumed_layouts(path: str, saved_args: dict, layouts: str) -> None:
+    """A run continues on the layouts it started on (a checkpoint from before the split trained on the protocol's)."""
+    saved = saved_args.get("train_layouts", "protocol")
+    if saved != layouts:
+        raise run_utils.CheckpointError(
+            f"{path} was trained with --train-layouts {saved}; resume with --train-layouts "
+            f"{saved}, or start a new run (--resume never or another --run-root)."
+        )
 
 
 def success_return(t: int, max_steps: int, act_steps: int, gamma: float) -> float:

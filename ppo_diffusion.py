@@ -44,6 +44,7 @@ from ppo_core import (
     actor_lr_at,
     bootstrap_values,
     check_finite,
+    check_resumed_layouts,
     evaluate_policy,
     explained_variance,
     gae,
@@ -105,6 +106,10 @@ class Args:
     """start every iteration from fresh episodes (DPPO's reset_at_iteration): no episode spans two iterations, so a
     resumed run continues exactly as an uninterrupted one; with num_steps x act_steps >= the step limit every
     episode also ends inside its iteration (none is cut)"""
+    train_layouts: Literal["sampled", "protocol"] = "sampled"
+    """where training episodes start: sampled, layouts LIBERO's placement initializer draws from each episode's seed
+    (never one of the protocol's 50 init states, which the evaluations hold out); protocol, the 50 themselves (as
+    runs before the layout split did)"""
     sampler: Literal["ddim", "ddpm"] = "ddim"
     """denoising sampler of the rollouts (the paper's DDIM-5 vs DDPM ablation)"""
     denoising_steps: int = 5
@@ -580,6 +585,7 @@ if __name__ == "__main__":
         resume = run_utils.resume_path(args.resume, ckpt_dir)
         if resume is not None:
             ckpt = run_utils.load_checkpoint(resume, CKPT_FORMATS[:1])
+            check_resumed_layouts(resume, ckpt["args"], args.train_layouts)
             run_utils.check_same_architecture(
                 resume, {**ckpt["config"], **ckpt["ppo_config"]}, {**cfg, **ppo_config(args)}
             )
@@ -621,7 +627,14 @@ if __name__ == "__main__":
     eval_venv = venv if args.eval_num_envs in (0, args.num_envs) else le.VectorLiberoEnv(
         task, args.eval_num_envs, num_workers=args.num_workers, **env_kwargs)  # fmt: skip
     print(f"{args.num_envs} envs over {venv.num_workers} worker processes")
-    rollout = Rollout(venv, preprocess, args.seed, render, success_reward_fn(args, task.max_steps, cfg["act_steps"]))
+    rollout = Rollout(
+        venv,
+        preprocess,
+        args.seed,
+        render,
+        success_reward_fn(args, task.max_steps, cfg["act_steps"]),
+        args.train_layouts,
+    )
     if rollout_state is not None:
         rollout.load_state_dict(rollout_state)
     preemption = run_utils.Preemption()

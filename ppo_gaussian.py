@@ -32,6 +32,7 @@ from bc_diffusion import ObsEncoder, PolicyBase, mlp
 from ppo_core import (
     actor_lr_at,
     check_finite,
+    check_resumed_layouts,
     evaluate_policy,
     explained_variance,
     index_obs,
@@ -145,6 +146,10 @@ class Args:
     """PPO iterations"""
     reset_at_iteration: bool = True
     """start every iteration from fresh episodes (as ppo_diffusion.py: exact resumes, no episode cut)"""
+    train_layouts: Literal["sampled", "protocol"] = "sampled"
+    """where training episodes start: sampled, layouts LIBERO's placement initializer draws from each episode's seed
+    (never one of the protocol's 50 init states, which the evaluations hold out); protocol, the 50 themselves (as
+    runs before the layout split did)"""
     gamma: float = 0.999
     """discount per chunk step"""
     gae_lambda: float = 0.95
@@ -387,6 +392,7 @@ if __name__ == "__main__":
         resume = run_utils.resume_path(args.resume, ckpt_dir)
         if resume is not None:
             ckpt = run_utils.load_checkpoint(resume, CKPT_FORMATS[:1])
+            check_resumed_layouts(resume, ckpt["args"], args.train_layouts)
             run_utils.check_same_architecture(resume, ckpt["config"], cfg)
             for name, module in modules.items():
                 if ckpt.get(name) is not None:  # (runs from before the BC EMA hold none)
@@ -466,7 +472,14 @@ if __name__ == "__main__":
         return out
 
     eval_modes = list(dict.fromkeys([args.eval_mode, "sample"]))
-    rollout = Rollout(venv, preprocess, args.seed, render, success_reward_fn(args, task.max_steps, cfg["act_steps"]))
+    rollout = Rollout(
+        venv,
+        preprocess,
+        args.seed,
+        render,
+        success_reward_fn(args, task.max_steps, cfg["act_steps"]),
+        args.train_layouts,
+    )
     if rollout_state is not None:
         rollout.load_state_dict(rollout_state)
     if iteration == 0 and args.eval_episodes > 0:

@@ -12,6 +12,7 @@ its start, the time it spent lifted, and where it ended relative to its start. W
 import argparse
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -50,6 +51,15 @@ def summarize(result, obj: str) -> dict:
     }
 
 
+def goal_object(bddl_file: str) -> str:
+    """The first argument of the task's first goal atom: the object it moves (or the fixture region it acts on)."""
+    with open(bddl_file) as f:
+        match = re.search(r"\(:goal\s*\(and\s*\(\w+\s+(\w+)", f.read(), flags=re.IGNORECASE)
+    if match is None:
+        sys.exit(f"error: no goal atom found in {bddl_file}; pass --object.")
+    return match.group(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True)
@@ -57,7 +67,11 @@ def main() -> None:
     parser.add_argument("--suite", required=True)
     parser.add_argument("--task-id", type=int, required=True)
     parser.add_argument("--episodes", type=int, nargs="+", required=True)
-    parser.add_argument("--object", required=True, help="the object the task moves, as the scene names it")
+    parser.add_argument(
+        "--object",
+        default=None,
+        help="the object the task moves, as the scene names it (default: the first the goal names)",
+    )
     parser.add_argument("--action-mode", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-envs", type=int, default=2)
@@ -71,6 +85,7 @@ def main() -> None:
     venv = le.VectorLiberoEnv(task, args.num_envs, obs_mode=policy.obs_mode, fast_step=True, privileged=True)
     try:
         objects = venv.call("poses", env_ids=[0])[0]
+        args.object = args.object or goal_object(task.bddl_file)
         if args.object not in objects:
             sys.exit(f"error: no object '{args.object}' in this scene; pass one of: {', '.join(sorted(objects))}.")
         results = le.run_episodes(venv, policy, args.episodes, args.seed, policy.replan_steps, record=True,
