@@ -25,7 +25,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-ROOT=${COV_ROOT:-coverage}            # checkpoints and HDF5 (not committed)
+ROOT=${COV_ROOT:-coverage_study}      # checkpoints and HDF5 (not committed; not "coverage": a folder of that name in
+                                      # the working directory shadows the coverage package numba imports)
 EXPORT=${EXPORT:-docs/coverage}       # the committed artefacts
 DEMOS=${DEMOS:-50}
 BC_STEPS=${BC_STEPS:-8000}
