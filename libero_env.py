@@ -533,6 +533,8 @@ class LiberoEnv:
         ``state`` (None: the sampled layout itself, through the same ``set_init_state`` as a protocol state), run the
         wait steps. Returns (raw observation, the restored state, the largest xy distance an object slid)."""
         self._wrapper.seed(seed)
+        if state is None:
+            self._unplace_fixtures()
         self._wrapper.reset()
         self._clear_carried_state()
         if state is None:
@@ -542,6 +544,27 @@ class LiberoEnv:
             raw, _, _, _ = self._step(WAIT_ACTION)
         slid = self.object_positions(self.env.sim.get_state().flatten()) - self.object_positions(state)
         return raw, state, float(np.linalg.norm(slid[:, :2], axis=1).max(initial=0.0))
+
+    def _unplace_fixtures(self) -> None:
+        """Put the fixtures back where a freshly loaded model has them (their MJCF pose, the origin) before a soft reset
+        samples a layout. LIBERO places an object that stands on a fixture's site (a bowl on the cabinet) at the
+        fixture's sampled pose plus the site's world position, read before the fixtures are moved: right after a hard
+        reset, which reloads the model, that is the site's offset on the fixture; after a soft reset it already holds
+        the fixture's previous pose, and the object lands ~1 m up and off to the side (measured on LIBERO-Spatial 3:
+        its second bowl fell on the robot). With the fixtures put back, a soft reset samples the hard reset's layout."""
+        if not hasattr(self, "_fixture_mjcf_poses"):
+            import xml.etree.ElementTree as ET
+
+            bodies = {b.get("name"): b for b in ET.fromstring(self.env.model.get_xml()).iter("body")}
+            self._fixture_mjcf_poses = []
+            for fixture in self.env.fixtures_dict.values():
+                body = bodies[fixture.root_body]
+                pos = np.array([float(v) for v in body.get("pos", "0 0 0").split()])
+                quat = np.array([float(v) for v in body.get("quat", "1 0 0 0").split()])
+                self._fixture_mjcf_poses.append((self.env.sim.model.body_name2id(fixture.root_body), pos, quat))
+        model = self.env.sim.model
+        for body, pos, quat in self._fixture_mjcf_poses:
+            model.body_pos[body], model.body_quat[body] = pos, quat
 
     def object_positions(self, state: np.ndarray) -> np.ndarray:
         """(n_objects, 3) world positions of the movable objects (their free joints) in a flattened sim state

@@ -70,12 +70,13 @@ def test_collect_cli_writes_a_valid_file(tmp_path):
             }
             for k, dim in dims.items():
                 assert d["obs"][k].shape == (T, dim)
-            # the demo starts from the stored fixed init state (after the protocol's wait steps)
-            e = int(attrs["init_state_index"])
-            assert 0 <= e < 50
-            first = env.reset(e, seed=int(attrs["seed"]))
+            # the demo starts (after the wait steps) from the layout sampled from its seed, none of the protocol's
+            # 50 init states, which evaluation holds out
+            assert int(attrs["init_state_index"]) == le.SAMPLED and f.attrs["layouts"] == "sampled"
+            first = env.reset(le.SAMPLED, seed=int(attrs["seed"]))
             np.testing.assert_allclose(d["states"][0], first["sim_state"])
             np.testing.assert_allclose(d["obs"]["object_state"][0], first["object_state"])
+            assert env.layout_info()["protocol_distance"] >= le.MIN_PROTOCOL_DISTANCE
     env.close()
 
 

@@ -13,13 +13,24 @@ import libero_env as le
 import run_utils
 
 
-def write_task(root, tag, suite, local_id, rate, info=None):
+def test_an_evaluation_on_sampled_layouts_gets_its_own_default_tag():
+    for policy, phase, expected in (("diffusion", "ppo", "diffusion_ppo"), ("scripted", "ppo", "scripted")):
+        assert evaluate.default_tag(evaluate.Args(policy=policy, ckpt_phase=phase)) == expected
+        assert evaluate.default_tag(evaluate.Args(policy=policy, ckpt_phase=phase, layouts="sampled")) == (
+            expected + "_sampled"
+        )
+    assert evaluate.default_tag(evaluate.Args(tag="mine", layouts="sampled")) == "mine"
+
+
+def write_task(root, tag, suite, local_id, rate, info=None, layouts=None):
     task = le.resolve_task(suite, local_id)
     n = 50
     successes = round(rate * n)
     report = {"tag": tag, "policy": "vla", "policy_info": info or {},
               "task": {"suite": suite, "local_id": local_id, "global_id": task.global_id, "name": task.name},
               "success_rate": successes / n, "num_episodes": n}  # fmt: skip
+    if layouts is not None:
+        report["protocol"] = {"layouts": layouts}
     run_utils.write_json(evaluate.task_result_path(str(root), tag, task), report)
     return successes / n
 
@@ -32,6 +43,9 @@ def test_summarize_builds_table_one_and_two_and_flags_missing_tasks(tmp_path):
         complete[suite] = 100 * np.mean(rates)
     partial = [write_task(tmp_path, "human", "libero_object", i, 0.5 + 0.05 * i) for i in range(3)]
     write_task(tmp_path, "human", "libero_spatial", 0, 1.0)
+    # evaluations on sampled layouts (the training distribution) never enter the protocol's tables
+    write_task(tmp_path, "human_sampled", "libero_spatial", 1, 0.3, layouts="sampled")
+    write_task(tmp_path, "human", "libero_spatial", 1, 0.1, layouts="sampled")  # even under the same tag
     ood = {s: [write_task(tmp_path, "rl_ood", s, i, 0.02 * (i % 3), {"suites": ["libero_90"]})
                for i in range(10)] for s in ("libero_10", "libero_goal", "libero_object")}  # fmt: skip
     md = evaluate.summarize(str(tmp_path))
@@ -46,6 +60,7 @@ def test_summarize_builds_table_one_and_two_and_flags_missing_tasks(tmp_path):
     human = rows["human"]
     assert human[1] == f"{100 * np.mean(partial):.2f}* (3/10 tasks)" and human[0] == "100.00* (1/10 tasks)"
     assert human[2] == "—" and human[-1] == "n/a (incomplete)"
+    assert "human_sampled" not in rows
     # Table II: the policy trained on LIBERO-90 only, on Long / Goal / Object
     table2 = md[md.index("## Table II") :]
     line = next(line for line in table2.splitlines() if line.startswith("| rl_ood"))
@@ -88,9 +103,15 @@ def test_protocol_assignment_is_independent_of_workers_and_matches_collect(tmp_p
         assert [e["seed"] for e in report["episodes"]] == [0, 1, 2, 3]
     assert reports[0]["episodes"] == reports[1]["episodes"]  # same successes and lengths, episode by episode
     out = run_script("collect.py --policy scripted --suite libero_spatial --task-id 4 --num-success 4 --max-episodes 4"
-                     " --obs-mode state --no-save --num-envs 2".split(), cwd=ROOT).stdout  # fmt: skip
+                     " --obs-mode state --no-save --num-envs 2 --layouts protocol".split(),
+                     cwd=ROOT).stdout  # fmt: skip
     successes = sum(e["success"] for e in reports[0]["episodes"])
     assert f"success rate {successes / 4:.3f} ({successes}/4 episodes, {successes} kept)" in out
+    # the training distribution beside it: sampled layouts, under their own tag, the split recorded
+    run_script([*cli, "2", "--results-root", str(tmp_path), "--layouts", "sampled"], cwd=ROOT)
+    report = read_report(tmp_path, "scripted_sampled", "libero_spatial", 4)
+    assert report["protocol"]["layouts"] == "sampled" and report["num_episodes"] == 4
+    assert [e["init_state"] for e in report["episodes"]] == [le.SAMPLED] * 4
 
 
 @pytest.mark.sim

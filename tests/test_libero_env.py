@@ -332,3 +332,58 @@ def test_two_envs_in_one_process_render_their_own_scene_even_after_one_is_closed
     b.close()
     np.testing.assert_array_equal(a.render()["agentview_rgb"], before)
     a.close()
+
+
+# ---------------------------------------------------------------------------------------------------- layout split
+@pytest.mark.sim
+def test_a_sampled_layout_follows_from_seed_and_episode_in_any_worker_and_is_no_protocol_state():
+    """LIBERO-Spatial 0: its sampler overlaps the bowl and the plate in ~10 % of draws (redrawn); episode e of seed s
+    starts from the layout of env seed s + e whatever the grouping, as a single env sampling that seed does."""
+    task = dataclasses.replace(le.resolve_task("libero_spatial", 0), max_steps=4)
+    reference = le.make_env(task, obs_mode="state", fast_step=True)
+    expected, infos = {}, {}
+    for e in range(6):
+        expected[e] = reference.reset(le.SAMPLED, seed=200 + e)["sim_state"]
+        infos[e] = reference.layout_info()
+    protocol = reference.protocol_layouts()
+    first_objects = {e: reference.object_positions(expected[e]) for e in expected}
+    reference.close()
+    for e, info in infos.items():
+        assert info["init_state"] == le.SAMPLED and info["seed"] == 200 + e and info["draws"] >= 1
+        assert info["protocol_distance"] >= le.MIN_PROTOCOL_DISTANCE
+        assert info["settle"] <= protocol["settle"].max() + le.SETTLE_TOLERANCE
+    # layouts differ from seed to seed (by centimetres: the regions are a few cm wide)
+    spread = [np.abs(first_objects[a] - first_objects[b]).max() for a in range(6) for b in range(a + 1, 6)]
+    assert min(spread) > 1e-3
+
+    def zero_policy(obs, env_ids):
+        return np.zeros((len(env_ids), 4, 7))
+
+    for num_envs, num_workers in ((1, 1), (3, 2)):
+        with le.VectorLiberoEnv(task, num_envs, obs_mode="state", fast_step=True, num_workers=num_workers) as venv:
+            results = le.run_episodes(venv, zero_policy, range(6), seed=200, replan_steps=4, record=True,
+                                      render=False, layouts="sampled")  # fmt: skip
+        for r in results:
+            assert r.init_state == le.SAMPLED and r.seed == 200 + r.episode
+            np.testing.assert_array_equal(r.steps[0]["obs"]["sim_state"], expected[r.episode])
+
+
+@pytest.mark.sim
+def test_a_draw_that_is_a_protocol_state_or_throws_an_object_out_is_redrawn():
+    task = le.resolve_task("libero_object", 0)
+    env = le.make_env(task, obs_mode="state", fast_step=True)
+    first = env.reset(le.SAMPLED, seed=7)["sim_state"]
+    assert env.layout_info()["draws"] == 1
+    draw = env.object_positions(env._start(7, None)[1])  # the seed's first draw, as stored before settling
+    # were that draw one of the protocol's states, the reset takes the next draw instead
+    reference = env.protocol_layouts()
+    reference["positions"] = np.concatenate([reference["positions"], draw[None]])
+    second = env.reset(le.SAMPLED, seed=7)["sim_state"]
+    assert env.layout_info()["draws"] == 2 and np.abs(env.object_positions(second) - draw).max() > 1e-3
+    assert not np.array_equal(first, second)
+    # a bound no draw can meet (every object slid further than any protocol state's) ends in one sentence
+    reference["settle"] = np.full(50, -1.0)
+    with pytest.raises(RuntimeError, match=r"no sampled layout of seed 7 passed the checks in 100 draws; use the"):
+        env.reset(le.SAMPLED, seed=7)
+    env.close()
+    le._PROTOCOL_LAYOUTS.clear()  # the patched reference must not reach other tests in this process

@@ -23,6 +23,7 @@ import libero_env as le
 import ppo_core as core
 import ppo_diffusion as ppo
 import ppo_gaussian as pg
+import run_utils
 
 TINY_MLP = dict(
     obs_mode="state", image_size=32, encoder="resnet18", encoder_head="spatial_softmax", shared_encoder=True,
@@ -203,7 +204,7 @@ class FakeVectorEnv:
         self.task = SimpleNamespace(max_steps=max_steps)
         self.num_envs, self.success_at, self.obs_mode = len(success_at), success_at, "state"
         self.t = [0] * self.num_envs
-        self.resets = []
+        self.resets, self.layouts = [], []  # env ids reset, and the (init state, seed) of each reset
 
     def _obs(self, i):
         return {"ee_pos": np.zeros(3), "ee_ori": np.zeros(3), "gripper_states": np.zeros(2),
@@ -211,6 +212,7 @@ class FakeVectorEnv:
 
     def reset(self, env_ids, init_states, seeds, render=False):
         self.resets += list(env_ids)
+        self.layouts += [(int(s), int(sd)) for s, sd in zip(init_states, seeds)]
         for i in env_ids:
             self.t[i] = 0
         return [self._obs(i) for i in env_ids]
@@ -293,6 +295,30 @@ def test_the_rollout_state_restores_the_same_init_states():
     b = core.Rollout(venv, preprocess, seed=99, render=False)
     b.load_state_dict(state)
     assert b.rng.integers(0, 50, 5).tolist() == expected and b.episodes == a.episodes == 2
+
+
+def test_training_episodes_start_from_sampled_layouts_by_default_never_from_the_protocol():
+    """The protocol's 50 init states are held out: every training episode asks the env for the layout sampled from
+    its own seed (10^6 + seed + episode counter), unless the run trains on the protocol's states explicitly."""
+    venv = FakeVectorEnv(8, [None, 4])
+    rollout = core.Rollout(venv, preprocess, seed=5, render=False)
+    rollout.collect(3, zero_act, {"env": 0.0, "policy": 0.0})
+    inits, seeds = zip(*venv.layouts)
+    # 2 first episodes, env 1's 3 successes after a chunk each, env 0's time-out after 2 chunks: 6 resets
+    assert set(inits) == {le.SAMPLED} and list(seeds) == [1_000_005 + n for n in range(6)]
+    venv = FakeVectorEnv(8, [None, 4])
+    core.Rollout(venv, preprocess, seed=5, render=False, layouts="protocol").collect(
+        3, zero_act, {"env": 0.0, "policy": 0.0}
+    )
+    assert all(0 <= s < le.NUM_INIT_STATES for s, _ in venv.layouts)
+    with pytest.raises(ValueError, match="layouts must be one of protocol, sampled, got 'random'"):
+        core.Rollout(venv, preprocess, seed=5, render=False, layouts="random")
+
+
+def test_a_run_resumes_on_the_layouts_it_started_on():
+    core.check_resumed_layouts("latest.pt", {"train_layouts": "sampled"}, "sampled")
+    with pytest.raises(run_utils.CheckpointError, match="latest.pt was trained with --train-layouts protocol; resume"):
+        core.check_resumed_layouts("latest.pt", {}, "sampled")  # a checkpoint from before the split: the protocol's
 
 
 # ---------------------------------------------------------------------------------------------------------------
