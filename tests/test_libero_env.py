@@ -387,3 +387,24 @@ def test_a_draw_that_is_a_protocol_state_or_throws_an_object_out_is_redrawn():
         env.reset(le.SAMPLED, seed=7)
     env.close()
     le._PROTOCOL_LAYOUTS.clear()  # the patched reference must not reach other tests in this process
+
+
+@pytest.mark.sim
+def test_a_soft_sampled_reset_gives_the_layout_of_libero_s_hard_reset():
+    """LIBERO-Spatial 3 puts its second bowl on the cabinet's top site. LIBERO's own reset reads that site's world
+    position before it moves the fixtures: right after a model reload (hard reset) the site's offset on the cabinet,
+    after a soft reset the cabinet's previous pose as well, which put the bowl ~1 m up. Sampled soft resets must give
+    what LIBERO's hard reset samples from the same seed."""
+    task = le.resolve_task("libero_spatial", 3)
+    soft = le.make_env(task, obs_mode="state")
+    hard = le.make_env(task, obs_mode="state", hard_reset=True)
+    for seed in (3, 11):
+        soft.reset(le.SAMPLED, seed, render=False)
+        drawn = soft.object_positions(soft._start(seed, None)[1])  # the seed's draw, before the wait steps
+        hard._wrapper.seed(seed)
+        hard._wrapper.reset()
+        np.testing.assert_allclose(drawn, hard.object_positions(hard.env.sim.get_state().flatten()), atol=1e-9)
+        bowl = list(soft.env.objects_dict).index("akita_black_bowl_2")
+        assert drawn[bowl, 2] < 1.3  # on the cabinet (~1.23 m), not dropped from ~2.1 m
+    soft.close()
+    hard.close()
