@@ -37,6 +37,9 @@ GAUSSIAN_EXTRA=${GAUSSIAN_EXTRA:-}
 GAUSSIAN_MINIBATCH=${GAUSSIAN_MINIBATCH:-560}  # chunks per Gaussian minibatch: the recipe's 2800 pairs / 5 steps
 GAUSSIAN_ONLY=${GAUSSIAN_ONLY:-}     # 1: run only the Gaussian baseline of the given task(s) (no diffusion BC/PPO)
 BC_ONLY=${BC_ONLY:-}                 # 1: only the diffusion BC starts, evaluated in mean and eta0 (no PPO)
+LAYOUTS=${LAYOUTS:-protocol}         # where demos and training episodes start: this study ran before the layout split,
+                                     # on the protocol's 50 init states (its evaluation's); new studies train on
+                                     # sampled layouts (scripts/coverage.sh)
 TASKS=("$@")
 [ ${#TASKS[@]} -gt 0 ] || TASKS=(libero_object:0 libero_object:1 libero_spatial:0)
 D=$ROOT/data R=$ROOT/runs
@@ -95,7 +98,7 @@ for spec in "${TASKS[@]}"; do
   step "$suite $id: $name"
   demos=$D/scripted_dart/$suite/${name}_demo.hdf5
   [ -f "$demos" ] || $PY collect.py --policy scripted --suite "$suite" --task-id "$id" --obs-mode state \
-    --num-success 10 --scripted-noise 0.3 --source scripted_dart --data-root "$D" --num-envs 2
+    --num-success 10 --scripted-noise 0.3 --source scripted_dart --data-root "$D" --num-envs 2 --layouts "$LAYOUTS"
   bc=$R/bc_diffusion/$suite/task${nn}__seed0/checkpoints/final.pt
   [ -n "$GAUSSIAN_ONLY" ] || [ -f "$bc" ] || $PY bc_diffusion.py --suite "$suite" --task-id "$id" --demo-source scripted_dart --num-demos 10 \
     --data-root "$D" --run-root "$R" $bc_recipe
@@ -119,6 +122,7 @@ for spec in "${TASKS[@]}"; do
   if [ -z "$GAUSSIAN_ONLY" ] && [ ! -f "$run/final_eval.json" ]; then
     timed_start "$run/wall_s.txt"
     $PY ppo_diffusion.py --suite "$suite" --task-id "$id" --run-root "$runs" --bc-ckpt "$bc" --seed "$SEED" $RECIPE \
+      --train-layouts "$LAYOUTS" \
       --num-iterations "$ITERS" --eval-every "$EVAL_EVERY" --eval-episodes "$EVAL_EPISODES" \
       --final-eval-episodes "$FINAL_EPISODES" $EXTRA
     timed_end
@@ -130,7 +134,7 @@ for spec in "${TASKS[@]}"; do
     grun=$runs/ppo_gaussian/$suite/task${nn}__seed0
     if [ ! -f "$grun/final_eval.json" ]; then
       timed_start "$grun/wall_s.txt"
-      $PY ppo_gaussian.py --suite "$suite" --task-id "$id" --run-root "$runs" --obs-mode state \
+      $PY ppo_gaussian.py --suite "$suite" --task-id "$id" --run-root "$runs" --obs-mode state --train-layouts "$LAYOUTS" \
         --demo-source scripted_dart --num-demos 10 --data-root "$D" --bc-steps "$BC_STEPS" --bc-batch-size 256 \
         --bc-lr 3e-4 $RECIPE --minibatch-size "$GAUSSIAN_MINIBATCH" --num-iterations "$ITERS" \
         --eval-every "$EVAL_EVERY" --eval-episodes "$EVAL_EPISODES" --final-eval-episodes "$FINAL_EPISODES" \

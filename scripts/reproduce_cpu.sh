@@ -45,6 +45,9 @@ EVAL_SEEDS=${EVAL_SEEDS:-"0 100 200 300"}  # 4 x 50 protocol episodes per checkp
 EVAL_EPISODES=${EVAL_EPISODES:-50}
 MAX_EPISODES=${MAX_EPISODES:-400}    # attempts allowed to collect DEMOS successes from a final policy
 STUDENT_DEMOS=${STUDENT_DEMOS:-50}   # trajectories per source for the downstream student
+LAYOUTS=${LAYOUTS:-protocol}         # where demos and RL trajectories start: the committed study ran before the layout
+                                     # split, on the protocol's 50 init states (also its students' evaluation)
+export LAYOUTS                       # convergence.sh's teachers train on the same
 FAST_EVAL=${FAST_EVAL:-1}            # 1: evaluate on libero_env's fast step (same success and length as stock)
 SOURCES=${SOURCES:-"scripted_dart scripted diffusion_rl gaussian_rl"}  # which sources of each task to run
 TASKS=("$@")
@@ -122,7 +125,7 @@ for spec in "${TASKS[@]}"; do
         [ "$s" = scripted_dart ] && noise="--scripted-noise 0.3"
         analysed "$s" && evaluated "student_$s" && { step "$suite $id: $s already done (in $E)"; continue; }
         [ -f "$(file "$s")" ] || $PY collect.py --policy scripted --suite "$suite" --task-id "$id" --obs-mode state \
-          --num-success "$DEMOS" $noise --source "$s" --data-root "$D" --num-envs 2
+          --num-success "$DEMOS" $noise --source "$s" --data-root "$D" --num-envs 2 --layouts "$LAYOUTS"
         ;;
       diffusion_rl | gaussian_rl)  # the teacher (same BC demos and budget for both classes), then its trajectories
         alg=${s%_rl}
@@ -143,7 +146,8 @@ for spec in "${TASKS[@]}"; do
         mode=()
         [ "$alg" = diffusion ] && mode=(--action-mode "$EVAL_MODE")
         [ -f "$(file "$s")" ] || $PY collect.py --policy "$alg" --ckpt "$ppo" --suite "$suite" --task-id "$id" \
-          --obs-mode state "${mode[@]}" --num-success "$DEMOS" --max-episodes "$MAX_EPISODES" --data-root "$D" || true
+          --obs-mode state "${mode[@]}" --num-success "$DEMOS" --max-episodes "$MAX_EPISODES" --data-root "$D" \
+          --layouts "$LAYOUTS" || true
         ;;
     esac
     downstream "$s"
