@@ -516,16 +516,18 @@ class LiberoEnv:
         else:
             if not 0 <= init_state < len(self.init_states):
                 raise IndexError(f"init state {init_state} out of range 0-{len(self.init_states) - 1}")
-            raw, _, settle = self._start(seed, self.init_states[init_state])
-            self.layout = {"init_state": init_state, "seed": seed, "draws": 1, "settle": settle}
+            raw, state, settle = self._start(seed, self.init_states[init_state])
+            self.layout = {"init_state": init_state, "seed": seed, "draws": 1, "settle": settle,
+                           "positions": self.object_positions(state)}  # fmt: skip
         self.t = 0
         self._obs = self._convert(raw, render and self.obs_mode == "rgb")
         return self._obs
 
     def layout_info(self) -> dict:
         """The last reset's layout: ``init_state`` (0-49, or SAMPLED), ``seed``, ``draws`` (sampled: the draws it took),
-        ``settle`` (how far, xy in m, an object slid over the wait steps), ``protocol_distance`` (sampled: to the
-        nearest protocol state, :func:`layout_distance`)."""
+        ``positions`` (:meth:`object_positions` before the wait steps), ``settle`` (how far, xy in m, an object slid
+        over the wait steps), ``protocol_distance`` (sampled: to the nearest protocol state, :func:`layout_distance`).
+        """
         return dict(self.layout)
 
     def _start(self, seed: int, state: Optional[np.ndarray]):
@@ -602,7 +604,7 @@ class LiberoEnv:
             distance = layout_distance(self.object_positions(state), ref["positions"])
             if distance >= MIN_PROTOCOL_DISTANCE and settle <= bound:
                 self.layout = {"init_state": SAMPLED, "seed": seed, "draws": draw + 1, "settle": settle,
-                               "protocol_distance": distance}  # fmt: skip
+                               "protocol_distance": distance, "positions": self.object_positions(state)}  # fmt: skip
                 return raw
         raise RuntimeError(f"{self.task.name}: no sampled layout of seed {seed} passed the checks in "
                            f"{MAX_LAYOUT_DRAWS} draws; use the protocol's layouts for this task.")  # fmt: skip
