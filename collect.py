@@ -129,6 +129,7 @@ def check_args(args: Args) -> Optional[list[scripted_expert.Step]]:
     le.check_task_args(args.suite, args.task_id)
     if args.num_success < 1 or args.max_episodes < 1 or args.num_envs < 1:
         raise ValueError("--num-success, --max-episodes and --num-envs must be at least 1.")
+    le.check_memory(args.num_envs)
     task = le.resolve_task(args.suite, args.task_id)
     if args.policy == "scripted":
         steps = scripted_expert.plan(task)

@@ -312,6 +312,7 @@ def check_args(args: Args) -> list[le.Task]:
     tasks = [le.resolve_task(args.suite, args.task_id)] if args.task_id is not None else le.suite_tasks(args.suite)
     if args.num_episodes < 1 or args.num_envs < 1:
         raise ValueError("--num-episodes and --num-envs must be at least 1.")
+    le.check_memory(args.num_envs)
     if args.policy == "scripted":
         import scripted_expert
 

@@ -745,6 +745,56 @@ def default_num_workers(num_envs: int) -> int:
     return max(1, min(num_envs, cores))
 
 
+# Resident memory of the envs (benchmarks/env_speed.py --grouped-only, LIBERO-Object 0, state mode, 2026-12-02): 16
+# envs grouped on 2 workers held 941 MB per env (15.1 GB), 8 on 2 workers 1101 MB (8.8 GB), one env per process 1951
+# MB: ~0.8 GB per env (its compiled model alone is 271 MB) and ~1.3 GB per worker interpreter.
+ENV_MEMORY_GB = 0.8
+WORKER_MEMORY_GB = 1.3
+CPU_RECIPE = "--num-envs 16 --num-steps 140 --minibatch-size 2800"  # the 2-core recipe (docs/convergence.md), ~15 GB
+
+
+class ResourceError(ValueError):
+    """The run cannot fit this machine (raised before any worker starts)."""
+
+
+def env_memory_gb(num_envs: int, num_workers: Optional[int] = None) -> float:
+    """Estimated resident memory of ``num_envs`` envs over ``num_workers`` workers (default: one per core), GB."""
+    return num_envs * ENV_MEMORY_GB + (num_workers or default_num_workers(num_envs)) * WORKER_MEMORY_GB
+
+
+def available_memory_gb() -> float:
+    """Memory this job may still use, GB: the machine's MemAvailable, capped by the job's cgroup limit (SLURM sets
+    one); ``LIBERO_MEMORY_GB`` overrides (to plan a run for another machine)."""
+    if os.environ.get("LIBERO_MEMORY_GB"):
+        return float(os.environ["LIBERO_MEMORY_GB"])
+    have = float("inf")
+    with contextlib.suppress(OSError):
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                have = int(line.split()[1]) / 2**20
+    with contextlib.suppress(OSError, ValueError):  # cgroup v2: the job's limit less what it already uses
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            used = int(open("/sys/fs/cgroup/memory.current").read())
+            have = min(have, (int(limit) - used) / 2**30)
+    return have
+
+
+def check_memory(num_envs: int, num_workers: Optional[int] = None, flag: str = "--num-envs") -> None:
+    """Raise :class:`ResourceError`, naming the largest env count that fits, when the envs cannot fit in memory."""
+    need, have = env_memory_gb(num_envs, num_workers), available_memory_gb()
+    if need <= have:
+        return
+    fits = [n for n in range(num_envs - 1, 0, -1) if env_memory_gb(n, min(num_workers, n) if num_workers else None)
+            <= have]  # fmt: skip
+    advice = f"use {flag} {fits[0]} or fewer" if fits else "not even one env fits: free memory or use a larger machine"
+    raise ResourceError(
+        f"{num_envs} environments need ~{need:.0f} GB of memory (~{ENV_MEMORY_GB} GB each, "
+        f"{WORKER_MEMORY_GB} GB per worker process) but {have:.0f} GB are available; {advice} (on "
+        f"a 2-core CPU machine the recipe's {CPU_RECIPE} needs ~{env_memory_gb(16, 2):.0f} GB)."
+    )
+
+
 class VectorLiberoEnv:
     """``num_envs`` copies of one task in ``num_workers`` subprocesses (one MuJoCo/EGL context per env).
 
@@ -764,6 +814,7 @@ class VectorLiberoEnv:
         num_workers = default_num_workers(num_envs) if not num_workers else num_workers
         if not 1 <= num_workers <= num_envs:
             raise ValueError(f"num_workers must be in 1..num_envs ({num_envs}), got {num_workers}.")
+        check_memory(num_envs, num_workers)  # before any worker starts
         self.task, self.num_envs, self.num_workers, self.timeout_s = task, num_envs, num_workers, timeout_s
         self.obs_mode = env_kwargs.get("obs_mode", "rgb")
         self.groups = split_envs(num_envs, num_workers)

@@ -536,6 +536,8 @@ def check_args(args, bc_cfg: dict) -> None:
         raise ValueError("--num-envs must be >= 1 and --batch-chunks >= --num-envs.")
     if args.minibatch_size < 1:
         raise ValueError("--minibatch-size must be >= 1.")
+    separate_eval = args.eval_num_envs if args.eval_num_envs not in (0, args.num_envs) else 0  # a second venv
+    le.check_memory(args.num_envs + separate_eval, args.num_workers or None)
     for flag, scale in (("--noise-scale", args.noise_scale), ("--noise-scale-final", args.noise_scale_final)):
         if scale is not None and (scale < 0 or (scale == 0 and args.min_std <= 0)):
             raise ValueError(f"{flag} must be >= 0 (and --min-std > 0 when it is 0, or the rollouts have no noise).")

@@ -349,6 +349,7 @@ if __name__ == "__main__":
         le.check_task_args(args.suite, args.task_id)
         task = le.resolve_task(args.suite, args.task_id)
         demo_hdf5.find_demo_files(args.demo_paths, args.data_root, args.demo_source, args.suite, args.task_id)
+        le.check_memory(args.num_envs, args.num_workers or None)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     num_steps = args.num_steps or max(1, args.batch_chunks // args.num_envs)

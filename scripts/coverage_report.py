@@ -1,0 +1,232 @@
+"""The coverage study's page (scripts/coverage.sh) -> docs/coverage.md, from the committed artefacts only.
+
+    python scripts/coverage_report.py      # reads docs/coverage/{draw.json, tasks/, layouts/}, writes the page + curves
+
+Per drawn task (docs/coverage/draw.json, in its order), what coverage.sh exported to docs/coverage/tasks/<task>/:
+demos.json (the DART demonstrations on sampled layouts), args.json, metrics.jsonl and final_eval.json of the PPO run,
+wall_s.txt and demos_wall_s.txt (wall time of PPO and of the demonstrations), sampled_eval.json (the final policy on
+200 sampled layouts) and, below the gate, failures.json (scripts/failure_modes.py over the failed protocol episodes);
+and docs/coverage/layouts/<task>.json (scripts/layout_spread.py). Success rates carry their binomial standard error
+(convergence_report.rate); "env steps to X %" is the first in-run evaluation (50 protocol episodes) at or above X.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import convergence_report as cr  # noqa: E402
+
+import libero_env as le  # noqa: E402
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+ROOT = os.path.join(DOCS, "coverage")
+GATE = 0.95  # the issue's goal: >= 95 % (>= 190 of 200 protocol episodes) in the evaluated mode
+BUDGET = 1_500_000  # env steps
+STRETCH = 750_000
+LIFTED = 0.02  # scripts/failure_modes.py's
+
+
+def load(name: str, spec: str) -> dict:
+    path = os.path.join(ROOT, "tasks", name)
+    suite, local = spec.split(":")
+    task = {"spec": spec, "name": name, "suite": suite, "task": le.resolve_task(suite, int(local)), "path": path}
+    read = lambda f: json.load(open(os.path.join(path, f))) if os.path.exists(os.path.join(path, f)) else None  # noqa: E731
+    task["demos"], task["sampled"], task["failures"] = read("demos.json"), read("sampled_eval.json"), read(
+        "failures.json")  # fmt: skip
+    wall = os.path.join(path, "demos_wall_s.txt")
+    task["demos_wall_s"] = sum(float(x) for x in open(wall).read().split()) if os.path.exists(wall) else None
+    task["run"] = cr.load_run(path) if os.path.exists(os.path.join(path, "metrics.jsonl")) else None
+    layouts = os.path.join(ROOT, "layouts", f"{name}.json")
+    task["layouts"] = json.load(open(layouts)) if os.path.exists(layouts) else None
+    return task
+
+
+def final_rate(task: dict):
+    run = task["run"]
+    if run is None or run["final"] is None:
+        return None
+    return run["final"][run["final"]["eval_mode"]]["success_rate"]
+
+
+def first_reaching(run: dict, threshold: float):
+    """(env steps, running seconds) of the first in-run evaluation at or above the threshold, else None."""
+    return next(((s, t) for s, p, t in cr.evals(run) if p >= threshold), None)
+
+
+def status(task: dict) -> str:
+    run = task["run"]
+    if run is None:
+        return "demos and BC only" if task["demos"] else "not started"
+    if run["final"] is None:
+        return f"running (iteration {run['rows'][-1].get('step', 0)} of {run['args']['num_iterations']})"
+    p = final_rate(task)
+    return f"**{'≥' if p >= GATE else '<'} 95 %**"
+
+
+def task_rows(tasks: list[dict]) -> list[str]:
+    head = ("| task | instruction | DART demos on sampled layouts (expert success) | BC start (mean / eta0, 50 ep.) | "
+            + " | ".join(f"to {int(100 * t)} % (env steps, wall)" for t in cr.THRESHOLDS)
+            + " | final, protocol (200 ep.): mean | sample | eta0 | sampled layouts (200 ep., mean) | env steps | "
+            "wall (demos + PPO) | status |")  # fmt: skip
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for t in tasks:
+        run, demos = t["run"], t["demos"]
+        demo_cell = (f"{demos['num_demos']} of {demos['num_attempts']} ({100 * demos['success_rate']:.0f} %), "
+                     f"{demos['mean_length']:.0f} steps" if demos else "–")  # fmt: skip
+        if run is None:
+            lines.append(f"| {t['spec']} | {t['task'].instruction} | {demo_cell} | " + " | ".join(["–"] * 10)
+                         + f" | {status(t)} |")  # fmt: skip
+            continue
+        reach = []
+        for threshold in cr.THRESHOLDS:
+            hit = first_reaching(run, threshold)
+            reach.append(f"{hit[0] / 1e3:.0f}k, {hit[1] / 3600:.1f} h" if hit else "not reached")
+        finals = cr.final_cells(run)[:3] if run["final"] else ["–"] * 3
+        sampled = t["sampled"]
+        sampled_cell = cr.rate(sampled["success_rate"], sampled["num_episodes"]) if sampled else "–"
+        steps = run["final"]["env_steps"] if run["final"] else run["rows"][-1].get("env_steps", 0)
+        wall = (t["demos_wall_s"] or 0) + (run["wall_s"] or 0)
+        # final_cells orders sample, mean, eta0: the table puts the evaluated mode (mean) first
+        lines.append(f"| {t['spec']} | {t['task'].instruction} | {demo_cell} | {cr.start_cells(run)} | "
+                     + " | ".join(reach) + f" | {finals[1]} | {finals[0]} | {finals[2]} | {sampled_cell} | "
+                     f"{steps / 1e3:.0f}k | {wall / 3600:.1f} h | {status(t)} |")  # fmt: skip
+    return lines
+
+
+def suite_rows(tasks: list[dict]) -> list[str]:
+    lines = ["| suite | tasks finished | mean final success (protocol, mean mode) | tasks ≥ 95 % | sampled layouts |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for suite in le.SUITES:
+        mine = [t for t in tasks if t["suite"] == suite]
+        done = [t for t in mine if final_rate(t) is not None]
+        rates = [final_rate(t) for t in done]
+        sampled = [t["sampled"]["success_rate"] for t in done if t["sampled"]]
+        lines.append(f"| {suite} | {len(done)} of {len(mine)} | "
+                     + (f"{100 * np.mean(rates):.1f} %" if rates else "–") + f" | {sum(r >= GATE for r in rates)} | "
+                     + (f"{100 * np.mean(sampled):.1f} %" if sampled else "–") + " |")  # fmt: skip
+    return lines
+
+
+def failure_lines(tasks: list[dict]) -> list[str]:
+    """For every finished task below the gate, where its failed protocol episodes went (failure_modes.py)."""
+    lines = []
+    for t in tasks:
+        p = final_rate(t)
+        if p is None or p >= GATE:
+            continue
+        f = t["failures"]
+        if f is None:
+            lines.append(f"- **{t['spec']}** ({100 * p:.1f} %): failures not analysed yet.")
+            continue
+        eps = f["episodes"]
+        never_closed = sum(e["gripper_closes"] == 0 for e in eps)
+        not_lifted = sum(e["gripper_closes"] > 0 and e["max_lift_m"] < LIFTED for e in eps)
+        lowered = sum(e["max_lift_m"] >= LIFTED and e["final_lift_m"] < LIFTED for e in eps)
+        held = sum(e["final_lift_m"] >= LIFTED for e in eps)
+        regrasp = sum(e["gripper_closes"] >= 3 for e in eps)
+        states = sorted({e["init_state"] for e in eps})
+        lines.append(f"- **{t['spec']}** ({100 * p:.1f} %, {len(eps)} failed episodes on {len(states)} of 50 init "
+                     f"states: {', '.join(map(str, states))}), object `{f['object']}`: {never_closed} never closed the "
+                     f"gripper; {not_lifted} closed it but never lifted the object {100 * LIFTED:.0f} cm; {lowered} "
+                     f"lifted it and ended with it down again (dropped, or set down off the goal); {held} timed out "
+                     f"holding it up; {regrasp} closed the gripper 3 or more times (re-grasp loops); median length "
+                     f"{np.median([e['length'] for e in eps]):.0f} steps.")  # fmt: skip
+    return lines or ["- none below 95 % among the finished tasks."]
+
+
+def layout_rows(tasks: list[dict]) -> list[str]:
+    lines = ["| task | sampled layouts | sampled → nearest protocol state, median (min) | protocol → nearest other, "
+             "median | widest object range, protocol vs sampled (xy, cm) | draws redrawn | largest slide while "
+             "settling, protocol vs sampled |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for t in tasks:
+        s = t["layouts"]
+        if s is None:
+            lines.append(f"| {t['spec']} | – | – | – | – | – | – |")
+            continue
+        widest = max(s["objects"].items(), key=lambda kv: max(kv[1]["protocol_xy_range_cm"]))
+        o = widest[1]
+        redrawn = sum(s["draws"][2:])
+        near, between = s["sampled_to_nearest_protocol_cm"], s["protocol_to_nearest_protocol_cm"]
+        lines.append(f"| {t['spec']} | {s['num_sampled']} | {near['median']} cm ({near['min']}) | {between['median']} "
+                     f"cm | `{widest[0]}`: {' x '.join(map(str, o['protocol_xy_range_cm']))} vs "
+                     f"{' x '.join(map(str, o['sampled_xy_range_cm']))} | {redrawn} | "
+                     f"{s['settle_max_cm']['protocol']} vs {s['settle_max_cm']['sampled']} cm |")  # fmt: skip
+    return lines
+
+
+def main() -> None:
+    draw = json.load(open(os.path.join(ROOT, "draw.json")))
+    tasks = [load(f"{spec.split(':')[0]}_task{int(spec.split(':')[1]):02d}", spec) for spec in draw["order"]]
+    finished = [t for t in tasks if final_rate(t) is not None]
+    passed = [t for t in finished if final_rate(t) >= GATE and t["run"]["final"]["env_steps"] <= BUDGET]
+    stretch = [t for t in finished if (hit := first_reaching(t["run"], GATE)) and hit[0] <= STRETCH]
+    curves = []
+    for t in tasks:
+        if t["run"] is not None:
+            png = os.path.join(ROOT, f"{t['name']}.png")
+            cr.figure(t["run"], png, f"{t['spec']}: {t['task'].instruction}")
+            curves.append(f"![{t['spec']}](coverage/{t['name']}.png)")
+    args = next((t["run"]["args"] for t in tasks if t["run"] is not None), None)
+    recipe = "no run yet"
+    if args:
+        recipe = (
+            f"{args['num_envs']} envs x {args['num_steps']} chunk steps per iteration, actor LR "
+            f"{args['actor_lr']:g}, minibatch {args['minibatch_size']}, --train-layouts "
+            f"{args.get('train_layouts', 'protocol')}"
+        )
+    out = [
+        "# Coverage: the data generator on ten drawn tasks from all five suites",
+        "",
+        "Generated by `python scripts/coverage_report.py` from the committed artefacts in `docs/coverage/`; the runs",
+        "are `bash scripts/coverage.sh` (resumable, one task after another). The sample was drawn before any run by",
+        f"`scripts/coverage_draw.py` (seed {draw['seed']}, {draw['per_suite']} per suite from the tasks the scripted "
+        f"expert solves at ≥ 80 %, less the {len(draw['excluded'])} tasks run before: "
+        f"{', '.join(draw['excluded'])}), and the recipe committed with it: 50 DART demonstrations on sampled layouts, "
+        "the MLP BC start (8000 steps), then ppo_diffusion.py for ≤ 1.5M env steps on sampled layouts; every",
+        "evaluation on the protocol's 50 init states, which no training or demonstration episode starts from.",
+        f"Recipe as the runs record it (args.json): {recipe}.",
+        "",
+        f"**Goal: ≥ 95 % (≥ 190 of 200 protocol episodes, mean mode) on ≥ 9 of 10 tasks within 1.5M env steps, every "
+        f"suite's mean ≥ 95 %. Now: {len(passed)} of {len(finished)} finished tasks ({len(tasks)} drawn) at ≥ 95 %; "
+        f"{len(stretch)} reached 95 % in an in-run evaluation (50 episodes) within 750k env steps.**",
+        "",
+        "## Per task",
+        "",
+        *task_rows(tasks),
+        "",
+        "BC start: the in-run evaluation at iteration 0. Final: every action mode over the same 200 protocol episodes "
+        "(4 per init state); sampled layouts: 200 layouts drawn from seeds no demonstration or training episode used "
+        "(the training distribution, beside the held-out protocol). Wall: on this project's 2-core CPU machines.",
+        "",
+        "## Per suite",
+        "",
+        *suite_rows(tasks),
+        "",
+        "## Why a task misses (measured: scripts/failure_modes.py over its failed protocol episodes)",
+        "",
+        *failure_lines(tasks),
+        "",
+        "## The layout split: sampled layouts against the protocol's",
+        "",
+        "Positions of the movable objects as LIBERO stores them (before the wait steps); a layout's distance to "
+        "another is the largest displacement of any object (`libero_env.layout_distance`); "
+        "`python scripts/layout_spread.py`.",
+        "",
+        *layout_rows(tasks),
+        "",
+        "## Learning curves",
+        "",
+        *curves,
+        "",
+    ]
+    with open(os.path.join(DOCS, "coverage.md"), "w") as f:
+        f.write("\n".join(out))
+    print(f"wrote docs/coverage.md ({len(finished)} of {len(tasks)} tasks finished)")
+
+
+if __name__ == "__main__":
+    main()
