@@ -73,6 +73,10 @@ class TaskError(ValueError):
     """A task selection the user can fix (unknown suite, task id out of range)."""
 
 
+class Interrupted(RuntimeError):
+    """:func:`run_episodes` stopped before its episodes were done because its ``stop()`` said so (pre-emption)."""
+
+
 class EnvWorkerError(RuntimeError):
     """An environment worker process raised, died or stopped answering."""
 
@@ -963,6 +967,7 @@ def run_episodes(
     on_episode_end: Optional[Callable[[EpisodeResult], None]] = None,
     reset_policy: Optional[Callable[[list[int], list[int]], None]] = None,
     layouts: str = "protocol",
+    stop: Optional[Callable[[], bool]] = None,
 ) -> list[EpisodeResult]:
     """Run protocol episodes over a vector env; results sorted by episode.
 
@@ -972,7 +977,8 @@ def run_episodes(
     collection that has enough successes). Each query, ``policy(obs_batch, env_ids) -> (B, T, 7)`` returns an
     action chunk per active env, of which the first ``replan_steps`` run open loop (fewer when the episode ends).
     Episodes that end on the same step are all counted. ``reset_policy(env_ids, episodes)`` is called when envs
-    start new episodes (stateful policies).
+    start new episodes (stateful policies). ``stop()`` is asked before every chunk step: True raises
+    :class:`Interrupted` (a pre-empted job stops within one chunk step).
     """
     episode_init_state(0, layouts)  # an unknown split fails before any env is reset
     upcoming = iter(episodes)
@@ -993,6 +999,8 @@ def run_episodes(
 
     start(list(range(venv.num_envs)))
     while active:
+        if stop is not None and stop():
+            raise Interrupted(f"stopped after {len(results)} episodes")
         env_ids = sorted(active)
         chunks = np.asarray(policy(stack_obs([active[i]["obs"] for i in env_ids]), env_ids))
         outs = venv.step_chunk(env_ids, chunks[:, :replan_steps], render=render, record=record)

@@ -15,7 +15,9 @@ for both lives here, so that "the same training procedure" is one piece of code,
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Optional
@@ -264,7 +266,7 @@ def actor_lr_at(args: dict, iteration: int) -> float:
 # Evaluation under the protocol, in-run and final
 # ================================================================================================================
 def evaluate_policy(venv: le.VectorLiberoEnv, act: Callable, episodes: int, seed: int, replan_steps: int,
-                    record: bool = False) -> dict:  # fmt: skip
+                    record: bool = False, stop: Optional[Callable[[], bool]] = None) -> dict:  # fmt: skip
     """Success rate and mean length of ``act(obs, generators) -> (B, T, 7)`` over protocol episodes 0..episodes-1,
     and ``successes``, each episode's outcome (0/1) in episode order (episode e starts from init state e % 50).
 
@@ -277,7 +279,7 @@ def evaluate_policy(venv: le.VectorLiberoEnv, act: Callable, episodes: int, seed
 
     learned = collect.LearnedPolicy(act, replan_steps, venv.obs_mode, 0, seed=seed)
     results = le.run_episodes(venv, learned, range(episodes), seed, replan_steps, record=record,
-                              render=venv.obs_mode == "rgb", reset_policy=learned.reset)  # fmt: skip
+                              render=venv.obs_mode == "rgb", reset_policy=learned.reset, stop=stop)  # fmt: skip
     stats = {"success_rate": float(np.mean([r.success for r in results])),
              "episode_length": float(np.mean([r.length for r in results])),
              "successes": [int(r.success) for r in sorted(results, key=lambda r: r.episode)]}  # fmt: skip
@@ -286,6 +288,32 @@ def evaluate_policy(venv: le.VectorLiberoEnv, act: Callable, episodes: int, seed
         spread = analyze.action_consistency(actions)["mean_std"] if len(actions) >= 2 else None
         stats["action_std"] = float(np.mean(spread)) if spread is not None else float("nan")
     return stats
+
+
+def evaluate_modes(venv: le.VectorLiberoEnv, acting: Callable, modes, episodes: int, seed: int, replan_steps: int,
+                   record_mode: Optional[str] = None, stop: Optional[Callable[[], bool]] = None,
+                   partial_path: Optional[str] = None) -> dict:  # fmt: skip
+    """{mode: :func:`evaluate_policy` stats} of ``acting(mode)`` over the same episodes, mode after mode. ``stop()``
+    (a pre-emption) ends it within one chunk step (``le.Interrupted``); with ``partial_path`` every finished mode is
+    kept there (atomically) and a rerun evaluates only the modes missing from it."""
+    out = {}
+    if partial_path is not None and os.path.exists(partial_path):
+        with open(partial_path) as f:
+            out = {m: r for m, r in json.load(f).items() if m in modes}
+        print(f"evaluation: {', '.join(out)} kept from {partial_path}")
+    for mode in modes:
+        if mode not in out:
+            out[mode] = evaluate_policy(venv, acting(mode), episodes, seed, replan_steps, mode == record_mode, stop)
+            if partial_path is not None:
+                run_utils.write_json(partial_path, out)
+    return {m: out[m] for m in modes}
+
+
+def eval_due(args, iteration: int) -> bool:
+    """Whether an in-run evaluation follows ``iteration`` completed iterations (0: the BC start)."""
+    if args.eval_episodes <= 0:
+        return False
+    return iteration == 0 or (args.eval_every and iteration % args.eval_every == 0) or iteration == args.num_iterations
 
 
 def scalar_stats(stats: dict) -> dict:

@@ -45,7 +45,8 @@ from ppo_core import (
     bootstrap_values,
     check_finite,
     check_resumed_layouts,
-    evaluate_policy,
+    eval_due,
+    evaluate_modes,
     explained_variance,
     gae,
     index_obs,
@@ -582,6 +583,7 @@ if __name__ == "__main__":
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
     scaler = RunningRewardScaler(args.num_envs, args.gamma, args.reward_clip)
     iteration, env_steps, bad_updates, rollout_state = 0, 0, 0, None
+    evaluated_at = -1  # the iteration of the last finished in-run evaluation (a pre-emption may cut one short)
 
     try:
         resume = run_utils.resume_path(args.resume, ckpt_dir)
@@ -597,6 +599,7 @@ if __name__ == "__main__":
             critic_opt.load_state_dict(ckpt["critic_optimizer"])
             scaler.load_state_dict(ckpt["reward_scaler"])
             iteration, env_steps, rollout_state = ckpt["step"], ckpt["env_steps"], ckpt.get("rollout")
+            evaluated_at = ckpt.get("evaluated_at", iteration or -1)  # (older checkpoints: evaluated when saved)
             run_utils.set_rng_state(ckpt["rng"])
             print(f"resumed from {resume} at iteration {iteration} ({env_steps} env steps)")
     except run_utils.CheckpointError as e:
@@ -613,7 +616,7 @@ if __name__ == "__main__":
              "reward_scaler": scaler.state_dict(), "step": iteration,
              "env_steps": env_steps, "args": asdict(args), "config": cfg, "ppo_config": ppo_config(args),
              "normalizer": policy.ft.normalizer(), "rng": run_utils.rng_state(), "bc_ckpt": args.bc_ckpt,
-             "rollout": rollout.state_dict()},
+             "rollout": rollout.state_dict(), "evaluated_at": evaluated_at},
             keep_previous=name == "latest.pt",
         )  # fmt: skip
 
@@ -641,21 +644,32 @@ if __name__ == "__main__":
         rollout.load_state_dict(rollout_state)
     preemption = run_utils.Preemption()
 
-    def run_eval(modes, episodes: int, record_mode: Optional[str] = None) -> dict:
-        """{mode: stats} over the same protocol episodes (per-episode noise seeds; the training RNG is untouched)."""
+    def run_eval(modes, episodes: int, record_mode: Optional[str] = None, partial_path: Optional[str] = None) -> dict:
+        """{mode: stats} over the same protocol episodes (per-episode noise seeds; the training RNG is untouched); a
+        pre-emption stops it within one chunk step (le.Interrupted)."""
         policy.eval()
-        out = {}
-        for mode in modes:
-            out[mode] = evaluate_policy(eval_venv, policy.acting(mode), episodes,
-                                        args.seed, cfg["act_steps"], record=mode == record_mode)  # fmt: skip
+        out = evaluate_modes(eval_venv, policy.acting, modes, episodes, args.seed, cfg["act_steps"], record_mode,
+                             lambda: preemption.requested, partial_path)  # fmt: skip
         if eval_venv is venv and not args.reset_at_iteration:  # the evaluation cut the training episodes short
             rollout.reset_all()
             scaler.reset()
         return out
 
     eval_modes = list(dict.fromkeys([args.eval_mode, "eta0"]))
-    if iteration == 0 and args.eval_episodes > 0:
-        log_evaluation(logger, 0, env_steps, run_eval(eval_modes, args.eval_episodes), args.eval_mode)
+
+    def in_run_evaluation() -> None:
+        """The evaluation due after this iteration; a pre-emption during it checkpoints (without it) and exits, and
+        the resumed run evaluates this iteration first."""
+        global evaluated_at
+        try:
+            log_evaluation(logger, iteration, env_steps, run_eval(eval_modes, args.eval_episodes), args.eval_mode)
+        except le.Interrupted:
+            checkpoint("latest.pt")
+            preemption.exit()
+        evaluated_at = iteration
+
+    if eval_due(args, iteration) and evaluated_at != iteration:  # the BC start, or an evaluation cut short
+        in_run_evaluation()
     while iteration < args.num_iterations:
         timers = {"env": 0.0, "policy": 0.0, "update": 0.0}
         noise_scale = noise_scale_at(vars(args), iteration)
@@ -721,10 +735,8 @@ if __name__ == "__main__":
               f"clipfrac {stats.get('clipfrac', 0):.2f}, env {timers['env']:.0f}s policy {timers['policy']:.0f}s "
               f"update {timers['update']:.0f}s")  # fmt: skip
         rollout.episode_returns, rollout.episode_lengths = [], []
-        if args.eval_episodes > 0 and (
-            (args.eval_every and iteration % args.eval_every == 0) or iteration == args.num_iterations
-        ):
-            log_evaluation(logger, iteration, env_steps, run_eval(eval_modes, args.eval_episodes), args.eval_mode)
+        if eval_due(args, iteration):
+            in_run_evaluation()
         if iteration % args.save_every == 0 or preemption.requested:
             checkpoint("latest.pt")
         if preemption.requested:
@@ -734,8 +746,14 @@ if __name__ == "__main__":
     final_path = os.path.join(run_dir, "final_eval.json")
     if args.final_eval_episodes > 0 and not os.path.exists(final_path):
         # ALGO LOGIC: every action mode over the same episodes, and how consistent the evaluated mode's actions are
-        results = run_eval(ACTION_MODES, args.final_eval_episodes, record_mode=args.eval_mode)
+        print(f"final evaluation: {', '.join(ACTION_MODES)} over {args.final_eval_episodes} protocol episodes")
+        partial = os.path.join(run_dir, "final_eval.partial.json")  # the modes finished before a pre-emption
+        try:
+            results = run_eval(ACTION_MODES, args.final_eval_episodes, args.eval_mode, partial)
+        except le.Interrupted:
+            preemption.exit()  # final.pt is written: the resumed run only evaluates the modes missing from partial
         write_final_evaluation(final_path, logger, results, iteration, env_steps, args)
+        os.remove(partial)
     venv.close()
     if eval_venv is not venv:
         eval_venv.close()

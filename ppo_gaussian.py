@@ -33,7 +33,8 @@ from ppo_core import (
     actor_lr_at,
     check_finite,
     check_resumed_layouts,
-    evaluate_policy,
+    eval_due,
+    evaluate_modes,
     explained_variance,
     index_obs,
     mean_stats,
@@ -385,6 +386,7 @@ if __name__ == "__main__":
     scaler = RunningRewardScaler(args.num_envs, args.gamma, args.reward_clip)
     generator = torch.Generator().manual_seed(args.seed)
     bc_step, iteration, env_steps, bad_updates, rollout_state = 0, 0, 0, 0, None
+    evaluated_at = -1  # the iteration of the last finished in-run evaluation (a pre-emption may cut one short)
     modules = {"model": policy, "ema": ema.model, "critic": critic, "bc_optimizer": bc_opt, "bc_scheduler": bc_sched,
                "optimizer": actor_opt, "critic_optimizer": critic_opt,
                "reward_scaler": scaler}  # fmt: skip
@@ -399,6 +401,7 @@ if __name__ == "__main__":
                 if ckpt.get(name) is not None:  # (runs from before the BC EMA hold none)
                     module.load_state_dict(ckpt[name])
             bc_step, iteration, env_steps = ckpt["bc_step"], ckpt["step"], ckpt["env_steps"]
+            evaluated_at = ckpt.get("evaluated_at", iteration or -1)  # (older checkpoints: evaluated when saved)
             rollout_state = ckpt.get("rollout")
             run_utils.set_rng_state(ckpt["rng"])
             generator.set_state(ckpt["rng"]["generator"])
@@ -417,7 +420,8 @@ if __name__ == "__main__":
             os.path.join(ckpt_dir, name),
             {"format": CKPT_FORMATS[0], **state, "step": iteration, "bc_step": bc_step,
              "env_steps": env_steps, "args": asdict(args), "config": cfg, "normalizer": policy.normalizer(),
-             "rng": rng, "rollout": rollout.state_dict() if rollout is not None else None},
+             "rng": rng, "rollout": rollout.state_dict() if rollout is not None else None,
+             "evaluated_at": evaluated_at},
             keep_previous=name == "latest.pt",
         )  # fmt: skip
 
@@ -462,11 +466,12 @@ if __name__ == "__main__":
             a_norm = policy.dist(obs_t).sample()
         return policy.to_actions(a_norm).cpu().numpy(), {"actions": a_norm.cpu()}
 
-    def run_eval(modes, episodes: int, record_mode: Optional[str] = None) -> dict:
-        """{mode: stats} over the same protocol episodes (per-episode noise seeds; the training RNG is untouched)."""
+    def run_eval(modes, episodes: int, record_mode: Optional[str] = None, partial_path: Optional[str] = None) -> dict:
+        """{mode: stats} over the same protocol episodes (per-episode noise seeds; the training RNG is untouched); a
+        pre-emption stops it within one chunk step (le.Interrupted)."""
         policy.eval()
-        out = {m: evaluate_policy(venv, policy.acting(m), episodes, args.seed, cfg["act_steps"], m == record_mode)
-               for m in modes}  # fmt: skip
+        out = evaluate_modes(venv, policy.acting, modes, episodes, args.seed, cfg["act_steps"], record_mode,
+                             lambda: preemption.requested, partial_path)  # fmt: skip
         if not args.reset_at_iteration:  # the evaluation cut the training episodes short
             rollout.reset_all()
             scaler.reset()
@@ -483,8 +488,20 @@ if __name__ == "__main__":
     )
     if rollout_state is not None:
         rollout.load_state_dict(rollout_state)
-    if iteration == 0 and args.eval_episodes > 0:
-        log_evaluation(logger, 0, env_steps, run_eval(eval_modes, args.eval_episodes), args.eval_mode)
+
+    def in_run_evaluation() -> None:
+        """The evaluation due after this iteration; a pre-emption during it checkpoints (without it) and exits, and
+        the resumed run evaluates this iteration first."""
+        global evaluated_at
+        try:
+            log_evaluation(logger, iteration, env_steps, run_eval(eval_modes, args.eval_episodes), args.eval_mode)
+        except le.Interrupted:
+            checkpoint("latest.pt")
+            preemption.exit()
+        evaluated_at = iteration
+
+    if eval_due(args, iteration) and evaluated_at != iteration:  # the BC start, or an evaluation cut short
+        in_run_evaluation()
     while iteration < args.num_iterations:
         timers = {"env": 0.0, "policy": 0.0, "update": 0.0}
         for group in actor_opt.param_groups:
@@ -536,10 +553,8 @@ if __name__ == "__main__":
         print(f"iteration {iteration}: train success {train_success:.3f} ({n_eps} episodes), "
               f"ev {explained_variance(values, returns):.2f}, kl {stats.get('approx_kl', 0):.4f}")  # fmt: skip
         rollout.episode_returns, rollout.episode_lengths = [], []
-        if args.eval_episodes > 0 and (
-            (args.eval_every and iteration % args.eval_every == 0) or iteration == args.num_iterations
-        ):
-            log_evaluation(logger, iteration, env_steps, run_eval(eval_modes, args.eval_episodes), args.eval_mode)
+        if eval_due(args, iteration):
+            in_run_evaluation()
         if iteration % args.save_every == 0 or preemption.requested:
             checkpoint("latest.pt")
         if preemption.requested:
@@ -548,8 +563,14 @@ if __name__ == "__main__":
     checkpoint("final.pt")
     final_path = os.path.join(run_dir, "final_eval.json")
     if args.final_eval_episodes > 0 and not os.path.exists(final_path):
-        results = run_eval(("sample", "mean"), args.final_eval_episodes, record_mode=args.eval_mode)
+        print(f"final evaluation: sample, mean over {args.final_eval_episodes} protocol episodes")
+        partial = os.path.join(run_dir, "final_eval.partial.json")  # the modes finished before a pre-emption
+        try:
+            results = run_eval(("sample", "mean"), args.final_eval_episodes, args.eval_mode, partial)
+        except le.Interrupted:
+            preemption.exit()  # final.pt is written: the resumed run only evaluates the modes missing from partial
         write_final_evaluation(final_path, logger, results, iteration, env_steps, args)
+        os.remove(partial)
     venv.close()
     logger.close()
     print(f"done: BC {bc_step} steps, PPO {iteration} iterations, {env_steps} env steps; checkpoints in {ckpt_dir}")

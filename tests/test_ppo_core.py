@@ -5,6 +5,7 @@ env stands behind VectorLiberoEnv's interface)."""
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -447,3 +448,50 @@ def test_evaluation_outcomes_do_not_depend_on_the_worker_count_and_leave_the_tra
         np.testing.assert_allclose(a1, a3, rtol=0, atol=1e-4)
     first_actions = [r.steps[0]["action"] for r in runs[1]]
     assert not np.allclose(first_actions[0], first_actions[1])  # episodes do draw different noise
+
+
+@pytest.mark.sim
+def test_a_pre_emption_during_the_final_evaluation_stops_it_and_the_resumed_run_only_evaluates_what_is_missing(
+    tmp_path,
+):
+    """A one-iteration run goes on into its final evaluation (3 modes x 20 episodes of 280 steps, one env): SIGTERM
+    once its first mode is kept stops it within a chunk step (before, it ran the whole evaluation and ended as if
+    never signalled), and the rerun keeps that mode and evaluates only the other two, without training again."""
+    demo = write_tiny_demo_file(str(tmp_path / "demo.hdf5"), num_demos=2, T=10, state_dim=98)
+    tiny = "--feature-dim 16 --state-encoder-dims 32 --denoiser mlp --mlp-dims 32 --step-embed-dim 16".split()
+    run_script(["bc_diffusion.py", *tiny, "--obs-mode", "state", "--demo-paths", demo, "--run-root",
+                str(tmp_path / "bc"), "--total-steps", "4", "--batch-size", "8", "--eval-episodes", "0"],
+               cwd=ROOT)  # fmt: skip
+    bc_ckpt = str(tmp_path / "bc" / "bc_diffusion" / "libero_object" / "task00__seed0" / "checkpoints" / "final.pt")
+    cmd = ["ppo_diffusion.py", "--bc-ckpt", bc_ckpt, "--num-envs", "1", "--num-steps", "4", "--num-iterations", "1",
+           "--eval-episodes", "0", "--final-eval-episodes", "20", "--minibatch-size", "10", "--update-epochs", "1",
+           "--run-root", str(tmp_path / "runs")]  # fmt: skip
+    run_dir = tmp_path / "runs" / "ppo_diffusion" / "libero_object" / "task00__seed0"
+    partial = run_dir / "final_eval.partial.json"
+    env = {k: v for k, v in script_env().items() if not k.startswith("SLURM_")}  # no requeue of a job the test is in
+    with open(tmp_path / "run.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert partial.exists(), (tmp_path / "run.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        signalled = time.monotonic()
+        proc.wait(timeout=120)
+        stopped_in = time.monotonic() - signalled
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "run.log").read_text()
+    assert proc.returncode == 143 and "pre-empted (SIGTERM)" in log, log[-3000:]
+    assert stopped_in < 15, f"took {stopped_in:.0f} s to stop"  # the rest: 2 modes x 20 x 280 env steps
+    kept = json.loads(partial.read_text())
+    assert list(kept) == ["sample"] and not (run_dir / "final_eval.json").exists()
+    out = run_script(cmd, cwd=ROOT, timeout=900).stdout
+    assert "at iteration 1" in out and "iteration 1: train success" not in out  # no training again
+    assert f"evaluation: sample kept from {partial}" in out
+    final = json.loads((run_dir / "final_eval.json").read_text())
+    assert final["sample"] == kept["sample"] and set(ppo.ACTION_MODES) <= set(final) and not partial.exists()
+    assert all(len(final[m]["successes"]) == 20 for m in ppo.ACTION_MODES)
