@@ -9,6 +9,8 @@ import pytest
 from helpers import ROOT, run_script, write_tiny_demo_file
 
 import analyze
+import demo_hdf5
+import libero_env as le
 
 
 def test_cubic_path_gives_the_analytic_jerk():
@@ -152,7 +154,14 @@ def test_cli_two_sources_with_gaps_missing_tasks_and_original_libero_files(tmp_p
     task = metrics["per_task"]["KITCHEN_SCENE1_put_the_black_bowl_on_top_of_the_cabinet"]
     assert task["human"]["trajectories"] == 3 and task["human"]["length_mean"] == 19  # re-aligned: one step less
     assert task["diffusion_rl"]["length_mean"] == 15
-    assert task["diffusion_rl"]["msj_std"] >= 0 and task["diffusion_rl"]["consistency_se_all"] >= 0  # 4 trajectories
+    # the spread over the task's 4 trajectories, from the file itself: jerk std and the consistency's jackknife
+    with demo_hdf5.DemoFile(str(rl / "KITCHEN_SCENE1_put_the_black_bowl_on_top_of_the_cabinet_demo.hdf5")) as f:
+        demos = [f.read(k, ["ee_pos"]) for k in f.demo_keys]
+    jerks = [analyze.mean_squared_jerk(d["obs"]["ee_pos"], 1.0 / le.CONTROL_HZ) for d in demos]
+    assert len(demos) == 4 and np.std(jerks) > 0
+    assert task["diffusion_rl"]["msj_std"] == pytest.approx(np.std(jerks), rel=1e-9)
+    se = analyze.consistency_se([d["actions"] for d in demos])
+    assert se > 0 and task["diffusion_rl"]["consistency_se_all"] == pytest.approx(se, rel=1e-9)
     assert metrics["aggregate"]["diffusion_rl"]["libero_90"]["tasks"] == 2
     assert metrics["figure_task"] == "KITCHEN_SCENE1_put_the_black_bowl_on_top_of_the_cabinet"
     assert metrics["figure_axis"] == "y" and len(metrics["figure_curves"]["human"]["mean"]) == 19

@@ -137,18 +137,27 @@ def test_clip_schedule_hits_its_ends():
     assert torch.all(ppo.clip_schedule(k, 5, 0.001, 0.01, 3.0, constant=True) == 0.01)
 
 
-def test_deterministic_sampling_repeats_exactly_for_the_same_initial_noise():
+def test_the_deterministic_modes_depend_on_the_initial_noise_only():
+    """eta0 and mean draw x_K and nothing after it: other noise for every later step leaves their chains unchanged,
+    another x_K changes them; sample uses the later noise (a mode that drew noise after x_K fails here)."""
     policy = tiny_finetuned().eval()
+    obs = obs_t(4)
+    shape = (4, policy.sched.K + 1, policy.cfg["horizon"], 7)
+    a = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    b = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    b[:, 0] = a[:, 0]  # the same x_K, other noise at every step after it
+    other_start = a.clone()
+    other_start[:, 0] = b[:, 1]  # another x_K, the same later noise
     for mode in ("eta0", "mean"):
-        torch.manual_seed(123)
-        chain_a, actions_a = policy.sample_chain(obs_t(4), 3.0, 0.1, mode)
-        torch.manual_seed(123)
-        chain_b, actions_b = policy.sample_chain(obs_t(4), 3.0, 0.1, mode)
+        chain_a, actions_a = policy.sample_chain(obs, 3.0, 0.1, mode, a)
+        chain_b, actions_b = policy.sample_chain(obs, 3.0, 0.1, mode, b)
         assert torch.equal(chain_a, chain_b) and torch.equal(actions_a, actions_b)
         assert chain_a.shape == (4, 6, 8, 7) and actions_a.shape == (4, 4, 7)
-    # Stochastic rollouts differ, and every step's noise is floored at min_std.
-    _, stochastic = policy.sample_chain(obs_t(4), 3.0, 0.1, "sample")
-    assert not torch.equal(stochastic, actions_a)
+        _, actions_c = policy.sample_chain(obs, 3.0, 0.1, mode, other_start)
+        assert (actions_c - actions_a).abs().max() > 1e-3
+    _, sample_a = policy.sample_chain(obs, 3.0, 0.1, "sample", a)
+    _, sample_b = policy.sample_chain(obs, 3.0, 0.1, "sample", b)
+    assert (sample_a - sample_b).abs().max() > 1e-3
 
 
 def test_the_action_modes_follow_the_trained_chain_or_ddim_eta0():
@@ -321,11 +330,17 @@ def test_first_minibatch_ratios_are_one_and_clipped_equals_unclipped():
     # on other batch compositions than the minibatch's, and a different batch takes other BLAS/oneDNN kernel paths
     # (which differ between CPUs): 2.4e-7 was seen on an AMD EPYC. A real first-step ratio error would be >> 1e-5.
     assert bad is None and stats["ratio_first"] < 1e-5
-    # With ratios of exactly 1 both PPO objectives coincide.
-    adv = torch.randn(10)
-    ratio = torch.ones(10)
-    clipped = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - 0.01, 1 + 0.01))
-    assert torch.equal(clipped, -adv * ratio)
+    # The project's clipped objective: at ratio 1 it is the unclipped -mean(w_k A) (w_k = 0.9^(K-1-k)); a ratio past
+    # the clip on the advantage's side earns no more than the clip allows; one on the other side is not clipped.
+    args, k = ppo_args(), torch.arange(10) % 5
+    adv, weights = torch.randn(10, generator=torch.Generator().manual_seed(0)), 0.9 ** (4 - k).float()
+    loss, clip = ppo.denoising_pg_loss(torch.ones(10), adv, k, 5, 5, args)
+    torch.testing.assert_close(loss, (-adv * weights).mean(), rtol=0, atol=1e-7)
+    up = torch.full((10,), 1.5)
+    loss_up, clip = ppo.denoising_pg_loss(up, adv.abs(), k, 5, 5, args)
+    torch.testing.assert_close(loss_up, (-adv.abs() * weights * (1 + clip)).mean(), rtol=0, atol=1e-7)
+    loss_down, _ = ppo.denoising_pg_loss(up, -adv.abs(), k, 5, 5, args)
+    torch.testing.assert_close(loss_down, (adv.abs() * weights * 1.5).mean(), rtol=0, atol=1e-7)
     assert stats["epochs"] == 2 and np.isfinite(stats["pg_loss"]) and np.isfinite(stats["v_loss"])
 
 
@@ -437,7 +452,8 @@ def test_reward_scaler_updates_once_per_batch_clips_and_resets():
 
 def test_ddpm_fine_tuning_steps_are_checked_against_the_bc_checkpoints_schedule():
     args = SimpleNamespace(suite="libero_object", task_id=0, sampler="ddpm", denoising_steps=5, ft_denoising_steps=30,
-                           num_envs=2, batch_chunks=10, minibatch_size=10, noise_scale=1.0, min_std=0.1,
+                           num_envs=2, eval_num_envs=0, num_workers=1, batch_chunks=10, minibatch_size=10,
+                           noise_scale=1.0, min_std=0.1,
                            noise_scale_final=None, noise_scale_switch=0.78)  # fmt: skip
     with pytest.raises(ValueError, match=r"--ft-denoising-steps must be in 1..20 .* 20 diffusion steps"):
         ppo.check_args(args, {**TINY, "num_train_timesteps": 20})
