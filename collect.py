@@ -29,11 +29,16 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
+import torch
 import tyro
 from tqdm import tqdm
 
+import bc_diffusion
 import demo_hdf5
 import libero_env as le
+import ppo_diffusion
+import ppo_gaussian
+import run_utils
 import scripted_expert
 
 
@@ -115,7 +120,6 @@ CKPT_PHASES = {"diffusion": {"ppo": "ppo_diffusion", "bc": "bc_diffusion"}, "gau
 
 def default_checkpoint(args: Args, task: le.Task) -> str:
     """The checkpoint convention: runs/<phase>/<suite>/task<NN>__seed<S>/checkpoints/final.pt."""
-    import run_utils
 
     phases = CKPT_PHASES[args.policy]
     if args.ckpt_phase not in phases:
@@ -149,81 +153,40 @@ def check_args(args: Args) -> Optional[list[scripted_expert.Step]]:
     return None
 
 
-def episode_generator(seed: int, episode: int):
-    """The noise stream of episode ``episode`` of a run seeded ``seed``: a CPU torch.Generator seeded by the pair,
-    so an episode's actions depend neither on the worker count nor on what else shares its batch."""
-    import torch
-
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, episode]).generate_state(1)[0]))
-
-
-class LearnedPolicy:
-    """Rollout interface around a learned policy's ``act(obs, generators) -> (B, T, 7)``: every episode draws its
-    policy noise from its own generator (:func:`episode_generator`), made when ``run_episodes`` starts it."""
-
-    needs_privileged = False
-
-    def __init__(self, act, replan_steps: int, obs_mode: str, image_size: int, info: Optional[dict] = None,
-                 seed: int = 0):  # fmt: skip
-        self.act, self.replan_steps, self.obs_mode, self.info = act, replan_steps, obs_mode, info or {}
-        self.image_size = image_size  # the camera size the policy was trained on (evaluate.py renders at it)
-        self.seed, self.generators = seed, {}
-
-    def reset(self, env_ids: list[int], episodes: list[int]) -> None:
-        for i, e in zip(env_ids, episodes):
-            self.generators[i] = episode_generator(self.seed, e)
-
-    def __call__(self, obs: dict, env_ids) -> np.ndarray:
-        return self.act(obs, [self.generators[i] for i in env_ids])
-
-
 def load_learned_policy(kind: str, ckpt: str, task: le.Task, action_mode="auto", ddim_steps=5, seed=0, cuda=True,
                         instruction: Optional[str] = None):  # fmt: skip
     """A checkpoint of bc_diffusion / ppo_diffusion (``diffusion``), ppo_gaussian (``gaussian``) or finetune_vla
     (``vla``) as a :class:`LearnedPolicy` acting in ``action_mode`` (``auto``: the mode the checkpoint names).
     A vla policy is prompted in the instruction convention its checkpoint was trained with, or ``instruction``;
     it draws its flow-matching noise from the global RNG (seeded by the caller)."""
-    import torch
-
-    import run_utils
-
     device = torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
     if kind == "vla":
-        from finetune_vla import Pi0Policy, vla_prompt
+        from finetune_vla import Pi0Policy, vla_prompt  # transformers takes seconds to import: only for pi0
 
         prompt, convention = vla_prompt(ckpt, task, instruction)
         policy = Pi0Policy(ckpt, prompt, device)
         info = {**policy.info, "prompt": prompt, "prompt_convention": convention}
-        return LearnedPolicy(lambda obs, gens: policy.act(obs), policy.cfg["act_steps"], "rgb", 256, info, seed)
+        return le.LearnedPolicy(lambda obs, gens: policy.act(obs), policy.cfg["act_steps"], "rgb", 256, info, seed)
     if kind == "gaussian":
-        from ppo_gaussian import CKPT_FORMATS, load_policy
-
-        saved = run_utils.load_checkpoint(ckpt, CKPT_FORMATS)
+        saved = run_utils.load_checkpoint(ckpt, ppo_gaussian.CKPT_FORMATS)
         mode = saved["args"].get("eval_mode", "mean") if action_mode == "auto" else action_mode
-        policy = load_policy(ckpt, device)
+        policy = ppo_gaussian.load_policy(ckpt, device)
         cfg, info = policy.cfg, {"ckpt_format": saved["format"], "action_mode": mode}
-        return LearnedPolicy(policy.acting(mode), cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], info, seed)
-    from ppo_diffusion import CKPT_FORMATS
-
-    saved = run_utils.load_checkpoint(ckpt, ("bc_diffusion/v1",) + CKPT_FORMATS)
+        return le.LearnedPolicy(policy.acting(mode), cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], info, seed)
+    saved = run_utils.load_checkpoint(ckpt, ("bc_diffusion/v1",) + ppo_diffusion.CKPT_FORMATS)
     fmt, mode = saved["format"], action_mode
-    if fmt in CKPT_FORMATS:
-        from ppo_diffusion import load_policy
-
+    if fmt in ppo_diffusion.CKPT_FORMATS:
         mode = saved["args"].get("eval_mode", "eta0") if mode == "auto" else mode
-        policy = load_policy(ckpt, device)
+        policy = ppo_diffusion.load_policy(ckpt, device)
         act = policy.acting(mode)
     else:  # a BC policy in the chain a PPO run starts from (DDIM-ddim_steps, eta 1, ppo_diffusion's defaults)
-        from bc_diffusion import load_policy
-        from ppo_diffusion import finetuning_start
-
         mode = "eta0" if mode == "auto" else mode
-        policy = finetuning_start(load_policy(ckpt, device), ddim_steps)
+        policy = ppo_diffusion.finetuning_start(bc_diffusion.load_policy(ckpt, device), ddim_steps)
         act = policy.acting(mode)
 
     cfg = policy.cfg
     info = {"ckpt_format": fmt, "action_mode": mode}
-    return LearnedPolicy(act, cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], info, seed)
+    return le.LearnedPolicy(act, cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], info, seed)
 
 
 def episode_arrays(steps: list[dict]) -> dict:

@@ -29,7 +29,10 @@ from typing import Literal, Optional
 import numpy as np
 import tyro
 
+import collect
 import libero_env as le
+import run_utils
+import scripted_expert
 
 SUITE_COLUMNS = [
     ("libero_spatial", "Spatial"),
@@ -103,8 +106,6 @@ class Args:
 # ================================================================================================================
 def make_policy(args: Args, task: le.Task, venv_factory):
     """(policy, venv, info) for one task; the venv renders what the policy needs."""
-    import collect
-    import scripted_expert
 
     if args.policy == "scripted":
         steps = scripted_expert.plan(task)
@@ -146,8 +147,6 @@ def save_video(path: str, steps: list[dict]) -> None:
 
 
 def evaluate_task(args: Args, task: le.Task, tag: str) -> dict:
-    import run_utils
-
     def venv_factory(obs_mode, image_size, privileged):
         return le.VectorLiberoEnv(task, args.num_envs, obs_mode=obs_mode, image_size=image_size, privileged=privileged,
                                   fast_step=args.fast_step)  # fmt: skip
@@ -314,8 +313,6 @@ def check_args(args: Args) -> list[le.Task]:
         raise ValueError("--num-episodes and --num-envs must be at least 1.")
     le.check_memory(args.num_envs)
     if args.policy == "scripted":
-        import scripted_expert
-
         for task in tasks:
             scripted_expert.plan(task)
     elif args.policy == "vla" and args.ckpt is None:
@@ -326,8 +323,6 @@ def check_args(args: Args) -> list[le.Task]:
 
 
 def default_checkpoint(args: Args, task: le.Task) -> str:
-    import collect
-
     return collect.default_checkpoint(args, task)
 
 

@@ -1024,6 +1024,35 @@ def run_episodes(
     return sorted(results, key=lambda r: r.episode)
 
 
+def episode_generator(seed: int, episode: int):
+    """The noise stream of episode ``episode`` of a run seeded ``seed``: a CPU torch.Generator seeded by the pair,
+    so an episode's actions depend neither on the worker count nor on what else shares its batch."""
+    import torch  # (only learned policies need it: the simulator side of this module runs without torch)
+
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, episode]).generate_state(1)[0]))
+
+
+class LearnedPolicy:
+    """:func:`run_episodes`' policy interface around a learned policy's ``act(obs, generators) -> (B, T, 7)``: every
+    episode draws its policy noise from its own generator (:func:`episode_generator`), made when the episode starts
+    (``reset_policy=learned.reset``)."""
+
+    needs_privileged = False
+
+    def __init__(self, act, replan_steps: int, obs_mode: str, image_size: int, info: Optional[dict] = None,
+                 seed: int = 0):  # fmt: skip
+        self.act, self.replan_steps, self.obs_mode, self.info = act, replan_steps, obs_mode, info or {}
+        self.image_size = image_size  # the camera size the policy was trained on (evaluate.py renders at it)
+        self.seed, self.generators = seed, {}
+
+    def reset(self, env_ids: list[int], episodes: list[int]) -> None:
+        for i, e in zip(env_ids, episodes):
+            self.generators[i] = episode_generator(self.seed, e)
+
+    def __call__(self, obs: dict, env_ids) -> np.ndarray:
+        return self.act(obs, [self.generators[i] for i in env_ids])
+
+
 def evaluate_success(venv: VectorLiberoEnv, act: Callable, episodes: int, seed: int, replan_steps: int) -> dict:
     """Success rate and mean episode length of a deterministic ``act(obs) -> (B, T, 7)`` over protocol episodes
     0..episodes-1: the periodic evaluation of the training scripts."""

@@ -24,9 +24,12 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 
+import analyze
 import libero_env as le
 import run_utils
+from bc_diffusion import ObsEncoder, mlp
 
 
 # ================================================================================================================
@@ -135,6 +138,24 @@ def check_resumed_layouts(path: str, saved_args: dict, layouts: str) -> None:
             f"{path} was trained with --train-layouts {saved}; resume with --train-layouts "
             f"{saved}, or start a new run (--resume never or another --run-root)."
         )
+
+
+# ================================================================================================================
+# The critic both policy classes train
+# ================================================================================================================
+class Critic(nn.Module):
+    """V(s, t / limit): its own observation encoder (same architecture as the actor's) and an MLP head that also
+    sees the elapsed fraction of the episode's step limit. With time-outs terminal (value 0) the value of a state
+    depends on the time left; without it the critic is not Markov (ALGORITHM.md)."""
+
+    def __init__(self, cfg: dict, hidden):
+        super().__init__()
+        self.encoder = ObsEncoder(cfg)
+        self.head = mlp([self.encoder.out_dim + 1, *hidden, 1])
+
+    def forward(self, obs_t: dict) -> torch.Tensor:
+        features = torch.cat([self.encoder(obs_t), obs_t["time"].unsqueeze(-1).to(torch.float32)], dim=-1)
+        return self.head(features).squeeze(-1)
 
 
 def success_return(t: int, max_steps: int, act_steps: int, gamma: float) -> float:
@@ -274,10 +295,7 @@ def evaluate_policy(venv: le.VectorLiberoEnv, act: Callable, episodes: int, seed
     the worker count nor on the training RNG, which is left where it was. ``record``: also ``action_std``, the
     per-timestep std of the actions across the successful trajectories, averaged over steps and axes (analyze.py's
     consistency, the paper's Fig. 7)."""
-    import analyze
-    import collect
-
-    learned = collect.LearnedPolicy(act, replan_steps, venv.obs_mode, 0, seed=seed)
+    learned = le.LearnedPolicy(act, replan_steps, venv.obs_mode, 0, seed=seed)
     results = le.run_episodes(venv, learned, range(episodes), seed, replan_steps, record=record,
                               render=venv.obs_mode == "rgb", reset_policy=learned.reset, stop=stop)  # fmt: skip
     stats = {"success_rate": float(np.mean([r.success for r in results])),

@@ -37,8 +37,11 @@ import torch.nn as nn
 import tyro
 
 import libero_env as le
-from bc_diffusion import DiffusionPolicy, ObsEncoder, ddim_step, ddpm_step, mlp, step_schedule
+import run_utils
+from bc_diffusion import DiffusionPolicy, ddim_step, ddpm_step, step_schedule
+from bc_diffusion import load_policy as bc_load_policy
 from ppo_core import (
+    Critic,
     Rollout,
     RunningRewardScaler,
     actor_lr_at,
@@ -370,21 +373,6 @@ class GraphedSampler:
 # ================================================================================================================
 # Critic (ppo_gaussian.py shares it; rollouts, GAE and evaluation are in ppo_core.py)
 # ================================================================================================================
-class Critic(nn.Module):
-    """V(s, t / limit): its own observation encoder (same architecture as the actor's) and an MLP head that also
-    sees the elapsed fraction of the episode's step limit. With time-outs terminal (value 0) the value of a state
-    depends on the time left; without it the critic is not Markov (ALGORITHM.md)."""
-
-    def __init__(self, cfg: dict, hidden):
-        super().__init__()
-        self.encoder = ObsEncoder(cfg)
-        self.head = mlp([self.encoder.out_dim + 1, *hidden, 1])
-
-    def forward(self, obs_t: dict) -> torch.Tensor:
-        features = torch.cat([self.encoder(obs_t), obs_t["time"].unsqueeze(-1).to(torch.float32)], dim=-1)
-        return self.head(features).squeeze(-1)
-
-
 # ================================================================================================================
 # PPO update
 # ================================================================================================================
@@ -498,8 +486,6 @@ def noise_scale_at(args: dict, iteration: int) -> float:
 
 def load_policy(path: str, device="cpu") -> FineTunedDiffusion:
     """The fine-tuned policy of a ppo_diffusion checkpoint (for collect.py / evaluate.py)."""
-    import run_utils
-
     ckpt = run_utils.load_checkpoint(path, CKPT_FORMATS)
     cfg, ppo = ckpt["config"], ckpt["ppo_config"]
     bc_policy = DiffusionPolicy(cfg)
@@ -548,16 +534,13 @@ def check_args(args, bc_cfg: dict) -> None:
 
 # ================================================================================================================
 if __name__ == "__main__":
-    import run_utils
-    from bc_diffusion import load_policy as load_bc_policy
-
     args = tyro.cli(Args)
     try:
         le.check_task_args(args.suite, args.task_id)
         task = le.resolve_task(args.suite, args.task_id)
         bc_dir = run_utils.task_run_dir(args.run_root, "bc_diffusion", task.suite, task.local_id, args.seed)
         args.bc_ckpt = args.bc_ckpt or os.path.join(bc_dir, "checkpoints", "final.pt")
-        bc_policy = load_bc_policy(args.bc_ckpt)
+        bc_policy = bc_load_policy(args.bc_ckpt)
         check_args(args, bc_policy.cfg)
     except (ValueError, run_utils.CheckpointError) as e:
         sys.exit(f"error: {e}")

@@ -27,20 +27,30 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
+import demo_hdf5
 import libero_env as le
+import run_utils
 from bc_diffusion import ObsEncoder, PolicyBase, mlp
 from ppo_core import (
+    Critic,
+    Rollout,
+    RunningRewardScaler,
     actor_lr_at,
+    bootstrap_values,
     check_finite,
     check_resumed_layouts,
     eval_due,
     evaluate_modes,
     explained_variance,
+    gae,
     index_obs,
+    log_evaluation,
     mean_stats,
     minibatches,
     normalize_advantages,
+    success_reward_fn,
     to_device,
+    write_final_evaluation,
 )
 
 CKPT_FORMATS = ("ppo_gaussian/v2", "ppo_gaussian/v1")  # v1 (critic without time): its actor still loads
@@ -258,8 +268,6 @@ def chunk_logprob(d: torch.distributions.Normal, a: torch.Tensor, clip: tuple[fl
 
 
 def load_policy(path: str, device="cpu") -> GaussianPolicy:
-    import run_utils
-
     ckpt = run_utils.load_checkpoint(path, CKPT_FORMATS)
     policy = GaussianPolicy(ckpt["config"])
     policy.load_state_dict(ckpt["model"])
@@ -332,19 +340,6 @@ def gaussian_ppo_update(policy: GaussianPolicy, critic, batch: dict, args, optim
 
 # ================================================================================================================
 if __name__ == "__main__":
-    import demo_hdf5
-    import run_utils
-    from ppo_core import (
-        Rollout,
-        RunningRewardScaler,
-        bootstrap_values,
-        gae,
-        log_evaluation,
-        success_reward_fn,
-        write_final_evaluation,
-    )
-    from ppo_diffusion import Critic
-
     args = tyro.cli(Args)
     try:
         le.check_task_args(args.suite, args.task_id)

@@ -419,7 +419,6 @@ def test_a_killed_and_resumed_ppo_run_ends_like_an_uninterrupted_one(tmp_path, k
 def test_evaluation_outcomes_do_not_depend_on_the_worker_count_and_leave_the_training_rng(kind):
     """Each episode draws its policy noise from its own generator: with 1 or 3 envs the same per-episode actions
     (up to kernel rounding of other batch sizes) and outcomes; the global RNG is where it was."""
-    import collect
 
     task = dataclasses.replace(le.resolve_task("libero_object", 0), max_steps=16)
     runs, act = {}, None
@@ -436,7 +435,7 @@ def test_evaluation_outcomes_do_not_depend_on_the_worker_count_and_leave_the_tra
                     policy = pg.GaussianPolicy({**GAUSS, "object_state_dim": dim})
                 act = policy.eval().acting("sample")
             torch.manual_seed(11)
-            learned = collect.LearnedPolicy(act, 4, "state", 0, seed=7)
+            learned = le.LearnedPolicy(act, 4, "state", 0, seed=7)
             runs[num_envs] = le.run_episodes(venv, learned, range(4), seed=7, replan_steps=4, record=True,
                                              render=False, reset_policy=learned.reset)  # fmt: skip
             after = torch.rand(2)
