@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import types
 from functools import cache, partial
+from typing import Optional
 
 import numpy as np
 
@@ -541,6 +542,7 @@ class FastStep:
         self._arms: list[_Arm] = []
         self.compiled = False  # whether the last step ran the compiled controller
         self.compiled_loop = True  # the substeps after an env step's first in one compiled call (osc_substeps)
+        self._contact_masks: Optional[tuple] = None  # (model, {geom set key: mask over geom ids}), check_contact
 
     def _forward(self, model, data, mujoco):
         """What runs before the controller in each substep, as one function of no arguments."""
@@ -640,10 +642,46 @@ class FastStep:
                 if compiled and torques[k] is not None:
                     a.finish_step(torques[k])
         env.cur_time += env.control_timestep
-        success = env._check_success()  # LIBERO's reward: 1 on success (times reward_scale)
-        reward = (1.0 if success else 0.0) * (env.reward_scale / 1.0 if env.reward_scale is not None else 1.0)
-        env.done = (env.timestep >= env.horizon) and not env.ignore_done
-        env._post_process()
-        if env.tracking_object_states_change:  # LIBERO's done is checked after _post_process updated them
-            success = env._check_success()
+        env.check_contact = self.check_contact  # LIBERO's predicates call it (shadows the method for this step)
+        try:
+            success = env._check_success()  # LIBERO's reward: 1 on success (times reward_scale)
+            reward = (1.0 if success else 0.0) * (env.reward_scale / 1.0 if env.reward_scale is not None else 1.0)
+            env.done = (env.timestep >= env.horizon) and not env.ignore_done
+            env._post_process()
+            if env.tracking_object_states_change:  # LIBERO's done is checked after _post_process updated them
+                success = env._check_success()
+        finally:
+            del env.check_contact
         return env._get_observations(), reward, success, {}
+
+    def check_contact(self, geoms_1, geoms_2=None) -> bool:
+        """robosuite's ``MujocoEnv.check_contact`` (is any geom of ``geoms_1`` touching any of ``geoms_2``, or any
+        geom when None), the same answer from the contact arrays: robosuite loops over the contacts in Python and
+        looks up four geom names per contact, ~9 % of a PPO worker's time in LIBERO's On predicate
+        (benchmarks/RESULTS.md). Names become boolean masks over geom ids, cached until the model changes."""
+        model = self.env.sim.model
+        if self._contact_masks is None or self._contact_masks[0] is not model:
+            self._contact_masks = (model, {})
+        masks = self._contact_masks[1]
+
+        def mask(geoms):
+            if geoms is None:
+                return None
+            key = geoms if isinstance(geoms, str) else id(geoms) if hasattr(geoms, "contact_geoms") else tuple(geoms)
+            if key not in masks:  # a MujocoModel is keyed by identity: the env's objects live as long as its model
+                names = [geoms] if isinstance(geoms, str) else getattr(geoms, "contact_geoms", geoms)
+                m = np.zeros(model.ngeom, dtype=bool)
+                for name in names:
+                    if name in model._geom_name2id:
+                        m[model._geom_name2id[name]] = True
+                masks[key] = (m, geoms)  # (the object itself kept alive: its id cannot be reused meanwhile)
+            return masks[key][0]
+
+        data = self.env.sim.data._data
+        if data.ncon == 0:
+            return False
+        g1, g2 = data.contact.geom1, data.contact.geom2
+        m1, m2 = mask(geoms_1), mask(geoms_2)
+        if m2 is None:
+            return bool((m1[g1] | m1[g2]).any())
+        return bool(((m1[g1] & m2[g2]) | (m2[g1] & m1[g2])).any())

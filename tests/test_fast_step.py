@@ -256,3 +256,34 @@ def test_compiled_controller_matches_robosuites_set_goal_and_run_controller(suit
     assert largest > 5.0  # the rollout drove the arm: torques well above gravity compensation's noise
     assert worst_goal < 1e-12, f"goals differ from robosuite's set_goal by {worst_goal:.2e}"
     assert worst < 1e-10, f"compiled torques differ from robosuite's by {worst:.2e}"
+
+
+@pytest.mark.sim
+def test_the_fast_contact_check_answers_as_robosuites_on_every_pair():
+    """FastStep.check_contact against robosuite's check_contact (the loop over the contacts LIBERO's On predicate
+    calls), for every pair of objects and fixtures and each against anything, at every step of scripted episodes that
+    grasp, carry and place (contacts made and broken: LIBERO-Spatial 0 bowl on plate, LIBERO-Goal 8 too)."""
+    import scripted_expert
+
+    for suite, local_id in (("libero_spatial", 0), ("libero_goal", 8)):
+        task = le.resolve_task(suite, local_id)
+        env = le.make_env(task, obs_mode="state", fast_step=True, privileged=True)
+        policy = scripted_expert.ScriptedPolicy(scripted_expert.plan(task), env.scene(), 0.0, seed=0)
+        models = [env.env.get_object(n) for n in list(env.env.objects_dict) + list(env.env.fixtures_dict)]
+        pairs = [(a, b) for a in models for b in [*models, None] if a is not b]
+        pairs += [("gripper0_finger1_collision", models[0]), (["table_collision", "gripper0_finger2_collision"], None)]
+        touching, checked = 0, 0
+        obs = env.reset(le.SAMPLED, seed=3)
+        policy.reset([0], [0])
+        for _ in range(180):
+            for a, b in pairs:
+                expected = env.env.__class__.check_contact(env.env, a, b)
+                assert env._fast.check_contact(a, b) == expected, (a, b)
+                touching += expected
+                checked += 1
+            out = env.step_chunk(policy(le.stack_obs([obs]), [0])[0][:1], render=False)
+            obs = out.obs
+            if out.done:
+                break
+        assert touching > 0.05 * checked and touching < checked  # both answers seen, many times
+        env.close()
