@@ -1,0 +1,88 @@
+"""The coverage study's scripts without the simulator: the committed draw is the draw script's, and the report on
+synthetic artefacts (a finished task below the gate with its failures, a finished one above it, one running) gives
+the rows, per-suite means, goal count and failure reasons those numbers imply."""
+
+import json
+import os
+import shutil
+
+from helpers import ROOT, run_script
+
+
+def test_the_committed_draw_is_the_draw_scripts_and_excludes_the_tasks_run_before():
+    out = run_script(["scripts/coverage_draw.py", "--check"], cwd=ROOT).stdout
+    assert "the committed draw is this script's" in out
+    draw = json.load(open(os.path.join(ROOT, "docs", "coverage", "draw.json")))
+    suites = [spec.split(":")[0] for spec in draw["order"]]
+    assert len(draw["order"]) == 10 and all(suites.count(s) == 2 for s in set(suites)) and len(set(suites)) == 5
+    assert not set(draw["order"]) & set(draw["excluded"]) and "libero_goal:1" in draw["excluded"]
+
+
+def write(path, name, obj):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, name), "w") as f:
+        if name.endswith(".jsonl"):
+            f.writelines(json.dumps(r) + "\n" for r in obj)
+        else:
+            json.dump(obj, f)
+
+
+def run_files(path, final_rates, curve, iterations=83, wall=3600):
+    """A PPO run's exported artefacts: in-run evaluations (env steps, mean rate) and a final evaluation."""
+    args = {"eval_mode": "mean", "num_envs": 16, "num_steps": 140, "actor_lr": 1e-4, "minibatch_size": 2800,
+            "train_layouts": "sampled", "num_iterations": iterations}  # fmt: skip
+    rows = [{"step": i, "env_steps": 17920 * i, "time": 1.8e9 + 60 * i, "eval/success_rate": p,
+             "eval_eta0/success_rate": p / 2} for i, p in curve]  # fmt: skip
+    write(path, "args.json", args)
+    write(path, "metrics.jsonl", rows)
+    if final_rates is not None:
+        final = {"eval_mode": "mean", "episodes": 200, "env_steps": 17920 * iterations, "iteration": iterations}
+        for mode, p in final_rates.items():
+            final[mode] = {"success_rate": p, "successes": [1] * round(200 * p) + [0] * (200 - round(200 * p))}
+        write(path, "final_eval.json", final)
+    with open(os.path.join(path, "wall_s.txt"), "w") as f:
+        f.write(f"{wall}\n")
+
+
+def test_the_report_on_synthetic_artefacts(tmp_path):
+    docs = tmp_path / "docs"
+    root = docs / "coverage"
+    os.makedirs(root)
+    shutil.copy(os.path.join(ROOT, "docs", "coverage", "draw.json"), root / "draw.json")
+    order = json.load(open(root / "draw.json"))["order"]
+    name = lambda spec: f"{spec.split(':')[0]}_task{int(spec.split(':')[1]):02d}"  # noqa: E731
+    below, above, running = order[0], order[5], order[1]  # two of the first suite, one of the second
+    assert below.split(":")[0] == above.split(":")[0]
+    run_files(str(root / "tasks" / name(below)), {"mean": 0.9, "sample": 0.7, "eta0": 0.4},
+              [(0, 0.3), (10, 0.82), (20, 0.88), (83, 0.9)])  # fmt: skip
+    write(str(root / "tasks" / name(below)), "sampled_eval.json", {"success_rate": 0.95, "num_episodes": 200})
+    fails = [{"episode": e, "init_state": e % 50, "length": 220, "gripper_closes": c, "max_lift_m": lift,
+              "final_lift_m": end} for e, (c, lift, end) in enumerate(
+                  [(0, 0, 0)] * 2 + [(1, 0.01, 0)] * 3 + [(4, 0.1, 0.0)] * 10 + [(1, 0.12, 0.1)] * 5)]  # fmt: skip
+    write(str(root / "tasks" / name(below)), "failures.json", {"object": "bowl", "episodes": fails})
+    write(str(root / "tasks" / name(below)), "demos.json", {"num_demos": 50, "num_attempts": 54,
+                                                            "success_rate": 0.94, "mean_length": 128.0})  # fmt: skip
+    run_files(str(root / "tasks" / name(above)), {"mean": 0.985, "sample": 0.8, "eta0": 0.5},
+              [(0, 0.5), (10, 0.96), (83, 1.0)], wall=7200)  # fmt: skip
+    run_files(str(root / "tasks" / name(running)), None, [(0, 0.2), (10, 0.5)])
+    run_script(["scripts/coverage_report.py", "--docs", str(docs)], cwd=ROOT)
+    page = (docs / "coverage.md").read_text()
+    per_task = page[page.index("## Per task") : page.index("## Per suite")]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in per_task.splitlines() if line.startswith("| libero")}  # fmt: skip
+    row = rows[below]
+    # columns: instruction, demos, BC start, to 80 / 90 / 95 %, final mean, sample, eta0, sampled, steps, wall, status
+    assert row[1] == "50 of 54 (94 %), 128 steps" and row[2] == "30 / 15"
+    assert row[3] == "179k, 0.2 h" and row[4] == "1487k, 1.4 h" and row[5] == "not reached"  # 90 % at the end
+    assert row[6] == "90.0 ± 2.1" and row[7] == "70.0 ± 3.2" and row[9] == "95.0 ± 1.5" and row[12] == "**< 95 %**"
+    assert row[10] == "1487k" and row[11] == "1.0 h"
+    assert rows[above][12] == "**≥ 95 %**" and rows[above][3] == "179k, 0.2 h"
+    assert rows[running][12] == "running (iteration 10 of 83)"
+    suite = [line for line in page.splitlines() if line.startswith(f"| {below.split(':')[0]} |")][0]
+    assert "| 2 of 2 | 94.2 % | 1 |" in suite  # (90.0 + 98.5) / 2
+    assert "1 of 2 finished tasks (10 drawn) at ≥ 95 %" in page and "1 reached 95 %" in page
+    reason = [line for line in page.splitlines() if line.startswith(f"- **{below}**")][0]
+    assert "20 failed episodes on 20 of 50 init states" in reason and "2 never closed the gripper" in reason
+    assert "3 closed it but never lifted" in reason and "10 lifted it and ended with it down" in reason
+    assert "5 timed out holding it up" in reason and "10 closed the gripper 3 or more times" in reason
+    assert (root / f"{name(below)}.png").exists() and (root / f"{name(running)}.png").exists()
