@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import pytest
 from helpers import ROOT, run_script
 
 
@@ -86,3 +87,20 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
     assert "3 closed it but never lifted" in reason and "10 lifted it and ended with it down" in reason
     assert "5 timed out holding it up" in reason and "10 closed the gripper 3 or more times" in reason
     assert (root / f"{name(below)}.png").exists() and (root / f"{name(running)}.png").exists()
+
+
+@pytest.mark.sim
+def test_the_layout_spread_of_a_task(tmp_path):
+    """scripts/layout_spread.py on LIBERO-Object 5 with 4 sampled layouts: every sampled layout lies at least
+    MIN_PROTOCOL_DISTANCE from the nearest protocol state, objects' ranges are centimetres, a rerun skips the task."""
+    import libero_env as le
+
+    cmd = ["scripts/layout_spread.py", "--tasks", "libero_object:5", "--num-layouts", "4", "--out", str(tmp_path)]
+    out = run_script(cmd, cwd=ROOT).stdout
+    assert "libero_object:5: sampled -> nearest protocol state" in out
+    result = json.loads((tmp_path / "libero_object_task05.json").read_text())
+    assert result["num_sampled"] == 4 and sum(result["draws"]) == 4
+    assert result["sampled_to_nearest_protocol_cm"]["min"] >= 100 * le.MIN_PROTOCOL_DISTANCE
+    for obj in result["objects"].values():
+        assert all(0 <= r < 20 for r in obj["protocol_xy_range_cm"] + obj["sampled_xy_range_cm"])
+    assert run_script(cmd, cwd=ROOT).stdout.strip() == ""  # resumable: done tasks are skipped
