@@ -128,5 +128,11 @@ def test_failing_episodes_run_exactly_the_step_limit_and_simultaneous_ends_all_c
     report = read_report(tmp_path, "diffusion_bc", "libero_object", 0)
     assert report["num_episodes"] == 3 and report["success_rate"] == 0.0
     assert [e["length"] for e in report["episodes"]] == [280, 280, 280]
-    assert report["protocol"] == {"max_steps": 280, "num_wait_steps": 10, "replan_steps": 8, "seed": 0}
+    assert report["protocol"] == {
+        "max_steps": 280,
+        "num_wait_steps": 10,
+        "replan_steps": 8,
+        "seed": 0,
+        "layouts": "protocol",
+    }  # the held-out split, recorded
     assert os.path.exists(tmp_path / "eval" / "summary.md")
