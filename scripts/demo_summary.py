@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+import h5py
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import demo_hdf5  # noqa: E402
 import run_utils  # noqa: E402
@@ -38,7 +40,13 @@ def main(root: str, wall: str = "") -> None:
                     files[0],
                 )
         elif source == "diffusion_rl" and fallback:  # demo.sh said so and trained pi0 on scripted_rgb instead
-            add(f"collect ({source})", "no successful episode in 20 (BC/PPO at 0%)", os.path.join(data, source))
+            partial = glob.glob(os.path.join(data, source, "libero_object", "*_demo.hdf5.partial"))
+            kept = 0
+            if partial:  # the successes it did keep, with its attempts (collect.py's progress attributes)
+                with h5py.File(partial[0], "r") as f:
+                    kept, tried = int(f["data"].attrs.get("num_successful", 0)), int(f["data"].attrs["num_attempts"])
+            result = f"{kept} of the 5 successes wanted in {tried if partial else 20} episodes: pi0 used scripted_rgb"
+            add(f"collect ({source})", result, partial[0] if partial else os.path.join(data, source))
         else:
             add(f"collect ({source})", "MISSING", os.path.join(data, source))
     for phase, key in (("bc_diffusion", "loss"), ("ppo_diffusion", "pg_loss")):
