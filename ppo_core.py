@@ -334,6 +334,19 @@ def eval_due(args, iteration: int) -> bool:
     return iteration == 0 or (args.eval_every and iteration % args.eval_every == 0) or iteration == args.num_iterations
 
 
+def in_run_evaluation(run_eval: Callable, modes, logger, iteration: int, env_steps: int, args, checkpoint: Callable,
+                      preemption) -> int:  # fmt: skip
+    """The evaluation due after ``iteration`` completed iterations, logged; returns ``iteration`` (the checkpoint's
+    ``evaluated_at``). A pre-emption during it writes ``checkpoint("latest.pt")`` without it and exits; the resumed run
+    sees ``evaluated_at`` behind its iteration and evaluates that iteration first."""
+    try:
+        log_evaluation(logger, iteration, env_steps, run_eval(modes, args.eval_episodes), args.eval_mode)
+    except le.Interrupted:
+        checkpoint("latest.pt")
+        preemption.exit()
+    return iteration
+
+
 def scalar_stats(stats: dict) -> dict:
     """The numbers of an evaluation's stats for the metrics log (the per-episode list stays in final_eval.json)."""
     return {k: v for k, v in stats.items() if not isinstance(v, list)}

@@ -52,8 +52,8 @@ from ppo_core import (
     evaluate_modes,
     explained_variance,
     gae,
+    in_run_evaluation,
     index_obs,
-    log_evaluation,
     mean_stats,
     minibatches,
     normalize_advantages,
@@ -639,20 +639,10 @@ if __name__ == "__main__":
         return out
 
     eval_modes = list(dict.fromkeys([args.eval_mode, "eta0"]))
-
-    def in_run_evaluation() -> None:
-        """The evaluation due after this iteration; a pre-emption during it checkpoints (without it) and exits, and
-        the resumed run evaluates this iteration first."""
-        global evaluated_at
-        try:
-            log_evaluation(logger, iteration, env_steps, run_eval(eval_modes, args.eval_episodes), args.eval_mode)
-        except le.Interrupted:
-            checkpoint("latest.pt")
-            preemption.exit()
-        evaluated_at = iteration
-
     if eval_due(args, iteration) and evaluated_at != iteration:  # the BC start, or an evaluation cut short
-        in_run_evaluation()
+        evaluated_at = in_run_evaluation(
+            run_eval, eval_modes, logger, iteration, env_steps, args, checkpoint, preemption
+        )
     while iteration < args.num_iterations:
         timers = {"env": 0.0, "policy": 0.0, "update": 0.0}
         noise_scale = noise_scale_at(vars(args), iteration)
@@ -719,7 +709,8 @@ if __name__ == "__main__":
               f"update {timers['update']:.0f}s")  # fmt: skip
         rollout.episode_returns, rollout.episode_lengths = [], []
         if eval_due(args, iteration):
-            in_run_evaluation()
+            evaluated_at = in_run_evaluation(run_eval, eval_modes, logger, iteration, env_steps, args, checkpoint,
+                                             preemption)  # fmt: skip
         if iteration % args.save_every == 0 or preemption.requested:
             checkpoint("latest.pt")
         if preemption.requested:

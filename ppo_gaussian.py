@@ -43,8 +43,8 @@ from ppo_core import (
     evaluate_modes,
     explained_variance,
     gae,
+    in_run_evaluation,
     index_obs,
-    log_evaluation,
     mean_stats,
     minibatches,
     normalize_advantages,
@@ -483,20 +483,10 @@ if __name__ == "__main__":
     )
     if rollout_state is not None:
         rollout.load_state_dict(rollout_state)
-
-    def in_run_evaluation() -> None:
-        """The evaluation due after this iteration; a pre-emption during it checkpoints (without it) and exits, and
-        the resumed run evaluates this iteration first."""
-        global evaluated_at
-        try:
-            log_evaluation(logger, iteration, env_steps, run_eval(eval_modes, args.eval_episodes), args.eval_mode)
-        except le.Interrupted:
-            checkpoint("latest.pt")
-            preemption.exit()
-        evaluated_at = iteration
-
     if eval_due(args, iteration) and evaluated_at != iteration:  # the BC start, or an evaluation cut short
-        in_run_evaluation()
+        evaluated_at = in_run_evaluation(
+            run_eval, eval_modes, logger, iteration, env_steps, args, checkpoint, preemption
+        )
     while iteration < args.num_iterations:
         timers = {"env": 0.0, "policy": 0.0, "update": 0.0}
         for group in actor_opt.param_groups:
@@ -549,7 +539,8 @@ if __name__ == "__main__":
               f"ev {explained_variance(values, returns):.2f}, kl {stats.get('approx_kl', 0):.4f}")  # fmt: skip
         rollout.episode_returns, rollout.episode_lengths = [], []
         if eval_due(args, iteration):
-            in_run_evaluation()
+            evaluated_at = in_run_evaluation(run_eval, eval_modes, logger, iteration, env_steps, args, checkpoint,
+                                             preemption)  # fmt: skip
         if iteration % args.save_every == 0 or preemption.requested:
             checkpoint("latest.pt")
         if preemption.requested:
