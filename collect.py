@@ -40,6 +40,7 @@ import ppo_diffusion
 import ppo_gaussian
 import run_utils
 import scripted_expert
+import vector_env as ve
 
 
 @dataclass
@@ -133,7 +134,7 @@ def check_args(args: Args) -> Optional[list[scripted_expert.Step]]:
     le.check_task_args(args.suite, args.task_id)
     if args.num_success < 1 or args.max_episodes < 1 or args.num_envs < 1:
         raise ValueError("--num-success, --max-episodes and --num-envs must be at least 1.")
-    le.check_memory(args.num_envs)
+    ve.check_memory(args.num_envs)
     task = le.resolve_task(args.suite, args.task_id)
     if args.policy == "scripted":
         steps = scripted_expert.plan(task)
@@ -161,18 +162,18 @@ def load_learned_policy(kind: str, ckpt: str, task: le.Task, action_mode="auto",
     it draws its flow-matching noise from the global RNG (seeded by the caller)."""
     device = torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
     if kind == "vla":
-        from finetune_vla import Pi0Policy, vla_prompt  # transformers takes seconds to import: only for pi0
+        from vla_data import Pi0Policy, vla_prompt  # transformers takes seconds to import: only for pi0
 
         prompt, convention = vla_prompt(ckpt, task, instruction)
         policy = Pi0Policy(ckpt, prompt, device)
         info = {**policy.info, "prompt": prompt, "prompt_convention": convention}
-        return le.LearnedPolicy(lambda obs, gens: policy.act(obs), policy.cfg["act_steps"], "rgb", 256, info, seed)
+        return ve.LearnedPolicy(lambda obs, gens: policy.act(obs), policy.cfg["act_steps"], "rgb", 256, info, seed)
     if kind == "gaussian":
         saved = run_utils.load_checkpoint(ckpt, ppo_gaussian.CKPT_FORMATS)
         mode = saved["args"].get("eval_mode", "mean") if action_mode == "auto" else action_mode
         policy = ppo_gaussian.load_policy(ckpt, device)
         cfg, info = policy.cfg, {"ckpt_format": saved["format"], "action_mode": mode}
-        return le.LearnedPolicy(policy.acting(mode), cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], info, seed)
+        return ve.LearnedPolicy(policy.acting(mode), cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], info, seed)
     saved = run_utils.load_checkpoint(ckpt, ("bc_diffusion/v1",) + ppo_diffusion.CKPT_FORMATS)
     fmt, mode = saved["format"], action_mode
     if fmt in ppo_diffusion.CKPT_FORMATS:
@@ -186,7 +187,7 @@ def load_learned_policy(kind: str, ckpt: str, task: le.Task, action_mode="auto",
 
     cfg = policy.cfg
     info = {"ckpt_format": fmt, "action_mode": mode}
-    return le.LearnedPolicy(act, cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], info, seed)
+    return ve.LearnedPolicy(act, cfg["act_steps"], cfg["obs_mode"], cfg["image_size"], info, seed)
 
 
 def episode_arrays(steps: list[dict]) -> dict:
@@ -296,7 +297,7 @@ if __name__ == "__main__":
         if args.policy == "scripted":
             writer.set_attrs(scripted_noise=args.scripted_noise, scripted_label=args.scripted_label)
 
-    venv = le.VectorLiberoEnv(
+    venv = ve.VectorLiberoEnv(
         task,
         args.num_envs,
         obs_mode=args.obs_mode,
@@ -319,7 +320,7 @@ if __name__ == "__main__":
             yield e
             e += 1
 
-    def on_episode_end(result: le.EpisodeResult) -> None:
+    def on_episode_end(result: ve.EpisodeResult) -> None:
         state["attempts"] += 1
         state["succeeded"] += int(result.success)
         keep = result.success and state["successes"] < args.num_success
@@ -348,7 +349,7 @@ if __name__ == "__main__":
 
     start = time.time()
     try:
-        le.run_episodes(
+        ve.run_episodes(
             venv,
             policy,
             episodes(),

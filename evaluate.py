@@ -33,6 +33,7 @@ import collect
 import libero_env as le
 import run_utils
 import scripted_expert
+import vector_env as ve
 
 SUITE_COLUMNS = [
     ("libero_spatial", "Spatial"),
@@ -148,7 +149,7 @@ def save_video(path: str, steps: list[dict]) -> None:
 
 def evaluate_task(args: Args, task: le.Task, tag: str) -> dict:
     def venv_factory(obs_mode, image_size, privileged):
-        return le.VectorLiberoEnv(task, args.num_envs, obs_mode=obs_mode, image_size=image_size, privileged=privileged,
+        return ve.VectorLiberoEnv(task, args.num_envs, obs_mode=obs_mode, image_size=image_size, privileged=privileged,
                                   fast_step=args.fast_step)  # fmt: skip
 
     policy, venv, info = make_policy(args, task, venv_factory)
@@ -157,7 +158,7 @@ def evaluate_task(args: Args, task: le.Task, tag: str) -> dict:
     video_dir = os.path.join(os.path.dirname(out_path), "videos")
     done = []
 
-    def on_episode_end(r: le.EpisodeResult) -> None:
+    def on_episode_end(r: ve.EpisodeResult) -> None:
         done.append(r.success)
         if args.capture_video and r.episode < args.video_episodes:
             save_video(os.path.join(video_dir, f"{le.task_dir_name(task)}_ep{r.episode:02d}.mp4"), r.steps)
@@ -171,7 +172,7 @@ def evaluate_task(args: Args, task: le.Task, tag: str) -> dict:
 
     start = time.time()
     try:
-        results = le.run_episodes(
+        results = ve.run_episodes(
             venv,
             policy,
             range(args.num_episodes),
@@ -311,7 +312,7 @@ def check_args(args: Args) -> list[le.Task]:
     tasks = [le.resolve_task(args.suite, args.task_id)] if args.task_id is not None else le.suite_tasks(args.suite)
     if args.num_episodes < 1 or args.num_envs < 1:
         raise ValueError("--num-episodes and --num-envs must be at least 1.")
-    le.check_memory(args.num_envs)
+    ve.check_memory(args.num_envs)
     if args.policy == "scripted":
         for task in tasks:
             scripted_expert.plan(task)

@@ -29,7 +29,8 @@ import torch.nn as nn
 import analyze
 import libero_env as le
 import run_utils
-from bc_diffusion import ObsEncoder, mlp
+import vector_env as ve
+from networks import ObsEncoder, mlp
 
 
 # ================================================================================================================
@@ -44,10 +45,10 @@ class Rollout:
     ``time``, the elapsed fraction t / step limit of its episode (the critic's input; the actor ignores it).
     """
 
-    def __init__(self, venv: le.VectorLiberoEnv, preprocess: Callable, seed: int, render: bool,
+    def __init__(self, venv: ve.VectorLiberoEnv, preprocess: Callable, seed: int, render: bool,
                  success_reward: Optional[Callable[[int], float]] = None, layouts: str = "sampled"):  # fmt: skip
         """``success_reward(t)``: the reward of a success at env step t (None: the sparse reward, 1)."""
-        le.episode_init_state(0, layouts)  # an unknown split fails here
+        ve.episode_init_state(0, layouts)  # an unknown split fails here
         self.venv, self.preprocess, self.render, self.layouts = venv, preprocess, render, layouts
         self.success_reward = success_reward
         self.max_steps = venv.task.max_steps
@@ -286,7 +287,7 @@ def actor_lr_at(args: dict, iteration: int) -> float:
 # ================================================================================================================
 # Evaluation under the protocol, in-run and final
 # ================================================================================================================
-def evaluate_policy(venv: le.VectorLiberoEnv, act: Callable, episodes: int, seed: int, replan_steps: int,
+def evaluate_policy(venv: ve.VectorLiberoEnv, act: Callable, episodes: int, seed: int, replan_steps: int,
                     record: bool = False, stop: Optional[Callable[[], bool]] = None) -> dict:  # fmt: skip
     """Success rate and mean length of ``act(obs, generators) -> (B, T, 7)`` over protocol episodes 0..episodes-1,
     and ``successes``, each episode's outcome (0/1) in episode order (episode e starts from init state e % 50).
@@ -295,8 +296,8 @@ def evaluate_policy(venv: le.VectorLiberoEnv, act: Callable, episodes: int, seed
     the worker count nor on the training RNG, which is left where it was. ``record``: also ``action_std``, the
     per-timestep std of the actions across the successful trajectories, averaged over steps and axes (analyze.py's
     consistency, the paper's Fig. 7)."""
-    learned = le.LearnedPolicy(act, replan_steps, venv.obs_mode, 0, seed=seed)
-    results = le.run_episodes(venv, learned, range(episodes), seed, replan_steps, record=record,
+    learned = ve.LearnedPolicy(act, replan_steps, venv.obs_mode, 0, seed=seed)
+    results = ve.run_episodes(venv, learned, range(episodes), seed, replan_steps, record=record,
                               render=venv.obs_mode == "rgb", reset_policy=learned.reset, stop=stop)  # fmt: skip
     stats = {"success_rate": float(np.mean([r.success for r in results])),
              "episode_length": float(np.mean([r.length for r in results])),
@@ -308,11 +309,11 @@ def evaluate_policy(venv: le.VectorLiberoEnv, act: Callable, episodes: int, seed
     return stats
 
 
-def evaluate_modes(venv: le.VectorLiberoEnv, acting: Callable, modes, episodes: int, seed: int, replan_steps: int,
+def evaluate_modes(venv: ve.VectorLiberoEnv, acting: Callable, modes, episodes: int, seed: int, replan_steps: int,
                    record_mode: Optional[str] = None, stop: Optional[Callable[[], bool]] = None,
                    partial_path: Optional[str] = None) -> dict:  # fmt: skip
     """{mode: :func:`evaluate_policy` stats} of ``acting(mode)`` over the same episodes, mode after mode. ``stop()``
-    (a pre-emption) ends it within one chunk step (``le.Interrupted``); with ``partial_path`` every finished mode is
+    (a pre-emption) ends it within one chunk step (``ve.Interrupted``); with ``partial_path`` every finished mode is
     kept there (atomically) and a rerun evaluates only the modes missing from it."""
     out = {}
     if partial_path is not None and os.path.exists(partial_path):
@@ -341,7 +342,7 @@ def in_run_evaluation(run_eval: Callable, modes, logger, iteration: int, env_ste
     sees ``evaluated_at`` behind its iteration and evaluates that iteration first."""
     try:
         log_evaluation(logger, iteration, env_steps, run_eval(modes, args.eval_episodes), args.eval_mode)
-    except le.Interrupted:
+    except ve.Interrupted:
         checkpoint("latest.pt")
         preemption.exit()
     return iteration

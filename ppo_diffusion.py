@@ -14,20 +14,19 @@ limit both end an episode with value 0; the critic V(s, t / limit) sees the elap
 with DDIM eta = 1 and a std floor of 0.1 (``--noise-scale`` shrinks the step sigmas around the same means,
 ``--noise-scale-final`` from a fraction of the run on), and evaluation runs that same policy without the noise after
 x_K by default (``--eval-mode mean``; eta = 0 is another chain that PPO does not train). On CUDA the whole sampler
-(encoder, all denoising steps, noise) is replayed as one CUDA graph per batch size. The rollouts, GAE, reward scale
-and protocol evaluation, the same for ppo_gaussian.py, are ppo_core.py's.
+(encoder, all denoising steps, noise) is replayed as one CUDA graph per batch size. The denoising chain as a policy
+(its schedule, per-step log-likelihoods, action modes and the CUDA-graphed sampler) is denoising_mdp.py's; the
+rollouts, GAE, reward scale and protocol evaluation, the same for ppo_gaussian.py, are ppo_core.py's.
 
     python ppo_diffusion.py --suite libero_object --task-id 0 --num-envs 50
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
@@ -38,8 +37,10 @@ import tyro
 
 import libero_env as le
 import run_utils
-from bc_diffusion import DiffusionPolicy, ddim_step, ddpm_step, step_schedule
+import vector_env as ve
+from bc_diffusion import DiffusionPolicy
 from bc_diffusion import load_policy as bc_load_policy
+from denoising_mdp import ACTION_MODES, DenoisingSchedule, FineTunedDiffusion, GraphedSampler, denoising_logprob
 from ppo_core import (
     Critic,
     Rollout,
@@ -218,161 +219,8 @@ class Args:
 
 
 CKPT_FORMATS = ("ppo_diffusion/v2", "ppo_diffusion/v1")  # v1 (critic without time): its actor still loads
-ACTION_MODES = ("sample", "mean", "eta0")  # see FineTunedDiffusion.sample_chain
 
 
-# ================================================================================================================
-# Denoising MDP: schedule, sampler, log-probs
-# ================================================================================================================
-class DenoisingSchedule(nn.Module):
-    """Per denoising step k (0 = noisiest): timestep, abar_t, abar_prev; the step's mean and sigma (DDIM with
-    the rollout eta, or the DDPM posterior), the sigma times ``noise_scale``."""
-
-    def __init__(self, alphas_cumprod: torch.Tensor, sampler: str, num_steps: int, eta: float,
-                 noise_scale: float = 1.0):  # fmt: skip
-        super().__init__()
-        steps = step_schedule(alphas_cumprod, sampler, num_steps)
-        self.sampler, self.K = sampler, len(steps)
-        # not saved: rebuilt from the checkpoint's ppo_config (buffers only to follow .to(device))
-        self.register_buffer("t", torch.tensor([s[0] for s in steps]), persistent=False)
-        self.register_buffer("abar_t", torch.stack([s[1] for s in steps]).float(), persistent=False)
-        self.register_buffer("abar_prev", torch.stack([s[2] for s in steps]).float(), persistent=False)
-        self.eta, self.noise_scale = eta, noise_scale
-
-    def mean(self, x_k, eps, k: torch.Tensor, eta0: bool = False):
-        """Mean and sigma of p(x_{k-1} | x_k) at denoising indices ``k`` (tensor, per sample or scalar); ``eta0``:
-        DDIM's deterministic (eta = 0) step instead of the schedule's eta (DDPM has one mean either way)."""
-        shape = (-1,) + (1,) * (x_k.dim() - 1)
-        abar_t, abar_prev = self.abar_t[k].view(shape), self.abar_prev[k].view(shape)
-        if self.sampler == "ddim":
-            mean, sigma = ddim_step(x_k, eps, abar_t, abar_prev, 0.0 if eta0 else self.eta)
-        else:
-            mean, sigma = ddpm_step(x_k, eps, abar_t, abar_prev)
-        return mean, sigma * self.noise_scale
-
-
-def denoising_logprob(model, sched: DenoisingSchedule, cond, x_k, x_next, k, min_std, act_steps, clip):
-    """log p_theta(x_{k-1} | x_k, s) of one denoising step: Normal(mu, max(sigma_k, min_std)), mu recomputed exactly
-    as in the rollout; clamped per element, then averaged over the executed chunk entries and action dims."""
-    eps = model.denoise(x_k, sched.t[k], cond)
-    mean, sigma = sched.mean(x_k, eps, k)
-    std = sigma.clamp(min=min_std).expand_as(mean)
-    # no argument validation: a NaN must reach ppo_update's guard rather than raise here
-    logp = torch.distributions.Normal(mean, std, validate_args=False).log_prob(x_next).clamp(*clip)
-    return logp[:, :act_steps].mean(dim=(1, 2))  # (B,)
-
-
-class FineTunedDiffusion(nn.Module):
-    """The fine-tuned policy: a trainable copy for the last ``ft_steps`` denoising steps, the frozen BC actor for
-    the earlier ones (DPPO). With ft_steps = K the frozen copy is never used and not kept."""
-
-    def __init__(self, bc_policy: DiffusionPolicy, sched: DenoisingSchedule, ft_steps: int, cfg: dict,
-                 noise_clip: float = 3.0, min_std: float = 0.1):  # fmt: skip
-        super().__init__()
-        self.cfg, self.ft_steps, self.sched = dict(cfg), ft_steps, sched
-        self.noise_clip, self.min_std = noise_clip, min_std  # the rollout's, for act()
-        self.ft = copy.deepcopy(bc_policy)
-        self.frozen = copy.deepcopy(bc_policy).requires_grad_(False) if ft_steps < sched.K else None
-
-    def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False):
-        # checkpoints written before the schedule stopped being saved hold sched.* entries: they are derived data
-        state = {k: v for k, v in state.items() if not k.startswith("sched.")}
-        return super().load_state_dict(state, strict, assign)
-
-    def net(self, k: int) -> DiffusionPolicy:
-        return self.ft if k >= self.sched.K - self.ft_steps else self.frozen
-
-    def sample_chain(self, obs_t: dict, noise_clip: float, min_std: float, mode: str = "sample", noise=None):
-        """The sampler: (chain (B, K+1, H, Da) normalised, actions (B, act_steps, Da) in env units).
-
-        ``mode`` (ACTION_MODES): ``sample``, the policy PPO trains (the schedule's eta, each step's std floored
-        at ``min_std``); ``mean``, the same chain's step means without the noise after x_K; ``eta0``, DDIM's
-        deterministic path (eta = 0: other means than the trained chain's). ``noise`` (B, K+1, H, Da): the
-        standard-normal draws to use (x_K, then one per step), else the global RNG's. No host syncs and no tensors
-        created from Python numbers: the same code is captured as a CUDA graph.
-        """
-        cond_ft = self.ft.encode(obs_t)
-        cond_frozen = self.frozen.encode(obs_t) if self.frozen is not None else None
-        B, H = cond_ft.shape[0], self.cfg["horizon"]
-        draw = lambda k, like: noise[:, k] if noise is not None else torch.randn_like(like)  # noqa: E731
-        x = draw(0, cond_ft.new_empty(B, H, le.ACTION_DIM)).clamp(-noise_clip, noise_clip)
-        chain = [x]
-        for k in range(self.sched.K):
-            net = self.net(k)
-            cond = cond_ft if net is self.ft else cond_frozen
-            eps = net.denoise(x, self.sched.t[k].expand(B), cond)
-            mean, sigma = self.sched.mean(x, eps, k, eta0=mode == "eta0")
-            if mode == "sample":
-                x = mean + sigma.clamp(min=min_std) * draw(k + 1, mean).clamp(-noise_clip, noise_clip)
-            else:
-                x = mean
-            chain.append(x)
-        x0 = x.clamp(-1, 1)
-        actions = self.ft.unnormalize_actions(x0)[:, : self.cfg["act_steps"]]
-        return torch.stack(chain, 1), actions
-
-    @torch.no_grad()
-    def act(self, obs: dict, mode: str = "sample", generators: Optional[list] = None) -> np.ndarray:
-        """Action chunks (B, act_steps, 7) for evaluation and collection, in ``mode`` (see :meth:`sample_chain`).
-        ``generators``: one CPU ``torch.Generator`` per row, the noise stream of that row's episode (outcomes then
-        depend neither on which rows share a batch nor on the global RNG, which stays untouched); else the global
-        RNG draws."""
-        obs_t = self.ft.obs_tensors(obs)
-        noise = None
-        if generators is not None:
-            shape = (self.sched.K + 1, self.cfg["horizon"], le.ACTION_DIM)
-            noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.sched.t.device)
-        _, actions = self.sample_chain(obs_t, self.noise_clip, self.min_std, mode, noise)
-        return actions.cpu().numpy()
-
-    def acting(self, mode: str) -> Callable:
-        """``act`` in ``mode`` as the ``act(obs, generators)`` that evaluation and collection call."""
-        return lambda obs, generators: self.act(obs, mode, generators)
-
-
-class GraphedSampler:
-    """``FineTunedDiffusion.sample_chain`` captured as one CUDA graph per (batch size, mode): static input
-    buffers for the observation tensors, static outputs; replay after copying the inputs in.
-
-    Graph replays read the parameters in place, so optimiser steps need no re-capture. Eager off-GPU or when
-    disabled.
-    """
-
-    def __init__(self, policy: FineTunedDiffusion, noise_clip: float, min_std: float, enabled: bool):
-        self.policy, self.noise_clip, self.min_std = policy, noise_clip, min_std
-        self.enabled = enabled and torch.cuda.is_available() and next(policy.parameters()).is_cuda
-        self.graphs: dict = {}
-
-    def _eager(self, obs_t, mode):
-        return self.policy.sample_chain(obs_t, self.noise_clip, self.min_std, mode)
-
-    @torch.no_grad()
-    def __call__(self, obs_t: dict, mode: str = "sample"):
-        if not self.enabled:
-            return self._eager(obs_t, mode)
-        key = (next(iter(obs_t.values())).shape[0], mode)
-        if key not in self.graphs:
-            static_in = {k: v.clone() for k, v in obs_t.items()}
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, cuDNN algorithm choice)
-                for _ in range(2):
-                    self._eager(static_in, mode)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self._eager(static_in, mode)
-            self.graphs[key] = (graph, static_in, static_out)
-        graph, static_in, static_out = self.graphs[key]
-        for k, v in obs_t.items():
-            static_in[k].copy_(v)
-        graph.replay()
-        return tuple(o.clone() for o in static_out)
-
-
-# ================================================================================================================
-# Critic (ppo_gaussian.py shares it; rollouts, GAE and evaluation are in ppo_core.py)
-# ================================================================================================================
 # ================================================================================================================
 # PPO update
 # ================================================================================================================
@@ -524,7 +372,7 @@ def check_args(args, bc_cfg: dict) -> None:
     if args.minibatch_size < 1:
         raise ValueError("--minibatch-size must be >= 1.")
     separate_eval = args.eval_num_envs if args.eval_num_envs not in (0, args.num_envs) else 0  # a second venv
-    le.check_memory(args.num_envs + separate_eval, args.num_workers or None)
+    ve.check_memory(args.num_envs + separate_eval, args.num_workers or None)
     for flag, scale in (("--noise-scale", args.noise_scale), ("--noise-scale-final", args.noise_scale_final)):
         if scale is not None and (scale < 0 or (scale == 0 and args.min_std <= 0)):
             raise ValueError(f"{flag} must be >= 0 (and --min-std > 0 when it is 0, or the rollouts have no noise).")
@@ -611,8 +459,8 @@ if __name__ == "__main__":
         return actions.cpu().numpy(), {"chains": chain.cpu()}
 
     env_kwargs = dict(obs_mode=cfg["obs_mode"], image_size=cfg["image_size"], fast_step=args.fast_step)
-    venv = le.VectorLiberoEnv(task, args.num_envs, num_workers=args.num_workers, **env_kwargs)
-    eval_venv = venv if args.eval_num_envs in (0, args.num_envs) else le.VectorLiberoEnv(
+    venv = ve.VectorLiberoEnv(task, args.num_envs, num_workers=args.num_workers, **env_kwargs)
+    eval_venv = venv if args.eval_num_envs in (0, args.num_envs) else ve.VectorLiberoEnv(
         task, args.eval_num_envs, num_workers=args.num_workers, **env_kwargs)  # fmt: skip
     print(f"{args.num_envs} envs over {venv.num_workers} worker processes")
     rollout = Rollout(
@@ -629,7 +477,7 @@ if __name__ == "__main__":
 
     def run_eval(modes, episodes: int, record_mode: Optional[str] = None, partial_path: Optional[str] = None) -> dict:
         """{mode: stats} over the same protocol episodes (per-episode noise seeds; the training RNG is untouched); a
-        pre-emption stops it within one chunk step (le.Interrupted)."""
+        pre-emption stops it within one chunk step (ve.Interrupted)."""
         policy.eval()
         out = evaluate_modes(eval_venv, policy.acting, modes, episodes, args.seed, cfg["act_steps"], record_mode,
                              lambda: preemption.requested, partial_path)  # fmt: skip
@@ -724,7 +572,7 @@ if __name__ == "__main__":
         partial = os.path.join(run_dir, "final_eval.partial.json")  # the modes finished before a pre-emption
         try:
             results = run_eval(ACTION_MODES, args.final_eval_episodes, args.eval_mode, partial)
-        except le.Interrupted:
+        except ve.Interrupted:
             preemption.exit()  # final.pt is written: the resumed run only evaluates the modes missing from partial
         write_final_evaluation(final_path, logger, results, iteration, env_steps, args)
         os.remove(partial)

@@ -30,7 +30,8 @@ from tqdm import tqdm
 import demo_hdf5
 import libero_env as le
 import run_utils
-from bc_diffusion import ObsEncoder, PolicyBase, mlp
+import vector_env as ve
+from networks import ObsEncoder, PolicyBase, mlp
 from ppo_core import (
     Critic,
     Rollout,
@@ -345,7 +346,7 @@ if __name__ == "__main__":
         le.check_task_args(args.suite, args.task_id)
         task = le.resolve_task(args.suite, args.task_id)
         demo_hdf5.find_demo_files(args.demo_paths, args.data_root, args.demo_source, args.suite, args.task_id)
-        le.check_memory(args.num_envs, args.num_workers or None)
+        ve.check_memory(args.num_envs, args.num_workers or None)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     num_steps = args.num_steps or max(1, args.batch_chunks // args.num_envs)
@@ -451,7 +452,7 @@ if __name__ == "__main__":
         checkpoint("bc.pt")  # the BC start, for evaluate.py (ppo_diffusion's is bc_diffusion's final.pt)
         checkpoint("latest.pt")
 
-    venv = le.VectorLiberoEnv(task, args.num_envs, obs_mode=args.obs_mode, image_size=args.image_size,
+    venv = ve.VectorLiberoEnv(task, args.num_envs, obs_mode=args.obs_mode, image_size=args.image_size,
                               fast_step=args.fast_step, num_workers=args.num_workers)  # fmt: skip
     render = args.obs_mode == "rgb"
     preprocess = policy.obs_tensors
@@ -463,7 +464,7 @@ if __name__ == "__main__":
 
     def run_eval(modes, episodes: int, record_mode: Optional[str] = None, partial_path: Optional[str] = None) -> dict:
         """{mode: stats} over the same protocol episodes (per-episode noise seeds; the training RNG is untouched); a
-        pre-emption stops it within one chunk step (le.Interrupted)."""
+        pre-emption stops it within one chunk step (ve.Interrupted)."""
         policy.eval()
         out = evaluate_modes(venv, policy.acting, modes, episodes, args.seed, cfg["act_steps"], record_mode,
                              lambda: preemption.requested, partial_path)  # fmt: skip
@@ -553,7 +554,7 @@ if __name__ == "__main__":
         partial = os.path.join(run_dir, "final_eval.partial.json")  # the modes finished before a pre-emption
         try:
             results = run_eval(("sample", "mean"), args.final_eval_episodes, args.eval_mode, partial)
-        except le.Interrupted:
+        except ve.Interrupted:
             preemption.exit()  # final.pt is written: the resumed run only evaluates the modes missing from partial
         write_final_evaluation(final_path, logger, results, iteration, env_steps, args)
         os.remove(partial)

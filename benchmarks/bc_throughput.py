@@ -30,6 +30,7 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bc_diffusion as bc  # noqa: E402
 import demo_hdf5  # noqa: E402
+import denoising_mdp as dm  # noqa: E402
 import ppo_diffusion as ppo  # noqa: E402
 import run_utils  # noqa: E402
 
@@ -151,8 +152,8 @@ def main(args: Args) -> None:
     print(f"BC training: {B / sec:8.1f} samples/s ({sec * 1e3:.0f} ms per step of {B})")
 
     # PPO update over a synthetic iteration (default rgb actor and critic)
-    sched = ppo.DenoisingSchedule(policy.alphas_cumprod, "ddim", 5, 1.0)
-    ft_policy = ppo.FineTunedDiffusion(policy, sched, 5, cfg).to(device)
+    sched = dm.DenoisingSchedule(policy.alphas_cumprod, "ddim", 5, 1.0)
+    ft_policy = dm.FineTunedDiffusion(policy, sched, 5, cfg).to(device)
     critic = ppo.Critic(cfg, (256, 256)).to(device)
     N = args.ppo_chunks
     obs = ft_policy.ft.obs_tensors(fake_obs(N, S, rng))

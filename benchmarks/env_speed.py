@@ -29,6 +29,7 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import libero_env as le  # noqa: E402
+import vector_env as ve  # noqa: E402
 
 
 @dataclass
@@ -130,7 +131,7 @@ def stock_speeds(args: Args, task: le.Task, rng, actions: np.ndarray) -> None:
     print()
     vec = {}
     for num_envs in (1, 2):
-        with le.VectorLiberoEnv(task, num_envs, obs_mode="rgb", image_size=args.image_size) as venv:
+        with ve.VectorLiberoEnv(task, num_envs, obs_mode="rgb", image_size=args.image_size) as venv:
             ids = list(range(num_envs))
             for render_every in (None, 8):
                 venv.reset(ids, ids, ids, render=False)
@@ -183,12 +184,13 @@ def ppo_iteration_s(task: le.Task, fast: bool, steps: int, num_envs: int = 2, nu
     import torch
 
     import bc_diffusion as bc
+    import denoising_mdp as dm
     import ppo_core as core
     import ppo_diffusion as ppo
 
     torch.manual_seed(0)
     bc_args = bc.Args(obs_mode="state", denoiser="mlp")
-    with le.VectorLiberoEnv(task, num_envs, obs_mode="state", fast_step=fast, num_workers=num_workers) as venv:
+    with ve.VectorLiberoEnv(task, num_envs, obs_mode="state", fast_step=fast, num_workers=num_workers) as venv:
         ids = list(range(num_envs))
         obs = venv.reset(ids, ids, ids, render=False)
         cfg = bc.policy_config(bc_args, len(obs[0]["object_state"]))
@@ -197,10 +199,10 @@ def ppo_iteration_s(task: le.Task, fast: bool, steps: int, num_envs: int = 2, nu
         policy.fit_normalizer(
             g.uniform(-1, 1, (100, 7)), g.normal(size=(100, 8)), g.normal(size=(100, cfg["object_state_dim"]))
         )
-        sched = ppo.DenoisingSchedule(policy.alphas_cumprod, "ddim", 5, 1.0)
-        ft = ppo.FineTunedDiffusion(policy, sched, 5, cfg)
+        sched = dm.DenoisingSchedule(policy.alphas_cumprod, "ddim", 5, 1.0)
+        ft = dm.FineTunedDiffusion(policy, sched, 5, cfg)
         critic = ppo.Critic(cfg, (256, 256))
-        sampler = ppo.GraphedSampler(ft, 3.0, 0.1, enabled=False)
+        sampler = dm.GraphedSampler(ft, 3.0, 0.1, enabled=False)
 
         def act(obs_t):
             chain, actions = sampler(obs_t)
@@ -241,7 +243,7 @@ def fast_vs_stock(args: Args, task: le.Task, actions: np.ndarray) -> None:
         for render_every in (None, 8):
             row = []
             for fast in (False, True):
-                with le.VectorLiberoEnv(task, num_envs, obs_mode="rgb" if render_every else "state",
+                with ve.VectorLiberoEnv(task, num_envs, obs_mode="rgb" if render_every else "state",
                                         image_size=args.image_size, fast_step=fast) as venv:  # fmt: skip
                     ids = list(range(num_envs))
                     venv.reset(ids, ids, ids, render=False)
@@ -276,7 +278,7 @@ def available_mb() -> float:
 
 def grouped_vs_per_process(args: Args, task: le.Task) -> None:
     """One worker process per env (the old vector env) vs envs grouped over one worker per core."""
-    cores = le.default_num_workers(10**6)
+    cores = ve.default_num_workers(10**6)
     print(
         f"\nmany envs on {cores} cores: one process per env vs grouped over {cores} workers (physics only, fast step)"
     )
@@ -291,7 +293,7 @@ def grouped_vs_per_process(args: Args, task: le.Task) -> None:
                 print(f"{num_envs:3d} envs, {layout:<11}: skipped, needs ~{need / 1e3:.0f} GB, "
                       f"{available_mb() / 1e3:.0f} GB available")  # fmt: skip
                 continue
-            with le.VectorLiberoEnv(task, num_envs, obs_mode="state", fast_step=True, num_workers=workers) as venv:
+            with ve.VectorLiberoEnv(task, num_envs, obs_mode="state", fast_step=True, num_workers=workers) as venv:
                 ids = list(range(num_envs))
                 venv.reset(ids, [i % le.NUM_INIT_STATES for i in ids], ids, render=False)
                 chunks = rng.uniform(-0.3, 0.3, (args.grouped_chunks, num_envs, 8, 7))
@@ -336,12 +338,12 @@ def stepping(args: Args, task: le.Task, actions: np.ndarray, repeats: int = 3) -
         print(f"  {name:<28} {sps:7.1f}   {sps / stock:5.2f}x stock   {floor / sps:5.2f}x from the floor")
     print(f"  {'raw mj_step floor':<28} {floor:7.1f}   {floor / stock:5.2f}x stock")
 
-    cores = le.default_num_workers(10**6)
+    cores = ve.default_num_workers(10**6)
     rng = np.random.default_rng(1)
     for num_envs in args.stepping_grouped:
         row = {}
         for fast in (False, True):
-            with le.VectorLiberoEnv(task, num_envs, obs_mode="state", fast_step=fast) as venv:
+            with ve.VectorLiberoEnv(task, num_envs, obs_mode="state", fast_step=fast) as venv:
                 ids = list(range(num_envs))
                 venv.reset(ids, ids, ids, render=False)
                 chunks = rng.uniform(-0.3, 0.3, (args.grouped_chunks, num_envs, 8, 7))

@@ -27,6 +27,7 @@ from diffusers import DDIMScheduler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bc_diffusion as bc  # noqa: E402
+import denoising_mdp as dm  # noqa: E402
 import libero_env as le  # noqa: E402
 import ppo_diffusion as ppo  # noqa: E402
 import run_utils  # noqa: E402
@@ -64,7 +65,7 @@ def make_obs(policy: bc.DiffusionPolicy, B: int, device) -> dict:
     return {k: v.to(device) for k, v in obs.items()}
 
 
-def diffusers_sampler(ft: ppo.FineTunedDiffusion, noise_clip: float, deterministic: bool):
+def diffusers_sampler(ft: dm.FineTunedDiffusion, noise_clip: float, deterministic: bool):
     """The same chunk through diffusers' DDIMScheduler.step loop (x0 clipped to [-1, 1] at each step, as ours)."""
     sched = DDIMScheduler(
         num_train_timesteps=ft.cfg["num_train_timesteps"],
@@ -108,9 +109,9 @@ def main(args: Args) -> None:
     cfg = bc.policy_config(bc.Args(obs_mode=args.obs_mode), object_state_dim=40)
     policy = bc.DiffusionPolicy(cfg).eval()
     ppo_args = ppo.Args()
-    sched = ppo.DenoisingSchedule(policy.alphas_cumprod, "ddim", ppo_args.denoising_steps, ppo_args.eta)
-    ft = ppo.FineTunedDiffusion(policy, sched, ppo_args.ft_denoising_steps, cfg).to(device).eval()
-    graphed = ppo.GraphedSampler(ft, ppo_args.noise_clip, ppo_args.min_std, enabled=True)
+    sched = dm.DenoisingSchedule(policy.alphas_cumprod, "ddim", ppo_args.denoising_steps, ppo_args.eta)
+    ft = dm.FineTunedDiffusion(policy, sched, ppo_args.ft_denoising_steps, cfg).to(device).eval()
+    graphed = dm.GraphedSampler(ft, ppo_args.noise_clip, ppo_args.min_std, enabled=True)
     reference = diffusers_sampler(ft, ppo_args.noise_clip, args.deterministic)
     millions = run_utils.count_parameters(policy) / 1e6
     print(f"device: {name}; {args.obs_mode} model {millions:.2f}M parameters; DDIM-{sched.K}, "

@@ -79,16 +79,17 @@ def main() -> None:
     args = parser.parse_args()
     import collect
     import libero_env as le
+    import vector_env as ve
 
     task = le.resolve_task(args.suite, args.task_id)
     policy = collect.load_learned_policy(args.policy, args.ckpt, task, args.action_mode, seed=args.seed, cuda=False)
-    venv = le.VectorLiberoEnv(task, args.num_envs, obs_mode=policy.obs_mode, fast_step=True, privileged=True)
+    venv = ve.VectorLiberoEnv(task, args.num_envs, obs_mode=policy.obs_mode, fast_step=True, privileged=True)
     try:
         objects = venv.call("poses", env_ids=[0])[0]
         args.object = args.object or goal_object(task.bddl_file)
         if args.object not in objects:
             sys.exit(f"error: no object '{args.object}' in this scene; pass one of: {', '.join(sorted(objects))}.")
-        results = le.run_episodes(venv, policy, args.episodes, args.seed, policy.replan_steps, record=True,
+        results = ve.run_episodes(venv, policy, args.episodes, args.seed, policy.replan_steps, record=True,
                                   reset_policy=policy.reset)  # fmt: skip
     finally:
         venv.close()

@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 
 import libero_env as le  # noqa: E402
 import scripted_expert as se  # noqa: E402
+import vector_env as ve  # noqa: E402
 
 
 def expert_version(task: le.Task) -> str:
@@ -55,10 +56,10 @@ def measure(task: le.Task, num_envs: int, num_episodes: int) -> dict:
     except se.UnsupportedTask as e:
         return {"attempted": False, "reason": str(e).split(": ", 1)[1].split(". Run")[0]}
     episodes = []
-    with le.VectorLiberoEnv(task, num_envs, obs_mode="state", privileged=True, fast_step=True) as venv:
+    with ve.VectorLiberoEnv(task, num_envs, obs_mode="state", privileged=True, fast_step=True) as venv:
         policy = se.ScriptedPolicy(steps, venv.call("scene", env_ids=[0])[0], 0.0, seed=0)
 
-        def on_end(result: le.EpisodeResult) -> None:
+        def on_end(result: ve.EpisodeResult) -> None:
             expert = policy.by_episode.pop(result.episode)
             stuck = (
                 None
@@ -70,7 +71,7 @@ def measure(task: le.Task, num_envs: int, num_episodes: int) -> dict:
             episodes.append({"episode": result.episode, "success": result.success, "length": result.length,
                              "attempts": attempts, "failed_at": stuck})  # fmt: skip
 
-        le.run_episodes(venv, policy, range(num_episodes), seed=0, replan_steps=1, render=False, on_episode_end=on_end,
+        ve.run_episodes(venv, policy, range(num_episodes), seed=0, replan_steps=1, render=False, on_episode_end=on_end,
                         reset_policy=policy.reset)  # fmt: skip
     episodes.sort(key=lambda r: r["episode"])
     return {"attempted": True, "plan": [f"{s.atom}:{s.primitive}" for s in steps], "episodes": episodes,

@@ -14,6 +14,7 @@ from helpers import ROOT, run_script
 import demo_hdf5
 import libero_env as le
 import scripted_expert
+import vector_env as ve
 
 
 @pytest.mark.parametrize(
@@ -122,9 +123,9 @@ def test_a_killed_collection_leaves_no_file_and_the_rerun_continues(tmp_path):
 @pytest.mark.sim
 def test_scripted_expert_solves_a_spatial_task_closed_loop():
     task = le.resolve_task("libero_spatial", 0)
-    with le.VectorLiberoEnv(task, 1, obs_mode="state", privileged=True) as venv:
+    with ve.VectorLiberoEnv(task, 1, obs_mode="state", privileged=True) as venv:
         policy = scripted_expert.ScriptedPolicy(scripted_expert.plan(task), venv.call("scene")[0], 0.0, seed=0)
-        results = le.run_episodes(venv, policy, [3, 17], replan_steps=1, render=False, reset_policy=policy.reset)
+        results = ve.run_episodes(venv, policy, [3, 17], replan_steps=1, render=False, reset_policy=policy.reset)
     assert [r.success for r in results] == [True, True]
     assert all(r.length < task.max_steps for r in results)
 

@@ -6,6 +6,7 @@ import pytest
 
 import fast_step as fs
 import libero_env as le
+import osc_controller as osc
 
 # ---------------------------------------------------------------------------------------------- kernel pieces
 
@@ -19,9 +20,9 @@ def random_spd(rng, n):
 def test_small_matrix_routines_against_numpy(compiled):
     """The kernel's loops (the readable Python functions, and the numba build of the same code) against NumPy/LAPACK,
     on matrices with condition numbers up to ~1e4 (a Panda arm's mass matrix is ~1e3)."""
-    matmul, spd_inverse = fs._matmul, fs._spd_inverse
+    matmul, spd_inverse = osc._matmul, osc._spd_inverse
     if compiled:
-        matmul, spd_inverse = fs.compiled("_matmul"), fs.compiled("_spd_inverse")
+        matmul, spd_inverse = osc.compiled("_matmul"), osc.compiled("_spd_inverse")
     rng = np.random.default_rng(0)
     for n in (3, 6, 7):
         a, b = rng.normal(size=(n, 7)), rng.normal(size=(7, 5))
@@ -177,12 +178,12 @@ def test_fast_step_keeps_robosuites_dynamics(suite, local_id):
 @pytest.mark.sim
 @pytest.mark.parametrize("suite,local_id", [("libero_object", 0), ("libero_goal", 7)])
 def test_compiled_substep_loop_matches_the_python_loop(suite, local_id):
-    """The substeps after the first of each env step as one compiled call (:func:`fast_step.osc_substeps`, MuJoCo's
+    """The substeps after the first of each env step as one compiled call (:func:`osc_controller.osc_substeps`, MuJoCo's
     C functions called directly) against the same step with the substep loop in Python, 160 steps: the same states
     and observations, bit for bit. Exact, as the two paths run the same MuJoCo functions and the same numba kernel
     (no fast-math: LLVM keeps IEEE rounding when it inlines it) in the same order, in one process. A tolerance would
     hide a wrong call sequence: one constraint solve fewer per substep moves this rollout by only 3e-13."""
-    assert fs.mujoco_c_functions() is not None, "MuJoCo's shared library was not found next to the mujoco package"
+    assert osc.mujoco_c_functions() is not None, "MuJoCo's shared library was not found next to the mujoco package"
     task = le.resolve_task(suite, local_id)
     actions = random_actions(160, seed=2)
     runs = []
@@ -203,7 +204,7 @@ def test_compiled_substep_loop_matches_the_python_loop(suite, local_id):
 @pytest.mark.parametrize("suite,local_id", [("libero_object", 0), ("libero_goal", 0)])
 def test_compiled_controller_matches_robosuites_set_goal_and_run_controller(suite, local_id):
     """On 40 states recorded along a random-action rollout (every 4th action without rotation: the goal orientation
-    stays): robosuite's ``set_goal`` against :func:`fast_step.osc_goal` (compiled and Python), then
+    stays): robosuite's ``set_goal`` against :func:`osc_controller.osc_goal` (compiled and Python), then
     ``run_controller`` (+ the torque clip of ``SingleArm.control``) against the compiled kernel and its Python
     reference, with the position/orientation decoupling LIBERO uses and without it. Bounds: goal 1e-12, torques
     1e-10 (torques up to ~80 N m)."""
@@ -211,7 +212,7 @@ def test_compiled_controller_matches_robosuites_set_goal_and_run_controller(suit
 
     task = le.resolve_task(suite, local_id)
     env = le.make_env(task, obs_mode="state", fast_step=True)
-    kernel, goal_kernel = fs.compiled_osc_substep(), fs.compiled("osc_goal")
+    kernel, goal_kernel = osc.compiled_osc_substep(), osc.compiled("osc_goal")
     worst, worst_goal, largest = 0.0, 0.0, 0.0
     actions = random_actions(40, seed=1)
     actions[::4, 3:6] = 0.0
@@ -232,7 +233,7 @@ def test_compiled_controller_matches_robosuites_set_goal_and_run_controller(suit
                 controller.update(force=True)
                 controller.set_goal(action[:6])
                 reference = np.clip(controller.run_controller(), arm.torque_low, arm.torque_high)
-                for goal_fn in (goal_kernel, fs.osc_goal):
+                for goal_fn in (goal_kernel, osc.osc_goal):
                     goal = previous.copy()
                     goal_fn(action, data.site_xpos, data.site_xmat, site, arm.scaling, goal)
                     expected = np.concatenate([controller.goal_pos, np.asarray(controller.goal_ori).reshape(-1)])
@@ -240,7 +241,7 @@ def test_compiled_controller_matches_robosuites_set_goal_and_run_controller(suit
                 arm.pack(action)
                 gripper_state = arm.gripper.copy()
                 compiled = arm.bind(kernel, model, data, mujoco)()  # also fills jacp, jacr, full_mass
-                python = fs.osc_substep(data.qpos, data.qvel, data.qfrc_bias, data.site_xpos, data.site_xmat, arm.jacp,
+                python = osc.osc_substep(data.qpos, data.qvel, data.qfrc_bias, data.site_xpos, data.site_xmat, arm.jacp,
                                         arm.jacr, arm.full_mass, data.ctrl, arm.goal, arm.gains, arm.joints, arm.ids,
                                         gripper_state, uncouple)  # fmt: skip
                 worst = max(worst, np.abs(compiled - reference).max())

@@ -110,7 +110,7 @@ def test_a_process_told_not_to_requeue_does_not_requeue_its_array_element():
 def test_envs_that_cannot_fit_in_memory_are_refused_in_one_sentence_before_any_work(tmp_path):
     """``--num-envs 50`` (ppo_diffusion.py's default) at ~0.8 GB per env does not fit 12 GB: every phase that builds
     envs stops before any worker starts, naming the largest count that fits and the CPU recipe."""
-    import libero_env as le
+    import vector_env as ve
 
     demo = write_tiny_demo_file(str(tmp_path / "d_demo.hdf5"), num_demos=2, T=12, state_dim=6)
     run_script(["bc_diffusion.py", *TINY, "--demo-paths", demo, "--run-root", str(tmp_path / "bc"),
@@ -123,8 +123,8 @@ def test_envs_that_cannot_fit_in_memory_are_refused_in_one_sentence_before_any_w
         "collect.py": ["--policy", "scripted", "--data-root", str(tmp_path / "runs")],
         "evaluate.py": ["--policy", "scripted", "--results-root", str(tmp_path / "runs")],
     }
-    workers = le.default_num_workers(50)
-    fits = max(n for n in range(1, 50) if n * le.ENV_MEMORY_GB + min(workers, n) * le.WORKER_MEMORY_GB <= 12)
+    workers = ve.default_num_workers(50)
+    fits = max(n for n in range(1, 50) if n * ve.ENV_MEMORY_GB + min(workers, n) * ve.WORKER_MEMORY_GB <= 12)
     for script, extra in commands.items():
         start = time.monotonic()
         proc = run_script([script, *task, *extra], cwd=ROOT, check=False, env={"LIBERO_MEMORY_GB": "12"})
@@ -135,9 +135,9 @@ def test_envs_that_cannot_fit_in_memory_are_refused_in_one_sentence_before_any_w
         assert time.monotonic() - start < 60 and not (tmp_path / "runs").exists()
     os.environ["LIBERO_MEMORY_GB"] = "12"
     try:
-        le.check_memory(fits)  # the count the sentence names does fit
-        with pytest.raises(le.ResourceError, match="not even one env fits"):
+        ve.check_memory(fits)  # the count the sentence names does fit
+        with pytest.raises(ve.ResourceError, match="not even one env fits"):
             os.environ["LIBERO_MEMORY_GB"] = "1"
-            le.check_memory(2)
+            ve.check_memory(2)
     finally:
         del os.environ["LIBERO_MEMORY_GB"]

@@ -9,6 +9,7 @@ import torch
 from helpers import ROOT, run_script, write_tiny_demo_file
 
 import finetune_vla as fv
+import vla_data as vd
 
 
 def tiny_tokenizer(instructions):
@@ -30,14 +31,14 @@ def tiny_model(tokenizer, seed=0):
 
     torch.manual_seed(seed)
     model = PI0ForConditionalGeneration(fv.named_config("tiny", len(tokenizer), 32, 50))
-    return model, fv.prepare_tokenizer(tokenizer, model)
+    return model, vd.prepare_tokenizer(tokenizer, model)
 
 
 def test_a_few_steps_lower_the_loss_on_a_batch(data):
-    dataset = fv.TrajectoryDataset(fv.find_files([str(data)]), 50, filter_noops=True)
+    dataset = vd.TrajectoryDataset(vd.find_files([str(data)]), 50, filter_noops=True)
     model, tokenizer = tiny_model(tiny_tokenizer(dataset.instructions))
-    batch = fv.collate([dataset[i] for i in (0, 7, 30, 60)])
-    inputs = fv.training_batch(model, tokenizer, dataset.stats, batch, 32)
+    batch = vd.collate([dataset[i] for i in (0, 7, 30, 60)])
+    inputs = vd.training_batch(model, tokenizer, dataset.stats, batch, 32)
     assert inputs["pixel_values"].shape == (4, 2, 3, 32, 32) and inputs["state"].shape == (4, 32)
     assert (
         inputs["actions"].shape == (4, 50, 32)
@@ -68,19 +69,19 @@ def test_dataset_filters_noops_pads_chunks_and_computes_stats(tmp_path):
         a[3:5, :6] = 0.0
         a[3:5, 6] = a[2, 6]
         f["data/demo_0/actions"][:] = a
-    ds = fv.TrajectoryDataset([path], chunk=50, filter_noops=True)
+    ds = vd.TrajectoryDataset([path], chunk=50, filter_noops=True)
     assert len(ds) == 10
     kept = np.delete(a, [3, 4], axis=0)
     sample = ds[8]  # two kept steps left, then the last action repeats
     np.testing.assert_allclose(sample["actions"][:2], kept[8:10], rtol=1e-6)
     np.testing.assert_allclose(sample["actions"][2:], np.repeat(kept[9:10], 48, 0), rtol=1e-6)
     np.testing.assert_allclose(ds.stats["action_mean"].numpy(), kept.mean(0), rtol=1e-5, atol=1e-6)
-    assert len(fv.TrajectoryDataset([path], chunk=50, filter_noops=False)) == 12
+    assert len(vd.TrajectoryDataset([path], chunk=50, filter_noops=False)) == 12
 
 
 def test_no_matching_files_is_one_sentence(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^No \*_demo.hdf5 files under .* for suites \['libero_90'\]; collect"):
-        fv.find_files([str(tmp_path)], suites=["libero_90"])
+        vd.find_files([str(tmp_path)], suites=["libero_90"])
     proc = run_script(
         ["finetune_vla.py", "--config-only", "tiny", "--data", str(tmp_path / "none")], cwd=ROOT, check=False
     )
@@ -106,17 +107,17 @@ def test_cli_checkpoint_reload_resume_and_normalisation_round_trip(data, tmp_pat
     state = torch.load(ckpt / "training_state.pt", weights_only=True)
     assert state["step"] == 4 and state["format"] == "finetune_vla/v1"
     # normalisation statistics round-trip: the saved ones are the dataset's
-    ds = fv.TrajectoryDataset(fv.find_files([str(data)]), 50, True)
-    saved = fv.load_stats(str(ckpt / "norm_stats.json"))
+    ds = vd.TrajectoryDataset(vd.find_files([str(data)]), 50, True)
+    saved = vd.load_stats(str(ckpt / "norm_stats.json"))
     for k, v in ds.stats.items():
         torch.testing.assert_close(saved[k], v)
     # the reloaded policy gives identical actions for the same noise
-    policy = fv.Pi0Policy(str(ckpt), "pick up the tiny thing and place it in the basket")
+    policy = vd.Pi0Policy(str(ckpt), "pick up the tiny thing and place it in the basket")
     obs = ds[5]["obs"]
     batch = {k: np.stack([v, v]) for k, v in obs.items()}
     noise = torch.randn(2, 50, 32, generator=torch.Generator().manual_seed(0))
     a1 = policy.act(batch, noise=noise)
-    a2 = fv.Pi0Policy(str(ckpt), "pick up the tiny thing and place it in the basket").act(batch, noise=noise)
+    a2 = vd.Pi0Policy(str(ckpt), "pick up the tiny thing and place it in the basket").act(batch, noise=noise)
     assert a1.shape == (2, 50, 7) and np.array_equal(a1, a2)
     with open(ckpt / "train_info.json") as f:
         assert json.load(f)["suites"] == ["libero_object"]
@@ -138,8 +139,8 @@ def test_the_instruction_convention_is_recorded_checked_on_resume_and_used_by_ev
     data = tmp_path / "data" / "scripted" / "libero_object"
     write_tiny_demo_file(str(data / f"{task.name}_demo.hdf5"), num_demos=2, T=12, image_size=32,
                          instruction=task.instruction)  # fmt: skip
-    ds = fv.TrajectoryDataset(fv.find_files([str(data)]), 50, True, instruction="benchmark")
-    assert ds.instructions == [task.language] != fv.TrajectoryDataset(ds.paths, 50, True, "bddl").instructions
+    ds = vd.TrajectoryDataset(vd.find_files([str(data)]), 50, True, instruction="benchmark")
+    assert ds.instructions == [task.language] != vd.TrajectoryDataset(ds.paths, 50, True, "bddl").instructions
     runs = str(tmp_path / "runs")
     cli = ["finetune_vla.py", "--config-only", "tiny", "--data", str(data), "--image-size", "32", "--batch-size", "2",
            "--num-workers", "0", "--run-root", runs]  # fmt: skip

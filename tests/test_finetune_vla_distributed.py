@@ -16,6 +16,7 @@ from helpers import ROOT, run_script, script_env, write_tiny_demo_file
 from safetensors.torch import load_file
 
 import finetune_vla as fv
+import vla_data as vd
 
 STEPS = 12
 COMMON = (
@@ -82,13 +83,13 @@ def reference(data, tmp_path_factory):
 def test_the_parameters_frozen_as_unused_are_exactly_those_without_a_gradient(data):
     """DDP fails on (and would all-reduce) parameters that never get a gradient: `freeze` must freeze exactly the
     ones a training backward leaves without one, and every parameter it leaves trainable must get one."""
-    dataset = fv.TrajectoryDataset(fv.find_files([str(data)]), 50, filter_noops=True)
+    dataset = vd.TrajectoryDataset(vd.find_files([str(data)]), 50, filter_noops=True)
     from types import SimpleNamespace
 
     model, tokenizer = fv.load_model(
         SimpleNamespace(config_only="tiny", tokenizer_path=None, image_size=32, chunk_size=50), dataset.instructions
     )
-    inputs = fv.training_batch(model, tokenizer, dataset.stats, fv.collate([dataset[i] for i in (0, 9)]), 32)
+    inputs = vd.training_batch(model, tokenizer, dataset.stats, vd.collate([dataset[i] for i in (0, 9)]), 32)
     model(**inputs).loss.backward()
     no_grad = {n for n, p in model.named_parameters() if p.grad is None}
     model.zero_grad(set_to_none=True)

@@ -12,6 +12,7 @@ import pytest
 from helpers import ROOT, run_script
 
 import libero_env as le
+import vector_env as ve
 
 # ---------------------------------------------------------------------------------------------------- registry
 
@@ -188,7 +189,7 @@ def test_rollout_hits_the_suite_step_limit_exactly_and_renders_only_when_asked()
 @pytest.mark.sim
 def test_vector_env_steps_and_a_killed_worker_raises_a_named_error_without_orphans():
     task = le.resolve_task("libero_object", 0)
-    venv = le.VectorLiberoEnv(task, 2, obs_mode="state", timeout_s=120)
+    venv = ve.VectorLiberoEnv(task, 2, obs_mode="state", timeout_s=120)
     pids = venv.pids
     obs = venv.reset([0, 1], [5, 6], [5, 6])
     assert len(obs) == 2 and not np.array_equal(obs[0]["object_state"], obs[1]["object_state"])
@@ -196,7 +197,7 @@ def test_vector_env_steps_and_a_killed_worker_raises_a_named_error_without_orpha
     assert [o.steps for o in outs] == [4, 4] and [o.t for o in outs] == [4, 4]
     os.kill(pids[1], signal.SIGKILL)
     start = time.monotonic()
-    with pytest.raises(le.EnvWorkerError, match=r"env worker 1 \(pid \d+, env 1\) died \(exit code -9\) during 'step_"):
+    with pytest.raises(ve.EnvWorkerError, match=r"env worker 1 \(pid \d+, env 1\) died \(exit code -9\) during 'step_"):
         venv.step_chunk([0, 1], np.zeros((2, 4, 7)))
     assert time.monotonic() - start < 10
     for pid in pids:  # the surviving worker was shut down too
@@ -212,9 +213,9 @@ def test_workers_ignore_a_group_sigterm_and_still_end_with_a_parent_that_exits_w
     script.write_text(
         "import os, signal, sys, time\n"
         "import numpy as np\n"
-        "import libero_env as le\n"
+        "import libero_env as le, vector_env as ve\n"
         "if __name__ == '__main__':  # spawned workers import this file\n"
-        "    venv = le.VectorLiberoEnv(le.resolve_task('libero_object', 0), 2, obs_mode='state', timeout_s=120)\n"
+        "    venv = ve.VectorLiberoEnv(le.resolve_task('libero_object', 0), 2, obs_mode='state', timeout_s=120)\n"
         "    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent's own handler (a training script's)\n"
         "    print(' '.join(map(str, venv.pids)), flush=True)\n"
         "    os.killpg(0, signal.SIGTERM)\n"
@@ -243,21 +244,21 @@ def test_workers_ignore_a_group_sigterm_and_still_end_with_a_parent_that_exits_w
 @pytest.mark.sim
 def test_worker_exception_carries_the_child_traceback():
     task = le.resolve_task("libero_goal", 0)
-    with le.VectorLiberoEnv(task, 1, obs_mode="state", timeout_s=120) as venv:
+    with ve.VectorLiberoEnv(task, 1, obs_mode="state", timeout_s=120) as venv:
         with pytest.raises(
-            le.EnvWorkerError, match=r"(?s)env 0 \(worker 0, pid \d+\) raised during 'reset'.*IndexError: init state 77"
+            ve.EnvWorkerError, match=r"(?s)env 0 \(worker 0, pid \d+\) raised during 'reset'.*IndexError: init state 77"
         ):
             venv.reset([0], [77], [0])
 
 
 def test_envs_are_split_over_workers_in_contiguous_groups_of_near_equal_size():
-    assert le.split_envs(5, 2) == [[0, 1, 2], [3, 4]] or le.split_envs(5, 2) == [[0, 1], [2, 3, 4]]
-    assert le.split_envs(16, 2) == [list(range(8)), list(range(8, 16))]
-    assert le.split_envs(3, 3) == [[0], [1], [2]]
+    assert ve.split_envs(5, 2) == [[0, 1, 2], [3, 4]] or ve.split_envs(5, 2) == [[0, 1], [2, 3, 4]]
+    assert ve.split_envs(16, 2) == [list(range(8)), list(range(8, 16))]
+    assert ve.split_envs(3, 3) == [[0], [1], [2]]
     for n, w in ((7, 3), (32, 2), (50, 16)):
-        groups = le.split_envs(n, w)
+        groups = ve.split_envs(n, w)
         assert sum(groups, []) == list(range(n)) and max(map(len, groups)) - min(map(len, groups)) <= 1
-    assert 1 <= le.default_num_workers(50) <= 50 and le.default_num_workers(1) == 1
+    assert 1 <= ve.default_num_workers(50) <= 50 and ve.default_num_workers(1) == 1
 
 
 @pytest.mark.sim
@@ -269,7 +270,7 @@ def test_grouped_workers_give_the_same_episodes_as_one_process_per_env():
     actions = rng.uniform(-1, 1, size=(3, 4, 8, 7))  # 3 chunk steps x 4 envs x 8 actions
     outcomes = {}
     for workers in (1, 2, 4):
-        with le.VectorLiberoEnv(task, 4, obs_mode="state", num_workers=workers, fast_step=True) as venv:
+        with ve.VectorLiberoEnv(task, 4, obs_mode="state", num_workers=workers, fast_step=True) as venv:
             assert venv.num_workers == workers and len(set(venv.pids)) == workers
             obs = venv.reset([3, 1, 0, 2], [7, 5, 4, 6], [70, 50, 40, 60])  # any order: answers follow the ids
             trace = [np.stack([o["sim_state"] for o in obs])]
@@ -279,7 +280,7 @@ def test_grouped_workers_give_the_same_episodes_as_one_process_per_env():
                 trace.append(np.array([[o.reward, o.done, o.truncated, o.steps, o.t] for o in outs]))
             outcomes[workers] = trace
             if workers == 2:
-                with pytest.raises(le.EnvWorkerError, match=r"(?s)env 3 \(worker 1, pid \d+\) raised during 'reset'"):
+                with pytest.raises(ve.EnvWorkerError, match=r"(?s)env 3 \(worker 1, pid \d+\) raised during 'reset'"):
                     venv.reset([0, 3], [1, 99], [0, 0])
     for workers in (2, 4):
         for a, b in zip(outcomes[1], outcomes[workers]):
@@ -291,13 +292,13 @@ def test_grouped_workers_give_the_same_episodes_as_one_process_per_env():
 @pytest.mark.sim
 def test_a_killed_worker_of_a_group_names_its_envs():
     task = le.resolve_task("libero_object", 0)
-    venv = le.VectorLiberoEnv(task, 4, obs_mode="state", num_workers=2, timeout_s=120)
+    venv = ve.VectorLiberoEnv(task, 4, obs_mode="state", num_workers=2, timeout_s=120)
     venv.reset([0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3])
     os.kill(venv.pids[0], signal.SIGKILL)
-    with pytest.raises(le.EnvWorkerError, match=r"env worker 0 \(pid \d+, envs 0-1\) died \(exit code -9\)"):
+    with pytest.raises(ve.EnvWorkerError, match=r"env worker 0 \(pid \d+, envs 0-1\) died \(exit code -9\)"):
         venv.step_chunk([2, 3, 0, 1], np.zeros((4, 2, 7)))
     with pytest.raises(ValueError, match=r"num_workers must be in 1..num_envs \(2\), got 3"):
-        le.VectorLiberoEnv(task, 2, obs_mode="state", num_workers=3)
+        ve.VectorLiberoEnv(task, 2, obs_mode="state", num_workers=3)
 
 
 @pytest.mark.sim
@@ -311,8 +312,8 @@ def test_run_episodes_assigns_init_state_e_to_episode_e_whatever_the_worker_coun
         return np.zeros((len(env_ids), 4, 7))
 
     for num_envs in (1, 3):
-        with le.VectorLiberoEnv(task, num_envs, obs_mode="state") as venv:
-            results = le.run_episodes(venv, zero_policy, range(5), seed=100, replan_steps=4, record=True, render=False)
+        with ve.VectorLiberoEnv(task, num_envs, obs_mode="state") as venv:
+            results = ve.run_episodes(venv, zero_policy, range(5), seed=100, replan_steps=4, record=True, render=False)
         assert [r.episode for r in results] == [0, 1, 2, 3, 4]
         for r in results:
             assert r.init_state == r.episode and r.seed == 100 + r.episode
@@ -360,8 +361,8 @@ def test_a_sampled_layout_follows_from_seed_and_episode_in_any_worker_and_is_no_
         return np.zeros((len(env_ids), 4, 7))
 
     for num_envs, num_workers in ((1, 1), (3, 2)):
-        with le.VectorLiberoEnv(task, num_envs, obs_mode="state", fast_step=True, num_workers=num_workers) as venv:
-            results = le.run_episodes(venv, zero_policy, range(6), seed=200, replan_steps=4, record=True,
+        with ve.VectorLiberoEnv(task, num_envs, obs_mode="state", fast_step=True, num_workers=num_workers) as venv:
+            results = ve.run_episodes(venv, zero_policy, range(6), seed=200, replan_steps=4, record=True,
                                       render=False, layouts="sampled")  # fmt: skip
         for r in results:
             assert r.init_state == le.SAMPLED and r.seed == 200 + r.episode

@@ -20,11 +20,13 @@ import torch
 from helpers import ROOT, run_script, script_env, write_tiny_demo_file
 
 import bc_diffusion as bc
+import denoising_mdp as dm
 import libero_env as le
 import ppo_core as core
 import ppo_diffusion as ppo
 import ppo_gaussian as pg
 import run_utils
+import vector_env as ve
 
 TINY_MLP = dict(
     obs_mode="state", image_size=32, encoder="resnet18", encoder_head="spatial_softmax", shared_encoder=True,
@@ -40,7 +42,7 @@ GAUSS = dict(obs_mode="state", image_size=32, encoder="resnet18", encoder_head="
 def diffusion_policy(seed=0):
     torch.manual_seed(seed)
     base = bc.DiffusionPolicy(TINY_MLP)
-    return ppo.FineTunedDiffusion(base, ppo.DenoisingSchedule(base.alphas_cumprod, "ddim", 5, 1.0), 5, TINY_MLP)
+    return dm.FineTunedDiffusion(base, dm.DenoisingSchedule(base.alphas_cumprod, "ddim", 5, 1.0), 5, TINY_MLP)
 
 
 def update_args(**kw):
@@ -64,7 +66,7 @@ def diffusion_logp(policy, obs, chains):
         total = torch.zeros(len(chains))
         for k in range(policy.sched.K):
             kk = torch.full((len(chains),), k)
-            total += ppo.denoising_logprob(policy.ft, policy.sched, cond, chains[:, k], chains[:, k + 1], kk, 0.1,
+            total += dm.denoising_logprob(policy.ft, policy.sched, cond, chains[:, k], chains[:, k + 1], kk, 0.1,
                                            4, (-5.0, 2.0))  # fmt: skip
     return total
 
@@ -423,20 +425,20 @@ def test_evaluation_outcomes_do_not_depend_on_the_worker_count_and_leave_the_tra
     task = dataclasses.replace(le.resolve_task("libero_object", 0), max_steps=16)
     runs, act = {}, None
     for num_envs in (1, 3):
-        with le.VectorLiberoEnv(task, num_envs, obs_mode="state", fast_step=True) as venv:
+        with ve.VectorLiberoEnv(task, num_envs, obs_mode="state", fast_step=True) as venv:
             if act is None:  # an untrained policy sized for the task's object state
                 dim = len(venv.reset([0], [0], [0], render=False)[0]["object_state"])
                 torch.manual_seed(5)
                 if kind == "diffusion":
                     base = bc.DiffusionPolicy({**TINY_MLP, "object_state_dim": dim})
-                    sched = ppo.DenoisingSchedule(base.alphas_cumprod, "ddim", 5, 1.0)
-                    policy = ppo.FineTunedDiffusion(base, sched, 5, base.cfg)
+                    sched = dm.DenoisingSchedule(base.alphas_cumprod, "ddim", 5, 1.0)
+                    policy = dm.FineTunedDiffusion(base, sched, 5, base.cfg)
                 else:
                     policy = pg.GaussianPolicy({**GAUSS, "object_state_dim": dim})
                 act = policy.eval().acting("sample")
             torch.manual_seed(11)
-            learned = le.LearnedPolicy(act, 4, "state", 0, seed=7)
-            runs[num_envs] = le.run_episodes(venv, learned, range(4), seed=7, replan_steps=4, record=True,
+            learned = ve.LearnedPolicy(act, 4, "state", 0, seed=7)
+            runs[num_envs] = ve.run_episodes(venv, learned, range(4), seed=7, replan_steps=4, record=True,
                                              render=False, reset_policy=learned.reset)  # fmt: skip
             after = torch.rand(2)
             torch.manual_seed(11)
@@ -492,5 +494,5 @@ def test_a_pre_emption_during_the_final_evaluation_stops_it_and_the_resumed_run_
     assert "at iteration 1" in out and "iteration 1: train success" not in out  # no training again
     assert f"evaluation: sample kept from {partial}" in out
     final = json.loads((run_dir / "final_eval.json").read_text())
-    assert final["sample"] == kept["sample"] and set(ppo.ACTION_MODES) <= set(final) and not partial.exists()
-    assert all(len(final[m]["successes"]) == 20 for m in ppo.ACTION_MODES)
+    assert final["sample"] == kept["sample"] and set(dm.ACTION_MODES) <= set(final) and not partial.exists()
+    assert all(len(final[m]["successes"]) == 20 for m in dm.ACTION_MODES)

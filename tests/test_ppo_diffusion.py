@@ -11,6 +11,7 @@ import torch
 from helpers import ROOT, run_script, write_tiny_demo_file
 
 import bc_diffusion as bc
+import denoising_mdp as dm
 import ppo_core as core
 import ppo_diffusion as ppo
 import run_utils
@@ -26,8 +27,8 @@ TINY = dict(
 def tiny_finetuned(ft_steps=5, sampler="ddim", steps=5, seed=0):
     torch.manual_seed(seed)
     bc_policy = bc.DiffusionPolicy(TINY)
-    sched = ppo.DenoisingSchedule(bc_policy.alphas_cumprod, sampler, steps, eta=1.0)
-    return ppo.FineTunedDiffusion(bc_policy, sched, ft_steps, TINY)
+    sched = dm.DenoisingSchedule(bc_policy.alphas_cumprod, sampler, steps, eta=1.0)
+    return dm.FineTunedDiffusion(bc_policy, sched, ft_steps, TINY)
 
 
 def obs_t(B, seed=0):
@@ -116,7 +117,7 @@ def test_denoising_logprob_equals_torch_normal():
     g = torch.Generator().manual_seed(1)
     x_k, x_next = torch.randn(B, 8, 7, generator=g), torch.randn(B, 8, 7, generator=g)
     k = torch.tensor([0, 1, 2, 3, 4, 4])
-    got = ppo.denoising_logprob(policy.ft, sched, cond, x_k, x_next, k, 0.1, 4, (-5.0, 2.0))
+    got = dm.denoising_logprob(policy.ft, sched, cond, x_k, x_next, k, 0.1, 4, (-5.0, 2.0))
     for j in range(B):
         t = int(sched.t[k[j]])
         abar_t, abar_prev = policy.ft.alphas_cumprod[t].float(), sched.abar_prev[k[j]]
@@ -204,7 +205,7 @@ def test_noise_scale_shrinks_the_trained_chains_noise_around_the_same_means(tmp_
         std = (0.5 * sigma).clamp(min=0.1)
         torch.testing.assert_close(chain[:, k + 1], mean + std * noise[:, k + 1].clamp(-3, 3), rtol=1e-5, atol=1e-5)
         expected = torch.distributions.Normal(mean, std).log_prob(chain[:, k + 1]).clamp(-5, 2)[:, :4].mean((1, 2))
-        got = ppo.denoising_logprob(half.ft, half.sched, cond, chain[:, k], chain[:, k + 1], k_t, 0.1, 4, (-5, 2))
+        got = dm.denoising_logprob(half.ft, half.sched, cond, chain[:, k], chain[:, k + 1], k_t, 0.1, 4, (-5, 2))
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert sigmas[0] > 0.4  # the scale acts on the noisy steps (0.5 sigma above the 0.1 floor there)
     ckpt = {"format": "ppo_diffusion/v1", "model": half.state_dict(), "config": TINY,
@@ -261,7 +262,7 @@ def test_act_takes_each_rows_noise_from_its_generator_and_the_rollout_settings_f
     row = lambda i: {k: v[i : i + 1] for k, v in obs.items()}  # noqa: E731
     torch.manual_seed(7)
     expected_global_draw = torch.rand(3)
-    for mode in ppo.ACTION_MODES:
+    for mode in dm.ACTION_MODES:
         torch.manual_seed(7)
         a = policy.act(obs, mode, gens(1, 2, 3))
         assert torch.equal(torch.rand(3), expected_global_draw)  # the global RNG was not advanced
@@ -277,7 +278,7 @@ def test_act_takes_each_rows_noise_from_its_generator_and_the_rollout_settings_f
     assert (loaded.noise_clip, loaded.min_std, loaded.ft_steps, loaded.frozen is not None) == (2.0, 0.05, 2, True)
     assert not np.array_equal(loaded.act(obs, "sample", gens(1, 2, 3)), policy.act(obs, "sample", gens(1, 2, 3)))
     policy.noise_clip, policy.min_std = 2.0, 0.05
-    for mode in ppo.ACTION_MODES:
+    for mode in dm.ACTION_MODES:
         assert np.array_equal(loaded.act(obs, mode, gens(1, 2, 3)), policy.act(obs, mode, gens(1, 2, 3)))
 
 
@@ -497,8 +498,8 @@ def test_graphed_sampler_equals_eager_and_survives_an_optimizer_step():
     current seed and offset, as the eager run does)."""
     device = torch.device("cuda")
     policy = tiny_finetuned().to(device).eval()
-    graphed = ppo.GraphedSampler(policy, 3.0, 0.1, enabled=True)
-    eager = ppo.GraphedSampler(policy, 3.0, 0.1, enabled=False)
+    graphed = dm.GraphedSampler(policy, 3.0, 0.1, enabled=True)
+    eager = dm.GraphedSampler(policy, 3.0, 0.1, enabled=False)
     assert graphed.enabled
 
     def compare(B, mode, seed):
@@ -568,9 +569,9 @@ def test_cli_smoke_on_the_real_simulator(tmp_path):
     assert all(r["eval/success_rate"] == r["eval_mean/success_rate"] and "eval_eta0/success_rate" in r for r in evals)
     final = json.loads((run_dir / "final_eval.json").read_text())
     assert final["eval_mode"] == "mean" and final["episodes"] == 2 and final["iteration"] == 2
-    assert set(ppo.ACTION_MODES) <= set(final) and final["sample"]["episode_length"] == 280
+    assert set(dm.ACTION_MODES) <= set(final) and final["sample"]["episode_length"] == 280
     assert "action_std" in final["mean"] and "action_std" not in final["eta0"]  # the evaluated mode's spread
-    for mode in ppo.ACTION_MODES:  # each episode's outcome, in episode order, agrees with the rate
+    for mode in dm.ACTION_MODES:  # each episode's outcome, in episode order, agrees with the rate
         assert len(final[mode]["successes"]) == 2 and np.mean(final[mode]["successes"]) == final[mode]["success_rate"]
     assert not any(isinstance(v, list) for r in rows for v in r.values())  # the metrics hold scalars only
     ckpt = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)
