@@ -38,7 +38,7 @@ from typing import Optional
 
 import numpy as np
 
-from osc_controller import compiled, compiled_osc_substep, mujoco_c_functions
+import osc_controller as osc
 
 FAST_PHYSICS = ("split", "split1", "robosuite")
 CONTROLLERS = ("compiled", "robosuite")
@@ -111,7 +111,7 @@ class _Arm:
         controller = self.robot.controller
         if controller.goal_pos is not self._goal_pos or controller.goal_ori is not self._goal_ori:
             self.goal[:3], self.goal[3:] = controller.goal_pos, np.asarray(controller.goal_ori).reshape(-1)  # reset
-        compiled("osc_goal")(action, data.site_xpos, data.site_xmat, self.ids[3, 0], self.scaling, self.goal)
+        osc.compiled("osc_goal")(action, data.site_xpos, data.site_xmat, self.ids[3, 0], self.scaling, self.goal)
         self.pack_step(action)
 
     def pack(self, action: np.ndarray) -> None:
@@ -327,9 +327,9 @@ class FastStep:
         arms = self.arms()
         # physics="robosuite" is the bit-identical reference: robosuite's controller with its forward passes
         compiled = self.controller == "compiled" and self.physics != "robosuite" and all(a.compilable for a in arms)
-        kernel = compiled_osc_substep() if compiled else None
+        kernel = osc.compiled_osc_substep() if compiled else None
         loop = compiled and self.compiled_loop and len(arms) == 1
-        mj = mujoco_c_functions() if loop else None  # the substep loop compiled too (None: not found)
+        mj = osc.mujoco_c_functions() if loop else None  # the substep loop compiled too (None: not found)
         self.compiled = compiled
         for a in arms:  # shadows the class method for this step only (reset() still runs robosuite's)
             a.robot.controller.update = types.MethodType(_osc_update, a.robot.controller)
@@ -358,7 +358,7 @@ class FastStep:
             tick, i = clocks.tick, 1
             if mj is not None:  # in compiled runs up to each substep whose tick samples an observable
                 solves = 2 if self.physics == "split" else 0
-                run = arms[0].bind_substeps(compiled("osc_substeps"), mj, model, data, solves)
+                run = arms[0].bind_substeps(osc.compiled("osc_substeps"), mj, model, data, solves)
                 while i < self.substeps:
                     count = min(clocks.quiet(self.substeps - i) + 1, self.substeps - i)
                     torques[0] = run(count)
