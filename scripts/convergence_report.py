@@ -17,6 +17,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 
 import matplotlib
@@ -279,6 +280,73 @@ def failure_table(runs: list[tuple[str, dict]]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+# Figures in findings.md are computed, not typed: ``{{kind group/run params}}`` is replaced by the figure read from that
+# run's committed files (a run that is not there, or a figure it does not hold, stops the report).
+FIGURE = re.compile(r"\{\{(\w+) ([\w.-]+/[\w.-]+)((?: [\w.]+)*)\}\}")
+
+
+def figure_value(kind: str, run: dict, *params: str) -> str:
+    """One figure of a run. final MODE: success with its standard error over the final evaluation's distinct episodes;
+    pct MODE: the same success in %, one decimal; length MODE: mean episode length (steps); std [MODE]: the action
+    std of the evaluated (or named) mode; curve [eta0]: the in-run evaluations in % (the evaluated mode, or eta0);
+    reached X: env steps (k) of the first in-run evaluation at or above X; rollout first|last [N]: mean rollout success
+    (%) over the first or last N (5) iterations; blocks [FROM TO]: rollout success (%) per block of ten iterations
+    (iterations FROM..TO, 1-based, else all); ev [FROM TO]: mean critic explained variance (iterations FROM..TO);
+    wall / minutes: the run's wall time (h / min); start [eta0]: the BC start's success (%) at iteration 0; steps: env steps run."""
+    f = run["final"]
+    rows = [r for r in run["rows"] if "train_success_rate" in r and r["train_success_rate"] == r["train_success_rate"]]
+    span = (int(params[0]), int(params[1])) if len(params) == 2 and kind in ("blocks", "ev") else (1, 10**9)
+    rows = [r for r in rows if span[0] <= r["step"] <= span[1]]
+    if kind == "final":
+        return rate(f[params[0]]["success_rate"], distinct_episodes(run, params[0]))
+    if kind == "pct":
+        return f"{100 * f[params[0]]['success_rate']:.1f}"
+    if kind == "length":
+        return f"{f[params[0]]['episode_length']:.0f}"
+    if kind == "std":
+        return f"{f[params[0] if params else f['eval_mode']]['action_std']:.3f}"
+    if kind == "curve":
+        return " / ".join(f"{100 * s:.0f}" for _, s, _ in evals(run, f"eval_{params[0]}/success_rate" if params else
+                                                                 "eval/success_rate"))  # fmt: skip
+    if kind == "reached":
+        return next(f"{steps / 1e3:.0f}k" for steps, s, _ in evals(run) if s >= float(params[0]))
+    if kind == "rollout":
+        return f"{100 * rollout_success(run, params[0] == 'first', int(params[1]) if len(params) > 1 else 5):.0f}"
+    if kind == "blocks":
+        blocks = {}
+        for r in rows:
+            blocks.setdefault((r["step"] - 1) // 10, []).append(r["train_success_rate"])
+        return " / ".join(f"{100 * sum(b) / len(b):.0f}" for _, b in sorted(blocks.items()))
+    if kind == "ev":
+        ev = [
+            r["explained_variance"]
+            for r in run["rows"]
+            if "explained_variance" in r and span[0] <= r["step"] <= span[1]
+        ]
+        return f"{sum(ev) / len(ev):.2f}"
+    if kind == "wall":
+        return f"{run['wall_s'] / 3600:.1f}"
+    if kind == "minutes":
+        return f"{run['wall_s'] / 60:.0f}"
+    if kind == "start":
+        key = f"eval_{params[0]}/success_rate" if params else "eval/success_rate"
+        return f"{100 * next(r[key] for r in run['rows'] if r.get('step') == 0 and key in r):.0f}"
+    if kind == "steps":
+        return f"{int(max(r.get('env_steps', 0) for r in run['rows'])):,}"
+    raise ValueError(f"unknown figure kind '{kind}'")
+
+
+def fill_figures(text: str, runs: dict) -> str:
+    """findings.md with every ``{{kind group/run params}}`` replaced by its figure (see :func:`figure_value`)."""
+
+    def fill(m: re.Match) -> str:
+        if m.group(2) not in runs:
+            raise SystemExit(f"error: findings.md names {m.group(2)}, which is no run of the report; fix the name.")
+        return figure_value(m.group(1), runs[m.group(2)], *m.group(3).split())
+
+    return FIGURE.sub(fill, text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="docs/convergence")
@@ -330,7 +398,8 @@ def main() -> None:
         lines += ["## Where the evaluated policy fails (final evaluation)", ""] + failures + [""]
     findings = os.path.join(args.root, "findings.md")  # the measured conclusions, written from the tables above
     if os.path.exists(findings):
-        lines += [open(findings).read().strip(), ""]
+        runs = {f"{g}/{r['name']}": r for g, group in groups.items() for r in group}
+        lines += [fill_figures(open(findings).read().strip(), runs), ""]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

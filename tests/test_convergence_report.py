@@ -124,3 +124,36 @@ def test_a_rate_of_0_or_100_percent_gives_its_one_sided_bound_not_a_zero_error()
     assert rate(0.0, 200) == "0.0 (≤ 1.5 at 95 %)"  # 1 - 0.05 ** (1 / 200) = 0.0149
     assert rate(0.5, 200) == "50.0 ± 3.5"
     assert rate(None, 50) == "–"
+
+
+def test_findings_figures_are_computed_from_the_runs_and_a_wrong_run_name_stops_the_report(tmp_path):
+    """findings.md's ``{{kind group/run params}}`` become the figures of that run's committed files (the same numbers
+    as its table row); a name that is no run stops the report with one sentence and writes nothing."""
+    root = tmp_path / "convergence"
+    rows = [evaluation(0, 0.14, 0.12, 0), *[update(i, 0.3 if i <= 10 else 0.7, 0.4 if i <= 10 else 0.6)
+                                            for i in range(1, 21)],
+            evaluation(10, 0.85, 0.3, 10), evaluation(20, 0.96, 0.34, 20)]  # fmt: skip
+    final = {"episodes": 200, "eval_mode": "mean", "env_steps": 358400,
+             "sample": {"success_rate": 0.5, "episode_length": 201.4},
+             "mean": {"success_rate": 0.935, "episode_length": 155.6, "action_std": 0.175}}  # fmt: skip
+    write_run(str(root / "tasks" / "libero_object_task00"), ARGS, rows, final, wall="3600\n2520\n")
+    run = "tasks/libero_object_task00"
+    (root / "findings.md").write_text(
+        f"From {{{{start {run}}}}} / {{{{start {run} eta0}}}} % to **{{{{final {run} mean}}}} %** (`sample` "
+        f"{{{{pct {run} sample}}}} %, {{{{length {run} mean}}}} against {{{{length {run} sample}}}} steps, std "
+        f"{{{{std {run}}}}}); in-run {{{{curve {run}}}}} % (eta0 {{{{curve {run} eta0}}}}), 90 % at "
+        f"{{{{reached {run} 0.9}}}}; rollouts {{{{rollout {run} first}}}} → {{{{rollout {run} last}}}} %, per block "
+        f"{{{{blocks {run}}}}} %, EV {{{{ev {run}}}}} ({{{{ev {run} 11 20}}}} late); {{{{steps {run}}}}} env steps "
+        f"in {{{{wall {run}}}}} h ({{{{minutes {run}}}}} min).\n"
+    )
+    out = tmp_path / "convergence.md"
+    run_script(["scripts/convergence_report.py", "--root", str(root), "--out", str(out)], cwd=ROOT)
+    assert ("From 14 / 12 % to **93.5 ± 1.7 %** (`sample` 50.0 %, 156 against 201 steps, std 0.175); in-run "
+            "14 / 85 / 96 % (eta0 12 / 30 / 34), 90 % at 358k; rollouts 30 → 70 %, per block 30 / 70 %, EV 0.50 "
+            "(0.60 late); 358,400 env steps in 1.7 h (102 min).") in out.read_text()  # fmt: skip
+    out.unlink()
+    (root / "findings.md").write_text("{{final tasks/libero_object_task01 mean}}\n")
+    proc = run_script(["scripts/convergence_report.py", "--root", str(root), "--out", str(out)], cwd=ROOT, check=False)
+    assert proc.returncode != 0 and not out.exists()
+    assert proc.stderr.strip() == ("error: findings.md names tasks/libero_object_task01, which is no run of the "
+                                   "report; fix the name.")  # fmt: skip
