@@ -282,7 +282,7 @@ def failure_table(runs: list[tuple[str, dict]]) -> list[str]:
 
 # Figures in findings.md are computed, not typed: ``{{kind group/run params}}`` is replaced by the figure read from that
 # run's committed files (a run that is not there, or a figure it does not hold, stops the report).
-FIGURE = re.compile(r"\{\{(\w+) ([\w.-]+/[\w.-]+)((?: [\w.]+)*)\}\}")
+FIGURE = re.compile(r"\{\{(\w+) ([\w.-]+/[\w.-]+)((?: [\w.=]+)*)\}\}")
 
 
 def figure_value(kind: str, run: dict, *params: str) -> str:
@@ -292,7 +292,14 @@ def figure_value(kind: str, run: dict, *params: str) -> str:
     reached X: env steps (k) of the first in-run evaluation at or above X; rollout first|last [N]: mean rollout success
     (%) over the first or last N (5) iterations; blocks [FROM TO]: rollout success (%) per block of ten iterations
     (iterations FROM..TO, 1-based, else all); ev [FROM TO]: mean critic explained variance (iterations FROM..TO);
-    wall / minutes: the run's wall time (h / min); start [eta0]: the BC start's success (%) at iteration 0; steps: env steps run."""
+    wall / minutes: the run's wall time (h / min); ``at=N`` (any kind): the run as it stood at iteration N (its
+    rows up to N, final_eval_iterationN.json); start [eta0]: the BC start's success (%) at iteration 0; steps: the
+    env steps run."""
+    at = [int(p[3:]) for p in params if p.startswith("at=")]
+    params = tuple(p for p in params if not p.startswith("at="))
+    if at:  # the run as it stood at iteration N: its rows up to N and the final evaluation it kept from then
+        final = json.load(open(os.path.join(run["path"], f"final_eval_iteration{at[0]}.json")))
+        run = {**run, "rows": [r for r in run["rows"] if r.get("step", 0) <= at[0]], "final": final}
     f = run["final"]
     rows = [r for r in run["rows"] if "train_success_rate" in r and r["train_success_rate"] == r["train_success_rate"]]
     span = (int(params[0]), int(params[1])) if len(params) == 2 and kind in ("blocks", "ev") else (1, 10**9)
