@@ -153,7 +153,8 @@ def test_findings_figures_are_computed_from_the_runs_and_a_wrong_run_name_stops_
     run_script(["scripts/convergence_report.py", "--root", str(root), "--out", str(out)], cwd=ROOT)
     assert ("From 14 / 12 % to **93.5 ± 1.7 %** (`sample` 50.0 %, 156 against 201 steps, std 0.175); in-run "
             "14 / 85 / 96 % (eta0 12 / 30 / 34), 90 % at 358k; rollouts 30 → 70 %, per block 30 / 70 %, EV 0.50 "
-            "(0.60 late); 358,400 env steps in 1.7 h (102 min). At 10: 14 / 85 %, 80.0 ± 2.8 %.") in out.read_text()  # fmt: skip
+            "(0.60 late); 358,400 env steps in 1.7 h (102 min). At 10: 14 / 85 %, 80.0 ± 2.8 %."
+            ) in out.read_text()  # fmt: skip
     out.unlink()
     (root / "findings.md").write_text("{{final tasks/libero_object_task01 mean}}\n")
     proc = run_script(["scripts/convergence_report.py", "--root", str(root), "--out", str(out)], cwd=ROOT, check=False)
