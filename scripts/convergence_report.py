@@ -292,14 +292,18 @@ def figure_value(kind: str, run: dict, *params: str) -> str:
     reached X: env steps (k) of the first in-run evaluation at or above X; rollout first|last [N]: mean rollout success
     (%) over the first or last N (5) iterations; blocks [FROM TO]: rollout success (%) per block of ten iterations
     (iterations FROM..TO, 1-based, else all); ev [FROM TO]: mean critic explained variance (iterations FROM..TO);
-    wall / minutes: the run's wall time (h / min); ``at=N`` (any kind): the run as it stood at iteration N (its
-    rows up to N, final_eval_iterationN.json); start [eta0]: the BC start's success (%) at iteration 0; steps: the
-    env steps run."""
+    wall / minutes: the run's wall time (h / min); start [eta0]: the BC start's success (%) at iteration 0; steps:
+    the env steps run. Any kind takes ``at=N``: the run as it stood at iteration N (its rows up to N and
+    final_eval_iterationN.json), or ``after=N``: its rows after iteration N."""
     at = [int(p[3:]) for p in params if p.startswith("at=")]
     params = tuple(p for p in params if not p.startswith("at="))
+    after = [int(p[6:]) for p in params if p.startswith("after=")]
+    params = tuple(p for p in params if not p.startswith("after="))
     if at:  # the run as it stood at iteration N: its rows up to N and the final evaluation it kept from then
         final = json.load(open(os.path.join(run["path"], f"final_eval_iteration{at[0]}.json")))
         run = {**run, "rows": [r for r in run["rows"] if r.get("step", 0) <= at[0]], "final": final}
+    if after:  # what the run did after iteration N
+        run = {**run, "rows": [r for r in run["rows"] if r.get("step", 0) > after[0]]}
     f = run["final"]
     rows = [r for r in run["rows"] if "train_success_rate" in r and r["train_success_rate"] == r["train_success_rate"]]
     span = (int(params[0]), int(params[1])) if len(params) == 2 and kind in ("blocks", "ev") else (1, 10**9)
