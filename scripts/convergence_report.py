@@ -293,8 +293,11 @@ def figure_value(kind: str, run: dict, *params: str) -> str:
     (%) over the first or last N (5) iterations; blocks [FROM TO]: rollout success (%) per block of ten iterations
     (iterations FROM..TO, 1-based, else all); ev [FROM TO]: mean critic explained variance (iterations FROM..TO);
     wall / minutes: the run's wall time (h / min); start [eta0]: the BC start's success (%) at iteration 0; steps:
-    the env steps run. Any kind takes ``at=N``: the run as it stood at iteration N (its rows up to N and
-    final_eval_iterationN.json), or ``after=N``: its rows after iteration N."""
+    the env steps run; metric KEY mean|median|max FORMAT [FROM TO]: a logged quantity (approx_kl, clipfrac...) over
+    iterations FROM..TO, in a format spec (.1e: 5.2e-4); eval N [eta0]: the in-run evaluation at iteration N
+    (%); evaluated FILE: an evaluate.py result in the run's directory ("7.5 % (15/200)"). Any kind takes
+    ``at=N``: the run as it stood at iteration N (its rows up to N and final_eval_iterationN.json), or ``after=N``:
+    its rows after iteration N."""
     at = [int(p[3:]) for p in params if p.startswith("at=")]
     params = tuple(p for p in params if not p.startswith("at="))
     after = [int(p[6:]) for p in params if p.startswith("after=")]
@@ -342,6 +345,20 @@ def figure_value(kind: str, run: dict, *params: str) -> str:
     if kind == "start":
         key = f"eval_{params[0]}/success_rate" if params else "eval/success_rate"
         return f"{100 * next(r[key] for r in run['rows'] if r.get('step') == 0 and key in r):.0f}"
+    if kind == "eval":  # eval N [eta0]: the in-run evaluation at iteration N (%)
+        key = f"eval_{params[1]}/success_rate" if len(params) > 1 else "eval/success_rate"
+        return f"{100 * next(r[key] for r in run['rows'] if r.get('step') == int(params[0]) and key in r):.0f}"
+    if kind == "evaluated":  # evaluated FILE: an evaluate.py result kept in the run's directory (success, episodes)
+        result = json.load(open(os.path.join(run["path"], params[0])))
+        n = result["num_episodes"]
+        return f"{100 * result['success_rate']:.1f} % ({round(result['success_rate'] * n)}/{n})"
+    if kind == "metric":  # metric KEY mean|median|max FORMAT [FROM TO]: a logged quantity over iterations FROM..TO
+        key, stat, spec = params[:3]
+        lo, hi = (int(params[3]), int(params[4])) if len(params) == 5 else (1, 10**9)
+        values = [r[key] for r in run["rows"] if key in r and lo <= r.get("step", 0) <= hi]
+        ordered = sorted(values)
+        value = {"max": ordered[-1], "mean": sum(values) / len(values), "median": ordered[len(ordered) // 2]}[stat]
+        return re.sub(r"e([+-])0*(\d)", lambda m: f"e{m.group(1).strip('+')}{m.group(2)}", format(value, spec))
     if kind == "steps":
         return f"{int(max(r.get('env_steps', 0) for r in run['rows'])):,}"
     raise ValueError(f"unknown figure kind '{kind}'")
