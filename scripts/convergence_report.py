@@ -282,7 +282,7 @@ def failure_table(runs: list[tuple[str, dict]]) -> list[str]:
 
 # Figures in findings.md are computed, not typed: ``{{kind group/run params}}`` is replaced by the figure read from that
 # run's committed files (a run that is not there, or a figure it does not hold, stops the report).
-FIGURE = re.compile(r"\{\{(\w+) ([\w.-]+/[\w.-]+)((?: [\w.=]+)*)\}\}")
+FIGURE = re.compile(r"\{\{(\w+) ([\w.-]+/[\w.-]+)((?: [\w.=<>]+)*)\}\}")
 
 
 def figure_value(kind: str, run: dict, *params: str) -> str:
@@ -296,8 +296,8 @@ def figure_value(kind: str, run: dict, *params: str) -> str:
     the env steps run; metric KEY mean|median|max FORMAT [FROM TO]: a logged quantity (approx_kl, clipfrac...) over
     iterations FROM..TO, in a format spec (.1e: 5.2e-4); eval N [eta0]: the in-run evaluation at iteration N
     (%); evaluated FILE: an evaluate.py result in the run's directory ("7.5 % (15/200)"). Any kind takes
-    ``at=N``: the run as it stood at iteration N (its rows up to N and final_eval_iterationN.json), or ``after=N``:
-    its rows after iteration N."""
+    ``at=N``: the run as it stood at iteration N (its rows up to N and final_eval_iterationN.json), or ``after=N`` /
+    ``upto=N``: its rows after / up to iteration N."""
     at = [int(p[3:]) for p in params if p.startswith("at=")]
     params = tuple(p for p in params if not p.startswith("at="))
     after = [int(p[6:]) for p in params if p.startswith("after=")]
@@ -305,8 +305,12 @@ def figure_value(kind: str, run: dict, *params: str) -> str:
     if at:  # the run as it stood at iteration N: its rows up to N and the final evaluation it kept from then
         final = json.load(open(os.path.join(run["path"], f"final_eval_iteration{at[0]}.json")))
         run = {**run, "rows": [r for r in run["rows"] if r.get("step", 0) <= at[0]], "final": final}
+    upto = [int(p[5:]) for p in params if p.startswith("upto=")]
+    params = tuple(p for p in params if not p.startswith("upto="))
     if after:  # what the run did after iteration N
         run = {**run, "rows": [r for r in run["rows"] if r.get("step", 0) > after[0]]}
+    if upto:  # what the run did up to iteration N
+        run = {**run, "rows": [r for r in run["rows"] if r.get("step", 0) <= upto[0]]}
     f = run["final"]
     rows = [r for r in run["rows"] if "train_success_rate" in r and r["train_success_rate"] == r["train_success_rate"]]
     span = (int(params[0]), int(params[1])) if len(params) == 2 and kind in ("blocks", "ev") else (1, 10**9)
@@ -364,10 +368,44 @@ def figure_value(kind: str, run: dict, *params: str) -> str:
     raise ValueError(f"unknown figure kind '{kind}'")
 
 
-def fill_figures(text: str, runs: dict) -> str:
-    """findings.md with every ``{{kind group/run params}}`` replaced by its figure (see :func:`figure_value`)."""
+def episode_figure(kind: str, path: str, *params: str) -> str:
+    """A figure of the per-episode records of a committed analysis file (evaluate.py's or failure_modes.py's JSON):
+    count COND...: the episodes that meet every condition (``field=v``, ``field>v``, ``field<v``; success=1 for
+    True); avg FIELD FORMAT COND...: the field's mean over those episodes; rate: its success rate (%, one decimal);
+    states K: init states with exactly K failed episodes (K = any: with at least one)."""
+    episodes = json.load(open(path))["episodes"]
+
+    def meets(e: dict, cond: str) -> bool:
+        field, op, value = re.match(r"(\w+)([=<>])(.+)", cond).groups()
+        x = float(e[field]) if e[field] is not None else float("nan")
+        return {"=": x == float(value), "<": x < float(value), ">": x > float(value)}[op]
+
+    if kind == "rate":
+        return f"{100 * sum(e['success'] for e in episodes) / len(episodes):.1f}"
+    if kind == "states":
+        fails = {}
+        for e in episodes:
+            fails[e["init_state"]] = fails.get(e["init_state"], 0) + (not e["success"])
+        return str(sum(1 for n in fails.values() if (n > 0 if params[0] == "any" else n == int(params[0]))))
+    conds = params if kind == "count" else params[2:]
+    chosen = [e for e in episodes if all(meets(e, c) for c in conds)]
+    if kind == "count":
+        return str(len(chosen))
+    if kind == "avg":
+        return format(sum(float(e[params[0]]) for e in chosen) / len(chosen), params[1])
+    raise ValueError(f"unknown figure kind '{kind}' for an analysis file")
+
+
+def fill_figures(text: str, runs: dict, root: str) -> str:
+    """findings.md with every ``{{kind group/run params}}`` replaced by its figure (see :func:`figure_value`); a name
+    ending in .json is an analysis file under the report's root (see :func:`episode_figure`)."""
 
     def fill(m: re.Match) -> str:
+        if m.group(2).endswith(".json"):
+            path = os.path.join(root, m.group(2))
+            if not os.path.exists(path):
+                raise SystemExit(f"error: findings.md names {m.group(2)}, which is not under {root}; fix the name.")
+            return episode_figure(m.group(1), path, *m.group(3).split())
         if m.group(2) not in runs:
             raise SystemExit(f"error: findings.md names {m.group(2)}, which is no run of the report; fix the name.")
         return figure_value(m.group(1), runs[m.group(2)], *m.group(3).split())
@@ -427,7 +465,7 @@ def main() -> None:
     findings = os.path.join(args.root, "findings.md")  # the measured conclusions, written from the tables above
     if os.path.exists(findings):
         runs = {f"{g}/{r['name']}": r for g, group in groups.items() for r in group}
-        lines += [fill_figures(open(findings).read().strip(), runs), ""]
+        lines += [fill_figures(open(findings).read().strip(), runs, args.root), ""]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
