@@ -19,6 +19,7 @@ import math
 import os
 import re
 import sys
+from typing import Optional
 
 import matplotlib
 
@@ -282,10 +283,10 @@ def failure_table(runs: list[tuple[str, dict]]) -> list[str]:
 
 # Figures in findings.md are computed, not typed: ``{{kind group/run params}}`` is replaced by the figure read from that
 # run's committed files (a run that is not there, or a figure it does not hold, stops the report).
-FIGURE = re.compile(r"\{\{(\w+) ([\w.-]+/[\w.-]+)((?: [\w.=<>]+)*)\}\}")
+FIGURE = re.compile(r"\{\{(\w+) ([\w.-]+/[\w.-]+)((?: [\w.=<>/-]+)*)\}\}")
 
 
-def figure_value(kind: str, run: dict, *params: str) -> str:
+def figure_value(kind: str, run: dict, *params: str, runs_by_name: Optional[dict] = None) -> str:
     """One figure of a run. final MODE: success with its standard error over the final evaluation's distinct episodes;
     pct MODE: the same success in %, one decimal; length MODE: mean episode length (steps); std [MODE]: the action
     std of the evaluated (or named) mode; curve [eta0]: the in-run evaluations in % (the evaluated mode, or eta0);
@@ -295,7 +296,10 @@ def figure_value(kind: str, run: dict, *params: str) -> str:
     wall / minutes: the run's wall time (h / min); start [eta0]: the BC start's success (%) at iteration 0; steps:
     the env steps run; metric KEY mean|median|max FORMAT [FROM TO]: a logged quantity (approx_kl, clipfrac...) over
     iterations FROM..TO, in a format spec (.1e: 5.2e-4); eval N [eta0]: the in-run evaluation at iteration N
-    (%); evaluated FILE: an evaluate.py result in the run's directory ("7.5 % (15/200)"). Any kind takes
+    (%); evaluated FILE: an evaluate.py result in the run's directory ("7.5 % (15/200)"); diff MODE OTHER OTHER_MODE
+    [OTHER_ITERATION]: the difference to another run's final rate, in points and standard errors; same MODE OTHER:
+    the share of final episodes (%) with the other run's outcome; fails / failstates MODE: failed final episodes /
+    init states with one. Any kind takes
     ``at=N``: the run as it stood at iteration N (its rows up to N and final_eval_iterationN.json), or ``after=N`` /
     ``upto=N``: its rows after / up to iteration N."""
     at = [int(p[3:]) for p in params if p.startswith("at=")]
@@ -349,6 +353,21 @@ def figure_value(kind: str, run: dict, *params: str) -> str:
     if kind == "start":
         key = f"eval_{params[0]}/success_rate" if params else "eval/success_rate"
         return f"{100 * next(r[key] for r in run['rows'] if r.get('step') == 0 and key in r):.0f}"
+    if kind == "diff":  # diff MODE OTHER_RUN OTHER_MODE [OTHER_ITERATION]: this run's final rate against another's
+        other = runs_by_name[params[1]]
+        if len(params) > 3:
+            final = json.load(open(os.path.join(other["path"], f"final_eval_iteration{params[3]}.json")))
+            other = {**other, "final": final}
+        p1, n1 = f[params[0]]["success_rate"], distinct_episodes(run, params[0])
+        p2, n2 = other["final"][params[2]]["success_rate"], distinct_episodes(other, params[2])
+        se = math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
+        return f"{100 * (p1 - p2):+.1f} points, {abs(p1 - p2) / se:.1f} standard errors of the difference"
+    if kind == "same":  # same MODE OTHER_RUN: the share of final episodes (%) whose outcome the other run's repeats
+        mine, theirs = f[params[0]]["successes"], runs_by_name[params[1]]["final"][params[0]]["successes"]
+        return f"{100 * sum(a == b for a, b in zip(mine, theirs)) / len(mine):.0f}"
+    if kind in ("fails", "failstates"):  # fails / failstates MODE: failed final episodes / init states with a failure
+        failed = [e for e, ok in enumerate(f[params[0]]["successes"]) if not ok]
+        return str(len(failed) if kind == "fails" else len({e % NUM_INIT_STATES for e in failed}))
     if kind == "eval":  # eval N [eta0]: the in-run evaluation at iteration N (%)
         key = f"eval_{params[1]}/success_rate" if len(params) > 1 else "eval/success_rate"
         return f"{100 * next(r[key] for r in run['rows'] if r.get('step') == int(params[0]) and key in r):.0f}"
@@ -408,7 +427,7 @@ def fill_figures(text: str, runs: dict, root: str) -> str:
             return episode_figure(m.group(1), path, *m.group(3).split())
         if m.group(2) not in runs:
             raise SystemExit(f"error: findings.md names {m.group(2)}, which is no run of the report; fix the name.")
-        return figure_value(m.group(1), runs[m.group(2)], *m.group(3).split())
+        return figure_value(m.group(1), runs[m.group(2)], *m.group(3).split(), runs_by_name=runs)
 
     return FIGURE.sub(fill, text)
 
