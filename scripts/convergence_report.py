@@ -287,21 +287,29 @@ FIGURE = re.compile(r"\{\{(\w+) ([\w.-]+/[\w.-]+)((?: [\w.=<>/-]+)*)\}\}")
 
 
 def figure_value(kind: str, run: dict, *params: str, runs_by_name: Optional[dict] = None) -> str:
-    """One figure of a run. final MODE: success with its standard error over the final evaluation's distinct episodes;
-    pct MODE: the same success in %, one decimal; length MODE: mean episode length (steps); std [MODE]: the action
-    std of the evaluated (or named) mode; curve [eta0]: the in-run evaluations in % (the evaluated mode, or eta0);
-    reached X: env steps (k) of the first in-run evaluation at or above X; rollout first|last [N]: mean rollout success
-    (%) over the first or last N (5) iterations; blocks [FROM TO]: rollout success (%) per block of ten iterations
-    (iterations FROM..TO, 1-based, else all); ev [FROM TO]: mean critic explained variance (iterations FROM..TO);
-    wall / minutes: the run's wall time (h / min); start [eta0]: the BC start's success (%) at iteration 0; steps:
-    the env steps run; metric KEY mean|median|max FORMAT [FROM TO]: a logged quantity (approx_kl, clipfrac...) over
-    iterations FROM..TO, in a format spec (.1e: 5.2e-4); eval N [eta0]: the in-run evaluation at iteration N
-    (%); evaluated FILE: an evaluate.py result in the run's directory ("7.5 % (15/200)"); diff MODE OTHER OTHER_MODE
-    [OTHER_ITERATION]: the difference to another run's final rate, in points and standard errors; same MODE OTHER:
-    the share of final episodes (%) with the other run's outcome; fails / failstates MODE: failed final episodes /
-    init states with one. Any kind takes
-    ``at=N``: the run as it stood at iteration N (its rows up to N and final_eval_iterationN.json), or ``after=N`` /
-    ``upto=N``: its rows after / up to iteration N."""
+    """One figure of a run, by kind (the run's final evaluation, metrics rows, wall time and evaluation files):
+
+    final MODE            success ± standard error over the final evaluation's distinct episodes
+    pct / length MODE     that success in % (one decimal) / the mean episode length in steps
+    std [MODE]            the action std of the evaluated (or named) mode
+    curve [eta0]          the in-run evaluations in % (the evaluated mode, or eta0)
+    eval N [eta0]         the in-run evaluation at iteration N (%)
+    reached X             env steps (k) of the first in-run evaluation at or above X
+    start [eta0]          the BC start's in-run evaluation (iteration 0, %)
+    rollout first|last [N]  mean rollout success (%) over the first or last N (5) iterations
+    blocks [FROM TO]      rollout success (%) per block of ten iterations (1-based iterations FROM..TO)
+    ev [FROM TO]          mean critic explained variance
+    metric KEY mean|median|max FORMAT [FROM TO]  a logged quantity (approx_kl, clipfrac...) in a format spec
+    steps / wall / minutes  env steps run / wall time (h / min)
+    evaluated FILE        an evaluate.py result in the run's directory ("7.5 % (15/200)")
+    diff MODE OTHER OTHER_MODE [OTHER_ITERATION]  the difference to another run's final rate (points, standard errors)
+    same MODE OTHER       the share (%) of final episodes whose outcome the other run repeats
+    fails / failstates MODE  failed final episodes / init states with a failure
+    histogram / binomial MODE  init states by successful episodes, counted / expected if episodes were independent
+    branches MODE OTHER...  mean and spread of the final rates against the spread 200 episodes alone give
+
+    Any kind takes ``at=N`` (the run as it stood at iteration N: rows up to N, final_eval_iterationN.json),
+    ``after=N`` or ``upto=N`` (its rows after / up to iteration N)."""
     at = [int(p[3:]) for p in params if p.startswith("at=")]
     params = tuple(p for p in params if not p.startswith("at="))
     after = [int(p[6:]) for p in params if p.startswith("after=")]
@@ -368,6 +376,27 @@ def figure_value(kind: str, run: dict, *params: str, runs_by_name: Optional[dict
     if kind in ("fails", "failstates"):  # fails / failstates MODE: failed final episodes / init states with a failure
         failed = [e for e, ok in enumerate(f[params[0]]["successes"]) if not ok]
         return str(len(failed) if kind == "fails" else len({e % NUM_INIT_STATES for e in failed}))
+    if kind == "branches":  # branches MODE OTHER...: the spread of final rates over this run and the others
+        rates = [f[params[0]]["success_rate"]] + [
+            runs_by_name[o]["final"][params[0]]["success_rate"] for o in params[1:]
+        ]
+        mean = sum(rates) / len(rates)
+        sd = math.sqrt(sum((r - mean) ** 2 for r in rates) / (len(rates) - 1))
+        noise = math.sqrt(mean * (1 - mean) / f["episodes"])
+        return (
+            f"average {100 * mean:.1f} %, standard deviation {100 * sd:.1f} points across the {len(rates)}, against "
+            f"{100 * noise:.1f} points expected from {f['episodes']} episodes alone"
+        )
+    if kind in ("histogram", "binomial"):  # init states by successes of their episodes: counted / if independent
+        outcomes = f[params[0]]["successes"]
+        per = len(outcomes) // NUM_INIT_STATES
+        if kind == "histogram":
+            counts = [sum(outcomes[e::NUM_INIT_STATES]) for e in range(NUM_INIT_STATES)]
+            return " / ".join(str(counts.count(k)) for k in range(per + 1))
+        p = sum(outcomes) / len(outcomes)
+        return " / ".join(
+            f"{NUM_INIT_STATES * math.comb(per, k) * p**k * (1 - p) ** (per - k):.1f}" for k in range(per + 1)
+        )
     if kind == "eval":  # eval N [eta0]: the in-run evaluation at iteration N (%)
         key = f"eval_{params[1]}/success_rate" if len(params) > 1 else "eval/success_rate"
         return f"{100 * next(r[key] for r in run['rows'] if r.get('step') == int(params[0]) and key in r):.0f}"
