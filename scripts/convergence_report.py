@@ -10,6 +10,8 @@ Success rates carry their binomial standard error sqrt(p (1 - p) / n) (at 0 or 1
 bound), n the distinct episodes: a noise-free mode
 (the Gaussian policy's `mean`) repeats each of the 50 init states' episodes, so its n is 50 however many episodes ran;
 "env steps to X %" is the first in-run evaluation at or above X (50 episodes: +-7 points).
+The page ends with findings.md, the conclusions drawn from these runs, whose figures are placeholders
+``{{kind group/run params}}`` filled from the runs' committed files here (:func:`figure_value`): none is typed.
 """
 
 import argparse
