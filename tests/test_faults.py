@@ -107,7 +107,7 @@ def test_a_process_told_not_to_requeue_does_not_requeue_its_array_element():
     assert "pre-empted (SIGUSR1): checkpoint written; rerun with --resume auto" in out.stdout
 
 
-def test_envs_that_cannot_fit_in_memory_are_refused_in_one_sentence_before_any_work(tmp_path):
+def test_envs_that_cannot_fit_in_memory_are_refused_in_one_sentence_before_any_work(tmp_path, monkeypatch):
     """``--num-envs 50`` (ppo_diffusion.py's default) at ~0.8 GB per env does not fit 12 GB: every phase that builds
     envs stops before any worker starts, naming the largest count that fits and the CPU recipe."""
     import vector_env as ve
@@ -133,11 +133,8 @@ def test_envs_that_cannot_fit_in_memory_are_refused_in_one_sentence_before_any_w
         assert "but 12 GB are available" in err and f"use --num-envs {fits} or fewer" in err, err
         assert "--num-envs 16 --num-steps 140 --minibatch-size 2800" in err
         assert time.monotonic() - start < 60 and not (tmp_path / "runs").exists()
-    os.environ["LIBERO_MEMORY_GB"] = "12"
-    try:
-        ve.check_memory(fits)  # the count the sentence names does fit
-        with pytest.raises(ve.ResourceError, match="not even one env fits"):
-            os.environ["LIBERO_MEMORY_GB"] = "1"
-            ve.check_memory(2)
-    finally:
-        del os.environ["LIBERO_MEMORY_GB"]
+    monkeypatch.setenv("LIBERO_MEMORY_GB", "12")  # restored after the test (a caller's own setting included)
+    ve.check_memory(fits)  # the count the sentence names does fit
+    monkeypatch.setenv("LIBERO_MEMORY_GB", "1")
+    with pytest.raises(ve.ResourceError, match="not even one env fits"):
+        ve.check_memory(2)
