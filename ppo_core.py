@@ -43,47 +43,86 @@ class Rollout:
     LIBERO samples from that seed (``layouts="sampled"``: the protocol's 50 init states stay held out for
     evaluation), or from an init state drawn uniformly from the 50 (``"protocol"``). Every observation carries
     ``time``, the elapsed fraction t / step limit of its episode (the critic's input; the actor ignores it).
+
+    ``pipelined``: every worker's envs run on their own, so that one worker steps while the policy computes for
+    another's and none waits for the slowest (the lockstep schedule waits at every chunk step). Nothing then may
+    depend on which worker answers first: env i's k-th episode has seed ``seed + 10^6 + i + E k`` (E envs) and its
+    policy noise comes from env i's own generator (``act(obs_t, generators)``), so the batch is the same for any
+    grouping and timing (test), though not the lockstep schedule's (its seeds count episodes as they end and its
+    noise is drawn for the whole batch from the global RNG).
     """
 
     def __init__(self, venv: ve.VectorLiberoEnv, preprocess: Callable, seed: int, render: bool,
-                 success_reward: Optional[Callable[[int], float]] = None, layouts: str = "sampled"):  # fmt: skip
+                 success_reward: Optional[Callable[[int], float]] = None, layouts: str = "sampled",
+                 pipelined: bool = False):  # fmt: skip
         """``success_reward(t)``: the reward of a success at env step t (None: the sparse reward, 1)."""
         ve.episode_init_state(0, layouts)  # an unknown split fails here
         self.venv, self.preprocess, self.render, self.layouts = venv, preprocess, render, layouts
-        self.success_reward = success_reward
+        self.success_reward, self.pipelined = success_reward, pipelined
         self.max_steps = venv.task.max_steps
         self.rng, self.seed, self.episodes = np.random.default_rng(seed), seed, 0
         self.t = np.zeros(venv.num_envs)  # steps taken in each env's current episode
         self.obs: Optional[list] = None  # started by the first collect
         self.episode_returns, self.episode_lengths = [], []
+        # pipelined: per env, its episode count and its policy-noise generator (see the class docstring)
+        self.env_episodes = np.zeros(venv.num_envs, dtype=np.int64)
+        self.generators = [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 1, i]).generate_state(1)[0]))
+                           for i in range(venv.num_envs)] if pipelined else None  # fmt: skip
 
     def reset_all(self) -> None:
         self.obs = self._reset(list(range(self.venv.num_envs)))
 
     def state_dict(self) -> dict:
-        """What a resumed run needs to start the same episodes: the init-state RNG and the episode counter."""
-        return {"rng": self.rng.bit_generator.state, "episodes": self.episodes}
+        """What a resumed run needs to start the same episodes: the init-state RNG and the episode counter (and,
+        pipelined, every env's episode count and noise generator)."""
+        state = {"rng": self.rng.bit_generator.state, "episodes": self.episodes}
+        if self.pipelined:
+            state.update(env_episodes=self.env_episodes.tolist(), generators=[g.get_state() for g in self.generators])
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state, self.episodes = state["rng"], int(state["episodes"])
+        if self.pipelined and "env_episodes" in state:
+            self.env_episodes[:] = state["env_episodes"]
+            for g, g_state in zip(self.generators, state["generators"]):
+                g.set_state(g_state)
 
     def reward(self, out: le.ChunkResult) -> float:
         return self.success_reward(out.t) if out.done and self.success_reward is not None else out.reward
 
     def _reset(self, ids: list[int]) -> list[dict]:
-        inits = self.rng.integers(0, le.NUM_INIT_STATES, len(ids))  # drawn either way: one RNG stream per seed
+        if self.pipelined:  # env i's k-th episode: a seed and an init state that no schedule can reorder
+            E, k = self.venv.num_envs, self.env_episodes[ids]
+            seeds = [self.seed + 1_000_000 + i + E * int(n) for i, n in zip(ids, k)]
+            inits = [int(np.random.SeedSequence([self.seed, 2, s]).generate_state(1)[0] % le.NUM_INIT_STATES)
+                     for s in seeds]  # fmt: skip
+            self.env_episodes[ids] += 1
+        else:
+            inits = self.rng.integers(0, le.NUM_INIT_STATES, len(ids))  # drawn either way: one RNG stream per seed
+            seeds = [self.seed + 1_000_000 + self.episodes + j for j in range(len(ids))]
         if self.layouts == "sampled":
             inits = [le.SAMPLED] * len(ids)
-        seeds = [self.seed + 1_000_000 + self.episodes + j for j in range(len(ids))]
         self.episodes += len(ids)
         self.t[ids] = 0
         return self.venv.reset(ids, inits, seeds, render=self.render)
 
-    def observe(self) -> dict:
-        """The current observations as policy tensors, with their elapsed fractions (``time``, (E,))."""
-        obs_t = self.preprocess(le.stack_obs(self.obs))
-        obs_t["time"] = torch.as_tensor(self.t / self.max_steps, dtype=torch.float32).to(obs_t["proprio"].device)
+    def observe(self, ids: Optional[list[int]] = None) -> dict:
+        """The current observations (of the envs ``ids``, else all) as policy tensors, with their elapsed fractions
+        (``time``, (E,))."""
+        ids = list(range(self.venv.num_envs)) if ids is None else ids
+        obs_t = self.preprocess(le.stack_obs([self.obs[i] for i in ids]))
+        time_t = torch.as_tensor(self.t[ids] / self.max_steps, dtype=torch.float32)
+        obs_t["time"] = time_t.to(obs_t["proprio"].device)
         return obs_t
+
+    def _record(self, ids: list[int], outs: list) -> list[int]:
+        """Take the chunk results of the envs ``ids`` (observations, episode ends); the envs whose episode ended."""
+        for i, o in zip(ids, outs):
+            self.obs[i], self.t[i] = o.obs, o.t
+            if o.done or o.truncated:
+                self.episode_returns.append(float(o.done))
+                self.episode_lengths.append(o.t)
+        return [i for i, o in zip(ids, outs) if o.done or o.truncated]
 
     def collect(self, num_steps: int, act: Callable, timers: dict, reset: bool = False) -> dict:
         """``act(obs_t) -> (actions (E, act_steps, 7) numpy, extras dict of CPU tensors (E, ...))``; ``obs_t`` are the
@@ -94,6 +133,8 @@ class Rollout:
             t0 = time.perf_counter()
             self.reset_all()
             timers["env"] += time.perf_counter() - t0
+        if self.pipelined:
+            return self._collect_pipelined(num_steps, act, timers)
         buf = {"obs": [], "extras": [], "rewards": [], "terminated": [], "truncated": []}
         for _ in range(num_steps):
             t0 = time.perf_counter()
@@ -109,17 +150,15 @@ class Rollout:
             buf["rewards"].append([self.reward(o) for o in outs])
             buf["terminated"].append([float(o.done) for o in outs])
             buf["truncated"].append([float(o.truncated) for o in outs])
-            done = [i for i, o in enumerate(outs) if o.done or o.truncated]
-            for i, o in enumerate(outs):
-                self.obs[i], self.t[i] = o.obs, o.t
-                if o.done or o.truncated:
-                    self.episode_returns.append(float(o.done))
-                    self.episode_lengths.append(o.t)
+            done = self._record(ids, outs)
             if done:
                 t2 = time.perf_counter()
                 for i, o in zip(done, self._reset(done)):
                     self.obs[i] = o
                 timers["env"] += time.perf_counter() - t2
+        return self._batch(buf)
+
+    def _batch(self, buf: dict) -> dict:
         stack = lambda key: torch.stack([torch.as_tensor(np.asarray(x), dtype=torch.float32) for x in buf[key]])  # noqa: E731
         return {
             "obs": {k: torch.stack([o[k] for o in buf["obs"]]) for k in buf["obs"][0]},  # (T, E, ...)
@@ -129,6 +168,58 @@ class Rollout:
             "truncated": stack("truncated"),
             "next_obs": {k: v.cpu() for k, v in self.observe().items()},  # where the iteration cut the episodes
         }
+
+    def _collect_pipelined(self, num_steps: int, act: Callable, timers: dict) -> dict:
+        """:meth:`collect` with every worker's envs on their own: a worker's chunk results in, its envs' next
+        actions (``act(obs_t, generators)``, its rows only) out at once, while the other workers step. The same
+        batch as any other grouping or timing: see the class docstring."""
+        start, policy_s = time.perf_counter(), [0.0]
+        E, groups = self.venv.num_envs, [g for g in self.venv.groups if g]
+        rows = {key: [[None] * E for _ in range(num_steps)] for key in ("obs", "extras")}
+        outs_at = [[None] * E for _ in range(num_steps)]
+        step_of = {}  # worker -> the chunk step its envs are on
+
+        def launch(w: int, ids: list[int]) -> None:
+            t0 = time.perf_counter()
+            obs_t = self.observe(ids)
+            actions, extras = act(obs_t, [self.generators[i] for i in ids])
+            obs_t = {k: v.cpu() for k, v in obs_t.items()}
+            for j, i in enumerate(ids):
+                rows["obs"][step_of[w]][i] = {k: v[j] for k, v in obs_t.items()}
+                rows["extras"][step_of[w]][i] = {k: v[j] for k, v in extras.items()}
+            policy_s[0] += time.perf_counter() - t0
+            args = [(np.asarray(a), self.render, False) for a in actions]
+            self.venv.submit(ids, "step_chunk", args)
+
+        by_worker = {self.venv.worker_of[g[0]]: g for g in groups}
+        if num_steps > 0:
+            for w, ids in by_worker.items():
+                step_of[w] = 0
+                launch(w, ids)
+        while step_of:
+            for w in self.venv.ready(list(step_of)):
+                ids, t = by_worker[w], step_of[w]
+                outs = self.venv.receive(w, "step_chunk")
+                for i, o in zip(ids, outs):
+                    outs_at[t][i] = o
+                done = self._record(ids, outs)
+                for i, o in zip(done, self._reset(done) if done else []):  # only this worker's envs: no barrier
+                    self.obs[i] = o
+                if t + 1 < num_steps:
+                    step_of[w] = t + 1
+                    launch(w, ids)
+                else:
+                    del step_of[w]
+        timers["policy"] += policy_s[0]
+        timers["env"] += time.perf_counter() - start - policy_s[0]  # the rest of the wall (stepping overlaps it)
+        buf = {"obs": [], "extras": [], "rewards": [], "terminated": [], "truncated": []}
+        for t in range(num_steps):
+            buf["obs"].append({k: torch.stack([r[k] for r in rows["obs"][t]]) for k in rows["obs"][t][0]})
+            buf["extras"].append({k: torch.stack([r[k] for r in rows["extras"][t]]) for k in rows["extras"][t][0]})
+            buf["rewards"].append([self.reward(o) for o in outs_at[t]])
+            buf["terminated"].append([float(o.done) for o in outs_at[t]])
+            buf["truncated"].append([float(o.truncated) for o in outs_at[t]])
+        return self._batch(buf)
 
 
 def check_resumed_layouts(path: str, saved_args: dict, layouts: str) -> None:

@@ -100,6 +100,9 @@ class Args:
     """parallel environments"""
     num_workers: int = 0
     """environment worker processes the envs are grouped over (0: one per CPU core, at most --num-envs)"""
+    pipeline: bool = False
+    """step every worker's envs on their own, the policy computing for one worker's envs while the others step,
+    instead of all envs in lockstep; per-env seed and noise streams (ppo_core.Rollout)"""
     batch_chunks: int = 15_000
     """env steps (chunks) per iteration over all envs; DPPO's 50 envs x 300 steps. Kept constant when --num-envs
     changes (the paper's parallel-env ablation) unless --num-steps is given"""
@@ -454,8 +457,14 @@ if __name__ == "__main__":
     sampler = GraphedSampler(policy, args.noise_clip, args.min_std, args.cuda_graph)
     preprocess = policy.ft.obs_tensors  # normalised observation tensors on the device
 
-    def act(obs_t):
-        chain, actions = sampler(obs_t)
+    def act(obs_t, generators=None):
+        if generators is None:  # lockstep: the batch's noise from the global RNG, in the (CUDA-graphed) sampler
+            chain, actions = sampler(obs_t)
+        else:  # pipelined: each row's noise from its env's own generator
+            shape = (sched.K + 1, cfg["horizon"], le.ACTION_DIM)
+            noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+            with torch.no_grad():
+                chain, actions = policy.sample_chain(obs_t, args.noise_clip, args.min_std, "sample", noise)
         return actions.cpu().numpy(), {"chains": chain.cpu()}
 
     env_kwargs = dict(obs_mode=cfg["obs_mode"], image_size=cfg["image_size"], fast_step=args.fast_step)
@@ -470,6 +479,7 @@ if __name__ == "__main__":
         render,
         success_reward_fn(args, task.max_steps, cfg["act_steps"]),
         args.train_layouts,
+        args.pipeline,
     )
     if rollout_state is not None:
         rollout.load_state_dict(rollout_state)

@@ -150,6 +150,9 @@ class Args:
     """parallel environments"""
     num_workers: int = 0
     """environment worker processes the envs are grouped over (0: one per CPU core, at most --num-envs)"""
+    pipeline: bool = False
+    """step every worker's envs on their own, the policy computing for one worker's envs while the others step,
+    instead of all envs in lockstep; per-env seed and noise streams (ppo_core.Rollout)"""
     batch_chunks: int = 15_000
     """env steps (chunks) per iteration over all envs, kept constant when --num-envs changes"""
     num_steps: Optional[int] = None
@@ -457,9 +460,14 @@ if __name__ == "__main__":
     render = args.obs_mode == "rgb"
     preprocess = policy.obs_tensors
 
-    def act(obs_t):
+    def act(obs_t, generators=None):  # generators: one per row when pipelined (its env's noise stream)
         with torch.no_grad():
-            a_norm = policy.dist(obs_t).sample()
+            d = policy.dist(obs_t)
+            if generators is None:
+                a_norm = d.sample()
+            else:
+                z = torch.stack([torch.randn(d.mean.shape[1:], generator=g) for g in generators]).to(d.mean)
+                a_norm = d.mean + d.stddev * z
         return policy.to_actions(a_norm).cpu().numpy(), {"actions": a_norm.cpu()}
 
     def run_eval(modes, episodes: int, record_mode: Optional[str] = None, partial_path: Optional[str] = None) -> dict:
@@ -481,6 +489,7 @@ if __name__ == "__main__":
         render,
         success_reward_fn(args, task.max_steps, cfg["act_steps"]),
         args.train_layouts,
+        args.pipeline,
     )
     if rollout_state is not None:
         rollout.load_state_dict(rollout_state)

@@ -260,6 +260,36 @@ class VectorLiberoEnv:
         """Send ``actions[j]`` (T, 7) to env ``env_ids[j]``; list of :class:`ChunkResult`."""
         return self._call(env_ids, "step_chunk", [(np.asarray(a), render, record) for a in actions])
 
+    # -- asynchronous use, one worker at a time (the pipelined rollout: each worker's envs step while the policy
+    # computes for another's) ------------------------------------------------------------------------------------
+    def submit(self, env_ids: Sequence[int], cmd: str, args_per_env: Sequence[tuple]) -> int:
+        """Send ``cmd`` to the envs ``env_ids``, all of one worker, without waiting; returns that worker, whose
+        answer :meth:`receive` collects (one command in flight per worker)."""
+        w = self.worker_of[env_ids[0]]
+        if any(self.worker_of[i] != w for i in env_ids):
+            raise ValueError(f"submit() takes the envs of one worker; {list(env_ids)} span several.")
+        try:
+            self._conns[w].send((cmd, list(zip(env_ids, args_per_env))))
+        except (BrokenPipeError, OSError):
+            self._recv(w, cmd)  # reports the death
+        return w
+
+    def ready(self, workers: Sequence[int]) -> list[int]:
+        """Those of ``workers`` whose answer has arrived, waiting until at least one has (a dead worker counts as
+        ready: :meth:`receive` then reports it)."""
+        from multiprocessing.connection import wait
+
+        conns = {id(self._conns[w]): w for w in workers}
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            done = wait([self._conns[w] for w in workers], timeout=0.05)
+            if done or any(not self._procs[w].is_alive() for w in workers) or time.monotonic() > deadline:
+                return [conns[id(c)] for c in done] or list(workers)
+
+    def receive(self, w: int, cmd: str) -> list:
+        """The answer of worker ``w`` to its submitted ``cmd``, one result per env in the order submitted."""
+        return self._recv(w, cmd)
+
     def call(self, name: str, *args, env_ids: Optional[Sequence[int]] = None) -> list:
         """Call a method of :class:`LiberoEnv` in each (or the given) worker."""
         ids = range(self.num_envs) if env_ids is None else env_ids

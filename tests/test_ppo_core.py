@@ -318,6 +318,42 @@ def test_training_episodes_start_from_sampled_layouts_by_default_never_from_the_
         core.Rollout(venv, preprocess, seed=5, render=False, layouts="random")
 
 
+@pytest.mark.sim
+def test_a_pipelined_rollout_gives_the_same_batch_for_any_worker_grouping_and_its_state_carries_the_streams():
+    """--pipeline: every worker's envs step on their own, so which worker answers first varies from run to run; the
+    batch must not. Three envs of a task cut to 16 steps (4 chunks of 4: every env resets twice inside the 9 chunk
+    steps), one worker (strictly in turn) against two (interleaved): the same observations, actions, rewards and
+    episode ends, and the state dict restores every env's episode count and noise stream."""
+    task = dataclasses.replace(le.resolve_task("libero_object", 0), max_steps=16)
+
+    def act(obs_t, generators):  # exploration noise from each env's own stream, as the PPO scripts' act
+        a = torch.stack([0.5 * torch.randn(4, 7, generator=g) for g in generators])
+        return a.numpy(), {"a": a}
+
+    batches, states = [], []
+    for workers in (1, 2):
+        with ve.VectorLiberoEnv(task, 3, obs_mode="state", num_workers=workers, fast_step=True) as venv:
+            rollout = core.Rollout(venv, preprocess, seed=7, render=False, pipelined=True)
+            timers = {"env": 0.0, "policy": 0.0}
+            batches.append(rollout.collect(9, act, timers))
+            states.append(rollout.state_dict())
+            assert timers["env"] > 0 and timers["policy"] > 0
+    one, two = batches
+    assert one["truncated"].sum().item() == 6 and one["truncated"][3::4].sum().item() == 6  # every 4th chunk step
+    for key in ("rewards", "terminated", "truncated"):
+        assert torch.equal(one[key], two[key]), key
+    assert torch.equal(one["extras"]["a"], two["extras"]["a"]) and one["extras"]["a"].std() > 0.3
+    for key in one["obs"]:  # the same dynamics (worker processes step the same floats)
+        torch.testing.assert_close(one["obs"][key], two["obs"][key], rtol=0, atol=1e-9)
+    assert states[0]["env_episodes"] == states[1]["env_episodes"] == [3, 3, 3]  # the first, then two resets each
+    with ve.VectorLiberoEnv(task, 3, obs_mode="state", num_workers=1, fast_step=True) as venv:
+        resumed = core.Rollout(venv, preprocess, seed=0, render=False, pipelined=True)
+        resumed.load_state_dict(states[1])
+        for g, g_state in zip(resumed.generators, states[1]["generators"]):
+            assert torch.equal(g.get_state(), g_state)
+        assert resumed.env_episodes.tolist() == [3, 3, 3]
+
+
 def test_a_run_resumes_on_the_layouts_it_started_on():
     core.check_resumed_layouts("latest.pt", {"train_layouts": "sampled"}, "sampled")
     with pytest.raises(run_utils.CheckpointError, match="latest.pt was trained with --train-layouts protocol; resume"):

@@ -1,0 +1,121 @@
+"""Whole PPO iterations of the CPU recipe, the lockstep rollout and the pipelined one side by side in one run.
+
+One iteration = the rollout (``--num-envs`` envs x ``--num-steps`` chunk steps of 8 actions, state mode, the fast
+step, envs grouped over one worker per core) and ppo_diffusion's update on it (10 epochs, minibatches of 2800
+(chunk, denoising step) pairs), with an untrained state-mode diffusion policy (the MLP denoiser of the BC starts).
+``lockstep`` steps every env and then queries the policy for all of them (ppo_core.Rollout's default);
+``pipelined`` (``--pipeline`` in the PPO scripts) serves each worker as soon as its envs' chunks are done. The two
+alternate, A B A B, and each pair's ratio is printed; beside them, the raw physics floor (``mj_step`` alone, one
+core, times the cores) of the same task, so the rates also read as a fraction of what the physics allows.
+
+    python benchmarks/ppo_iteration.py                      # 16 envs x 140 chunks, 2 pairs (~15 min on 2 cores)
+    python benchmarks/ppo_iteration.py --num-steps 35 --pairs 1   # a quick look
+"""
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from env_speed import mj_step_floor  # noqa: E402
+
+import bc_diffusion as bc  # noqa: E402
+import denoising_mdp as dm  # noqa: E402
+import libero_env as le  # noqa: E402
+import ppo_core as core  # noqa: E402
+import ppo_diffusion as ppo  # noqa: E402
+import vector_env as ve  # noqa: E402
+
+
+@dataclass
+class Args:
+    suite: str = "libero_object"
+    task_id: int = 0
+    num_envs: int = 16
+    num_steps: int = 140
+    """chunk steps per env and iteration (the CPU recipe's 140: 17,920 env steps)"""
+    minibatch_size: int = 2800
+    pairs: int = 2
+    """lockstep / pipelined pairs, alternating"""
+
+
+def policy_for(obs: dict, seed: int = 0):
+    """An untrained state-mode diffusion policy (normaliser fitted on random data) and its critic."""
+    torch.manual_seed(seed)
+    cfg = bc.policy_config(bc.Args(obs_mode="state", denoiser="mlp"), len(obs["object_state"]))
+    policy = bc.DiffusionPolicy(cfg)
+    g = np.random.default_rng(seed)
+    policy.fit_normalizer(
+        g.uniform(-1, 1, (100, 7)), g.normal(size=(100, 8)), g.normal(size=(100, cfg["object_state_dim"]))
+    )
+    ft = dm.FineTunedDiffusion(policy, dm.DenoisingSchedule(policy.alphas_cumprod, "ddim", 5, 1.0), 5, cfg)
+    return ft, ppo.Critic(cfg, (256, 256))
+
+
+def iteration(venv: ve.VectorLiberoEnv, pipelined: bool, args: Args) -> dict:
+    """Seconds of one whole iteration (a fresh rollout, then the update) on ``venv``'s workers."""
+    ft, critic = policy_for(venv.reset([0], [0], [0], render=False)[0])
+    sampler = dm.GraphedSampler(ft, 3.0, 0.1, enabled=False)
+    cfg = ft.cfg
+
+    def act(obs_t, generators=None):  # as ppo_diffusion.py's
+        if generators is None:
+            chain, actions = sampler(obs_t)
+        else:
+            shape = (ft.sched.K + 1, cfg["horizon"], le.ACTION_DIM)
+            noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+            with torch.no_grad():
+                chain, actions = ft.sample_chain(obs_t, 3.0, 0.1, "sample", noise)
+        return actions.numpy(), {"chains": chain}
+
+    rollout = core.Rollout(venv, ft.ft.obs_tensors, 0, render=False, pipelined=pipelined)
+    rollout.reset_all()  # (outside the timing: both schedules start their episodes alike)
+    timers = {"env": 0.0, "policy": 0.0}
+    start = time.perf_counter()
+    batch = rollout.collect(args.num_steps, act, timers)
+    rollout_s = time.perf_counter() - start
+    T, E = batch["rewards"].shape
+    flat = {"obs": {k: v.flatten(0, 1) for k, v in batch["obs"].items()}, "advantages": torch.randn(T * E),
+            "chains": batch["extras"]["chains"].flatten(0, 1), "returns": torch.randn(T * E)}  # fmt: skip
+    ppo_args = SimpleNamespace(min_std=0.1, logprob_clip=(-5.0, 2.0), update_epochs=10,
+                               minibatch_size=args.minibatch_size, gamma_denoising=0.9, clip_coef=0.01,
+                               clip_coef_base=0.001, clip_coef_rate=3.0, constant_clip=False, vf_coef=0.5,
+                               max_grad_norm=1.0, target_kl=None)  # fmt: skip
+    opts = (torch.optim.AdamW(ft.ft.parameters(), lr=1e-6), torch.optim.AdamW(critic.parameters(), lr=1e-6))
+    start = time.perf_counter()
+    ppo.ppo_update(ft, critic, flat, ppo_args, opts, True, "cpu")
+    update_s = time.perf_counter() - start
+    steps = T * E * cfg["act_steps"]
+    return {"rollout_s": rollout_s, "update_s": update_s, "policy_s": timers["policy"], "env_steps": steps,
+            "rate": steps / (rollout_s + update_s)}  # fmt: skip
+
+
+def main(args: Args) -> None:
+    task = le.resolve_task(args.suite, args.task_id)
+    ve.check_memory(args.num_envs)
+    cores = ve.default_num_workers(args.num_envs)
+    floor = mj_step_floor(task) * cores
+    print(f"{task.suite} {task.local_id}, {args.num_envs} envs x {args.num_steps} chunk steps, {cores} workers; "
+          f"raw physics floor {floor:.0f} env steps/s on {cores} cores")  # fmt: skip
+    ratios = []
+    with ve.VectorLiberoEnv(task, args.num_envs, obs_mode="state", fast_step=True) as venv:
+        for pair in range(args.pairs):
+            result = {}
+            for mode in ("lockstep", "pipelined"):
+                r = result[mode] = iteration(venv, mode == "pipelined", args)
+                print(f"pair {pair + 1} {mode:>9}: {r['rate']:6.0f} env steps/s of iteration "
+                      f"({100 * r['rate'] / floor:.0f} % of the physics floor; rollout {r['rollout_s']:.1f} s, "
+                      f"of it policy {r['policy_s']:.1f} s; update {r['update_s']:.1f} s)", flush=True)  # fmt: skip
+            ratios.append(result["pipelined"]["rate"] / result["lockstep"]["rate"])
+            print(f"pair {pair + 1}: pipelined / lockstep = {ratios[-1]:.2f}x", flush=True)
+    print(f"pipelined / lockstep over {len(ratios)} pairs: {', '.join(f'{r:.2f}x' for r in ratios)}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
