@@ -4,11 +4,13 @@ One iteration = the rollout (``--num-envs`` envs x ``--num-steps`` chunk steps o
 step, envs grouped over one worker per core) and ppo_diffusion's update on it (10 epochs, minibatches of 2800
 (chunk, denoising step) pairs), with an untrained state-mode diffusion policy (the MLP denoiser of the BC starts).
 ``lockstep`` steps every env and then queries the policy for all of them (ppo_core.Rollout's default);
-``pipelined`` (``--pipeline`` in the PPO scripts) serves each worker as soon as its envs' chunks are done. The two
-alternate, A B A B, and each pair's ratio is printed; beside them, the raw physics floor (``mj_step`` alone, one
-core, times the cores) of the same task, so the rates also read as a fraction of what the physics allows.
+``pipelined`` (``--pipeline`` in the PPO scripts) serves each worker as soon as its envs' chunks are done;
+``pipelined-1thread`` the same with the main process's torch threads at one during the rollout. The modes
+alternate, A B C A B C, and each round's ratios to lockstep are printed; beside them, the raw physics floor
+(``mj_step`` alone, one core, times the cores) of the same task, so the rates also read as a fraction of what the
+physics allows.
 
-    python benchmarks/ppo_iteration.py                      # 16 envs x 140 chunks, 2 pairs (~15 min on 2 cores)
+    python benchmarks/ppo_iteration.py                      # 16 envs x 140 chunks, 2 rounds (~15 min on 2 cores)
     python benchmarks/ppo_iteration.py --num-steps 35 --pairs 1   # a quick look
 """
 
@@ -42,7 +44,10 @@ class Args:
     """chunk steps per env and iteration (the CPU recipe's 140: 17,920 env steps)"""
     minibatch_size: int = 2800
     pairs: int = 2
-    """lockstep / pipelined pairs, alternating"""
+    """rounds of the modes, alternating (lockstep, pipelined, pipelined with one policy thread)"""
+    modes: tuple[str, ...] = ("lockstep", "pipelined", "pipelined-1thread")
+    """lockstep | pipelined | pipelined-1thread (the main process's torch threads at 1 during the rollout, so that
+    the policy does not compete with the workers for the cores; the update keeps them all)"""
 
 
 def policy_for(obs: dict, seed: int = 0):
@@ -58,8 +63,9 @@ def policy_for(obs: dict, seed: int = 0):
     return ft, ppo.Critic(cfg, (256, 256))
 
 
-def iteration(venv: ve.VectorLiberoEnv, pipelined: bool, args: Args) -> dict:
+def iteration(venv: ve.VectorLiberoEnv, mode: str, args: Args) -> dict:
     """Seconds of one whole iteration (a fresh rollout, then the update) on ``venv``'s workers."""
+    pipelined = mode.startswith("pipelined")
     ft, critic = policy_for(venv.reset([0], [0], [0], render=False)[0])
     sampler = dm.GraphedSampler(ft, 3.0, 0.1, enabled=False)
     cfg = ft.cfg
@@ -77,9 +83,12 @@ def iteration(venv: ve.VectorLiberoEnv, pipelined: bool, args: Args) -> dict:
     rollout = core.Rollout(venv, ft.ft.obs_tensors, 0, render=False, pipelined=pipelined)
     rollout.reset_all()  # (outside the timing: both schedules start their episodes alike)
     timers = {"env": 0.0, "policy": 0.0}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if mode.endswith("1thread") else threads)
     start = time.perf_counter()
     batch = rollout.collect(args.num_steps, act, timers)
     rollout_s = time.perf_counter() - start
+    torch.set_num_threads(threads)
     T, E = batch["rewards"].shape
     flat = {"obs": {k: v.flatten(0, 1) for k, v in batch["obs"].items()}, "advantages": torch.randn(T * E),
             "chains": batch["extras"]["chains"].flatten(0, 1), "returns": torch.randn(T * E)}  # fmt: skip
@@ -103,18 +112,20 @@ def main(args: Args) -> None:
     floor = mj_step_floor(task) * cores
     print(f"{task.suite} {task.local_id}, {args.num_envs} envs x {args.num_steps} chunk steps, {cores} workers; "
           f"raw physics floor {floor:.0f} env steps/s on {cores} cores")  # fmt: skip
-    ratios = []
+    ratios = {mode: [] for mode in args.modes[1:]}
     with ve.VectorLiberoEnv(task, args.num_envs, obs_mode="state", fast_step=True) as venv:
         for pair in range(args.pairs):
             result = {}
-            for mode in ("lockstep", "pipelined"):
-                r = result[mode] = iteration(venv, mode == "pipelined", args)
-                print(f"pair {pair + 1} {mode:>9}: {r['rate']:6.0f} env steps/s of iteration "
+            for mode in args.modes:
+                r = result[mode] = iteration(venv, mode, args)
+                print(f"round {pair + 1} {mode:>17}: {r['rate']:6.0f} env steps/s of iteration "
                       f"({100 * r['rate'] / floor:.0f} % of the physics floor; rollout {r['rollout_s']:.1f} s, "
                       f"of it policy {r['policy_s']:.1f} s; update {r['update_s']:.1f} s)", flush=True)  # fmt: skip
-            ratios.append(result["pipelined"]["rate"] / result["lockstep"]["rate"])
-            print(f"pair {pair + 1}: pipelined / lockstep = {ratios[-1]:.2f}x", flush=True)
-    print(f"pipelined / lockstep over {len(ratios)} pairs: {', '.join(f'{r:.2f}x' for r in ratios)}")
+            for mode in args.modes[1:]:
+                ratios[mode].append(result[mode]["rate"] / result[args.modes[0]]["rate"])
+                print(f"round {pair + 1}: {mode} / {args.modes[0]} = {ratios[mode][-1]:.2f}x", flush=True)
+    for mode, values in ratios.items():
+        print(f"{mode} / {args.modes[0]} over {len(values)} rounds: {', '.join(f'{r:.2f}x' for r in values)}")
 
 
 if __name__ == "__main__":
