@@ -118,12 +118,15 @@ class FineTunedDiffusion(nn.Module):
         depend neither on which rows share a batch nor on the global RNG, which stays untouched); else the global
         RNG draws."""
         obs_t = self.ft.obs_tensors(obs)
-        noise = None
-        if generators is not None:
-            shape = (self.sched.K + 1, self.cfg["horizon"], le.ACTION_DIM)
-            noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.sched.t.device)
+        noise = self.noise_from(generators) if generators is not None else None
         _, actions = self.sample_chain(obs_t, self.noise_clip, self.min_std, mode, noise)
         return actions.cpu().numpy()
+
+    def noise_from(self, generators: list) -> torch.Tensor:
+        """The chain's standard-normal draws (B, K+1, H, Da), row b from ``generators[b]`` (its episode's or env's
+        stream), on the policy's device."""
+        shape = (self.sched.K + 1, self.cfg["horizon"], le.ACTION_DIM)
+        return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.sched.t.device)
 
     def acting(self, mode: str) -> Callable:
         """``act`` in ``mode`` as the ``act(obs, generators)`` that evaluation and collection call."""

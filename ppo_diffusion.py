@@ -461,10 +461,10 @@ if __name__ == "__main__":
         if generators is None:  # lockstep: the batch's noise from the global RNG, in the (CUDA-graphed) sampler
             chain, actions = sampler(obs_t)
         else:  # pipelined: each row's noise from its env's own generator
-            shape = (sched.K + 1, cfg["horizon"], le.ACTION_DIM)
-            noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
             with torch.no_grad():
-                chain, actions = policy.sample_chain(obs_t, args.noise_clip, args.min_std, "sample", noise)
+                chain, actions = policy.sample_chain(
+                    obs_t, args.noise_clip, args.min_std, "sample", policy.noise_from(generators)
+                )
         return actions.cpu().numpy(), {"chains": chain.cpu()}
 
     env_kwargs = dict(obs_mode=cfg["obs_mode"], image_size=cfg["image_size"], fast_step=args.fast_step)

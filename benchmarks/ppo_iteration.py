@@ -74,10 +74,8 @@ def iteration(venv: ve.VectorLiberoEnv, mode: str, args: Args) -> dict:
         if generators is None:
             chain, actions = sampler(obs_t)
         else:
-            shape = (ft.sched.K + 1, cfg["horizon"], le.ACTION_DIM)
-            noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
             with torch.no_grad():
-                chain, actions = ft.sample_chain(obs_t, 3.0, 0.1, "sample", noise)
+                chain, actions = ft.sample_chain(obs_t, 3.0, 0.1, "sample", ft.noise_from(generators))
         return actions.numpy(), {"chains": chain}
 
     rollout = core.Rollout(venv, ft.ft.obs_tensors, 0, render=False, pipelined=pipelined)
