@@ -133,8 +133,13 @@ class Rollout:
             t0 = time.perf_counter()
             self.reset_all()
             timers["env"] += time.perf_counter() - t0
-        if self.pipelined:
-            return self._collect_pipelined(num_steps, act, timers)
+        if self.pipelined:  # one torch thread meanwhile: the policy's calls then do not fight the stepping workers
+            threads = torch.get_num_threads()  # for the cores (benchmarks/RESULTS.md: 0.92x with two, 1.04x with one)
+            torch.set_num_threads(1)
+            try:
+                return self._collect_pipelined(num_steps, act, timers)
+            finally:
+                torch.set_num_threads(threads)
         buf = {"obs": [], "extras": [], "rewards": [], "terminated": [], "truncated": []}
         for _ in range(num_steps):
             t0 = time.perf_counter()

@@ -5,11 +5,12 @@ step, envs grouped over one worker per core) and ppo_diffusion's update on it (1
 (chunk, denoising step) pairs), with an untrained state-mode diffusion policy (the MLP denoiser of the BC starts).
 ``lockstep`` steps every env and then queries the policy for all of them (ppo_core.Rollout's default);
 ``pipelined`` (``--pipeline`` in the PPO scripts) serves each worker as soon as its envs' chunks are done;
-``pipelined-1thread`` the same with the main process's torch threads at one during the rollout. A mode may name
-its worker count, ``lockstep/4w`` (default: one worker per core): more workers than cores let the OS fill the
-core a finished worker leaves while the lockstep waits for the slowest. The modes alternate, A B C A B C, and each
-round's ratios to the first mode are printed; beside them, the raw physics floor (``mj_step`` alone, one core,
-times the cores) of the same task, so the rates also read as a fraction of what the physics allows.
+``pipelined-1thread`` the same with the main process's torch threads at one during the rollout (``Rollout`` now
+does this itself when pipelined, so the two pipelined modes time the same code; the name kept for the record).
+A mode may name its worker count, ``lockstep/4w`` (default: one worker per core): more workers than cores let the OS
+fill the core a finished worker leaves while the lockstep waits for the slowest. The modes alternate, A B C A B C,
+and each round's ratios to the first mode are printed; beside them, the raw physics floor (``mj_step`` alone, one
+core, times the cores) of the same task, so the rates also read as a fraction of what the physics allows.
 
 An untrained policy never succeeds, so its episodes all run to the step limit: no resets inside the rollout and no
 imbalance between workers. ``--ckpt`` times a trained policy instead (a ppo_diffusion checkpoint of the same task,
@@ -55,7 +56,7 @@ class Args:
     minibatch_size: int = 2800
     pairs: int = 2
     """rounds of the modes, alternating (lockstep, pipelined, pipelined with one policy thread)"""
-    modes: tuple[str, ...] = ("lockstep", "pipelined", "pipelined-1thread")
+    modes: tuple[str, ...] = ("lockstep", "pipelined")
     """lockstep | pipelined | pipelined-1thread (the main process's torch threads at 1 during the rollout, so that
     the policy does not compete with the workers for the cores; the update keeps them all), each optionally with
     /<N>w: N env workers (default one per core)"""
@@ -79,8 +80,8 @@ def policy_for(obs: dict, seed: int = 0):
 def parse_mode(mode: str) -> tuple[str, int]:
     """"lockstep/4w" -> ("lockstep", 4); no suffix: 0 (one worker per core)."""
     schedule, _, workers = mode.partition("/")
-    if schedule not in ("lockstep", "pipelined", "pipelined-1thread") or (workers and not
-                                                                         (workers.endswith("w") and workers[:-1].isdigit())):  # fmt: skip
+    bad_workers = workers and not (workers.endswith("w") and workers[:-1].isdigit())
+    if schedule not in ("lockstep", "pipelined", "pipelined-1thread") or bad_workers:
         raise ValueError(f"unknown mode {mode!r}: use lockstep, pipelined or pipelined-1thread, optionally with /<N>w")
     return schedule, int(workers[:-1]) if workers else 0
 

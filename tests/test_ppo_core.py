@@ -335,7 +335,15 @@ def test_a_pipelined_rollout_gives_the_same_batch_for_any_worker_grouping_and_it
         with ve.VectorLiberoEnv(task, 3, obs_mode="state", num_workers=workers, fast_step=True) as venv:
             rollout = core.Rollout(venv, preprocess, seed=7, render=False, pipelined=True)
             timers = {"env": 0.0, "policy": 0.0}
-            batches.append(rollout.collect(9, act, timers))
+            torch.set_num_threads(2)
+            threads = []  # the policy runs on one torch thread while the workers step; the caller's count comes back
+
+            def counted(obs_t, generators, seen=threads):
+                seen.append(torch.get_num_threads())
+                return act(obs_t, generators)
+
+            batches.append(rollout.collect(9, counted, timers))
+            assert set(threads) == {1} and torch.get_num_threads() == 2
             states.append(rollout.state_dict())
             assert timers["env"] > 0 and timers["policy"] > 0
     one, two = batches
