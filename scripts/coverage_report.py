@@ -28,6 +28,7 @@ GATE = 0.95  # the issue's goal: >= 95 % (>= 190 of 200 protocol episodes) in th
 BUDGET = 1_500_000  # env steps
 STRETCH = 750_000
 LIFTED = 0.02  # scripts/failure_modes.py's
+ON_RADIUS = 0.03  # LIBERO's On between two objects: the object's centre within 3 cm (xy) of the target's, touching it
 
 
 def load(root: str, name: str, spec: str) -> dict:
@@ -132,9 +133,20 @@ def failure_lines(tasks: list[dict]) -> list[str]:
         lines.append(f"- **{t['spec']}** ({100 * p:.1f} %, {len(eps)} failed episodes on {len(states)} of 50 init "
                      f"states: {', '.join(map(str, states))}), object `{f['object']}`: {never_closed} never closed the "
                      f"gripper; {not_lifted} closed it but never lifted the object {100 * LIFTED:.0f} cm; {lowered} "
-                     f"lifted it and ended with it down again (dropped, or set down off the goal); {held} timed out "
-                     f"holding it up; {regrasp} closed the gripper 3 or more times (re-grasp loops); median length "
-                     f"{np.median([e['length'] for e in eps]):.0f} steps.")  # fmt: skip
+                     f"lifted it and ended less than {100 * LIFTED:.0f} cm above its start height, {held} "
+                     f"{100 * LIFTED:.0f} cm or more above it; {regrasp} closed the gripper 3 or more times (re-grasp "
+                     f"loops); median length {np.median([e['length'] for e in eps]):.0f} steps"
+                     + (f"; {sum(e['final_gripper_closed'] for e in eps)} ended with the gripper commanded closed."
+                        if all("final_gripper_closed" in e for e in eps) else "."))  # fmt: skip
+        if eps and all("final_target_xy_m" in e for e in eps):  # failure_modes.py measured the goal's target too
+            over = [e for e in eps if e["final_target_xy_m"] < ON_RADIUS]
+            cm = lambda v: f"{100 * v:.1f}"  # noqa: E731
+            heights = [e["final_above_target_m"] for e in over]
+            lines[-1] += (f" Against the target `{f['target']}`: {len(over)} ended with the object's centre within "
+                          f"{100 * ON_RADIUS:.0f} cm (xy) of the target's, the radius of LIBERO's On"
+                          + (f", {cm(min(heights))}-{cm(max(heights))} cm above it (median "
+                             f"{cm(np.median(heights))}) without the contact On needs" if over else "")
+                          + f"; {sum(e['final_target_xy_m'] >= 0.10 for e in eps)} ended 10 cm or more from it.")
     return lines or ["- none below 95 % among the finished tasks."]
 
 

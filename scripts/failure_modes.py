@@ -6,7 +6,12 @@
 Replays protocol episodes exactly as evaluate.py runs them (episode e: init state e % 50, env seed seed + e, the
 policy's noise from the generator of (seed, e)) on the fast step path, with the simulator's ground-truth poses,
 and prints per episode: outcome, length, the gripper commands (closes, re-opens), the object's highest lift above
-its start, the time it spent lifted, and where it ended relative to its start. Writes the same as JSON (--out).
+its start, the time it spent lifted, where it ended relative to its start and relative to the goal's target (the
+goal atom's second argument: the plate of "on bowl plate", the basket region of "in ... basket_1_contain_region"):
+its xy distance from the target's centre at the end and at its closest, its height above the target, and which
+goal atoms held at the last step. LIBERO's On between two objects needs the object within 3 cm (xy) of the
+target's centre and touching it, so a bowl set down on the plate 4 cm off centre is a failure. Writes the same as
+JSON (--out).
 """
 
 import argparse
@@ -14,6 +19,7 @@ import json
 import os
 import re
 import sys
+from typing import Optional
 
 import numpy as np
 
@@ -22,8 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LIFTED = 0.02  # m above the object's start height that counts as lifted
 
 
-def summarize(result, obj: str) -> dict:
-    """Per-episode facts from the recorded steps (each holds the pre-action observation and the action)."""
+def summarize(result, obj: str, target: Optional[str] = None) -> dict:
+    """Per-episode facts from the recorded steps (each holds the pre-action observation and the action); with
+    ``target``, where the object ended relative to it."""
     z = np.array([s["obs"]["poses"][obj][2] for s in result.steps])
     xy = np.array([s["obs"]["poses"][obj][:2] for s in result.steps])
     grip = np.array([s["action"][-1] for s in result.steps])  # +1 close, -1 open
@@ -31,7 +38,7 @@ def summarize(result, obj: str) -> dict:
     lift = z - z[0]
     lifted = lift > LIFTED
     drops = int(np.sum(lifted[:-1] & ~lifted[1:]))
-    return {
+    facts = {
         "episode": result.episode,
         "init_state": result.init_state,
         "success": bool(result.success),
@@ -48,16 +55,27 @@ def summarize(result, obj: str) -> dict:
         "open_cmds_while_lifted": int(np.sum(lifted & (grip < 0))),
         "final_xy_shift_m": round(float(np.linalg.norm(xy[-1] - xy[0])), 4),
         "final_lift_m": round(float(lift[-1]), 4),
+        "final_gripper_closed": bool(grip[-1] > 0),  # the last command
     }
+    if target is not None:
+        to_target = np.array([s["obs"]["poses"][obj][:3] - s["obs"]["poses"][target][:3] for s in result.steps])
+        reach = np.linalg.norm(to_target[:, :2], axis=1)
+        facts.update(target=target, final_target_xy_m=round(float(reach[-1]), 4),
+                     min_target_xy_m=round(float(reach.min()), 4),
+                     final_above_target_m=round(float(to_target[-1, 2]), 4))  # fmt: skip
+    if "goal_atoms" in result.steps[-1]["obs"]:
+        facts["final_goal_atoms"] = [bool(a) for a in result.steps[-1]["obs"]["goal_atoms"]]
+    return facts
 
 
-def goal_object(bddl_file: str) -> str:
-    """The first argument of the task's first goal atom: the object it moves (or the fixture region it acts on)."""
+def goal_arguments(bddl_file: str) -> tuple[str, Optional[str]]:
+    """The arguments of the task's first goal atom: the object it moves (or the fixture region it acts on) and its
+    target (None for a one-argument atom: open, turnon...)."""
     with open(bddl_file) as f:
-        match = re.search(r"\(:goal\s*\(and\s*\(\w+\s+(\w+)", f.read(), flags=re.IGNORECASE)
+        match = re.search(r"\(:goal\s*\(and\s*\(\w+\s+(\w+)(?:\s+(\w+))?", f.read(), flags=re.IGNORECASE)
     if match is None:
         sys.exit(f"error: no goal atom found in {bddl_file}; pass --object.")
-    return match.group(1)
+    return match.group(1), match.group(2)
 
 
 def main() -> None:
@@ -86,20 +104,26 @@ def main() -> None:
     venv = ve.VectorLiberoEnv(task, args.num_envs, obs_mode=policy.obs_mode, fast_step=True, privileged=True)
     try:
         objects = venv.call("poses", env_ids=[0])[0]
-        args.object = args.object or goal_object(task.bddl_file)
+        goal_object, target = goal_arguments(task.bddl_file)
+        if args.object is not None and args.object != goal_object:
+            target = None  # another object than the goal's: no target to measure against
+        args.object = args.object or goal_object
+        target = target if target in objects else None
         if args.object not in objects:
             sys.exit(f"error: no object '{args.object}' in this scene; pass one of: {', '.join(sorted(objects))}.")
         results = ve.run_episodes(venv, policy, args.episodes, args.seed, policy.replan_steps, record=True,
                                   reset_policy=policy.reset)  # fmt: skip
     finally:
         venv.close()
-    rows = [summarize(r, args.object) for r in sorted(results, key=lambda r: r.episode)]
+    rows = [summarize(r, args.object, target) for r in sorted(results, key=lambda r: r.episode)]
     for r in rows:
         print(json.dumps(r))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"ckpt": args.ckpt, "task": f"{task.suite} {task.local_id}", "object": args.object,
-                       "action_mode": args.action_mode, "seed": args.seed, "episodes": rows}, f, indent=1)  # fmt: skip
+        import run_utils  # atomic: a killed run leaves no half-written file that a resumed study would take as done
+
+        run_utils.write_json(args.out, {"ckpt": args.ckpt, "task": f"{task.suite} {task.local_id}",
+                                        "object": args.object, "target": target, "action_mode": args.action_mode,
+                                        "seed": args.seed, "episodes": rows})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -58,9 +58,11 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
               [(0, 0.3), (10, 0.82), (20, 0.88), (83, 0.9)])  # fmt: skip
     write(str(root / "tasks" / name(below)), "sampled_eval.json", {"success_rate": 0.95, "num_episodes": 200})
     fails = [{"episode": e, "init_state": e % 50, "length": 220, "gripper_closes": c, "max_lift_m": lift,
-              "final_lift_m": end} for e, (c, lift, end) in enumerate(
-                  [(0, 0, 0)] * 2 + [(1, 0.01, 0)] * 3 + [(4, 0.1, 0.0)] * 10 + [(1, 0.12, 0.1)] * 5)]  # fmt: skip
-    write(str(root / "tasks" / name(below)), "failures.json", {"object": "bowl", "episodes": fails})
+              "final_lift_m": end, "final_target_xy_m": xy, "final_above_target_m": above}
+             for e, (c, lift, end, xy, above) in enumerate(
+                 [(0, 0, 0, 0.2, 0.0)] * 2 + [(1, 0.01, 0, 0.12, 0.0)] * 3 + [(4, 0.1, 0.0, 0.05, 0.01)] * 10
+                 + [(1, 0.12, 0.1, 0.01, 0.03)] * 4 + [(1, 0.12, 0.1, 0.02, 0.05)])]  # fmt: skip
+    write(str(root / "tasks" / name(below)), "failures.json", {"object": "bowl", "target": "plate", "episodes": fails})
     write(str(root / "tasks" / name(below)), "demos.json", {"num_demos": 50, "num_attempts": 54,
                                                             "success_rate": 0.94, "mean_length": 128.0})  # fmt: skip
     run_files(str(root / "tasks" / name(above)), {"mean": 0.985, "sample": 0.8, "eta0": 0.5},
@@ -84,8 +86,11 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
     assert "1 of 2 finished tasks (10 drawn) at ≥ 95 %" in page and "1 reached 95 %" in page
     reason = [line for line in page.splitlines() if line.startswith(f"- **{below}**")][0]
     assert "20 failed episodes on 20 of 50 init states" in reason and "2 never closed the gripper" in reason
-    assert "3 closed it but never lifted" in reason and "10 lifted it and ended with it down" in reason
-    assert "5 timed out holding it up" in reason and "10 closed the gripper 3 or more times" in reason
+    assert "3 closed it but never lifted" in reason
+    assert "10 lifted it and ended less than 2 cm above its start" in reason
+    assert "5 2 cm or more above it" in reason and "10 closed the gripper 3 or more times" in reason
+    assert "Against the target `plate`: 5 ended with the object's centre within 3 cm (xy)" in reason
+    assert "3.0-5.0 cm above it (median 3.0)" in reason and "; 5 ended 10 cm or more from it." in reason
     assert (root / f"{name(below)}.png").exists() and (root / f"{name(running)}.png").exists()
 
 

@@ -31,3 +31,29 @@ def test_lifts_drops_and_gripper_flips_of_a_planted_episode():
     assert facts["open_cmds_while_lifted"] == 1
     np.testing.assert_allclose(facts["final_xy_shift_m"], 0.12, atol=1e-9)
     np.testing.assert_allclose(facts["final_lift_m"], 0.06, atol=1e-9)
+    assert facts["final_gripper_closed"]
+    assert "target" not in facts and "final_goal_atoms" not in facts
+
+
+def test_where_the_object_ended_relative_to_the_goal_target():
+    """A bowl carried toward a plate at (0.10, 0.02, 0.88): it passes 1 cm from the plate's centre and is set down
+    5 cm beyond it, off the 3 cm that LIBERO's On needs; the last step's goal atoms are reported as observed."""
+    x = np.array([0.0, 0.05, 0.09, 0.12, 0.15])
+    steps = [{"obs": {"poses": {"bowl": np.array([x[t], 0.02, 0.9, 1, 0, 0, 0]),
+                                "plate": np.array([0.10, 0.02, 0.88, 1, 0, 0, 0])},
+                      "goal_atoms": np.array([False])},
+              "action": np.r_[np.zeros(6), 1.0]} for t in range(len(x))]  # fmt: skip
+    facts = failure_modes.summarize(SimpleNamespace(episode=1, init_state=1, success=False, length=5, steps=steps),
+                                    "bowl", "plate")  # fmt: skip
+    assert facts["target"] == "plate" and facts["final_goal_atoms"] == [False]
+    np.testing.assert_allclose(facts["final_target_xy_m"], 0.05, atol=1e-9)
+    np.testing.assert_allclose(facts["min_target_xy_m"], 0.01, atol=1e-9)
+    np.testing.assert_allclose(facts["final_above_target_m"], 0.02, atol=1e-9)
+
+
+def test_the_goal_arguments_of_a_bddl_file(tmp_path):
+    bddl = tmp_path / "t.bddl"
+    bddl.write_text("(define (problem p)\n  (:goal\n    (And (On akita_black_bowl_1 plate_1) (Open drawer_1))\n  )\n)")
+    assert failure_modes.goal_arguments(str(bddl)) == ("akita_black_bowl_1", "plate_1")
+    bddl.write_text("(:goal (And (Open wooden_cabinet_1_top_region)))")
+    assert failure_modes.goal_arguments(str(bddl)) == ("wooden_cabinet_1_top_region", None)
