@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 LIFTED = 0.02  # m above the object's start height that counts as lifted
+ON_RADIUS = 0.03  # LIBERO's On between two objects: centres within 3 cm (xy), and touching
 
 
 def summarize(result, obj: str, target: Optional[str] = None) -> dict:
@@ -60,9 +61,12 @@ def summarize(result, obj: str, target: Optional[str] = None) -> dict:
     if target is not None:
         to_target = np.array([s["obs"]["poses"][obj][:3] - s["obs"]["poses"][target][:3] for s in result.steps])
         reach = np.linalg.norm(to_target[:, :2], axis=1)
+        over = reach < ON_RADIUS
         facts.update(target=target, final_target_xy_m=round(float(reach[-1]), 4),
                      min_target_xy_m=round(float(reach.min()), 4),
-                     final_above_target_m=round(float(to_target[-1, 2]), 4))  # fmt: skip
+                     final_above_target_m=round(float(to_target[-1, 2]), 4),
+                     first_over_target_step=int(np.argmax(over)) if over.any() else None,
+                     steps_over_target=int(over.sum()))  # fmt: skip
     if "goal_atoms" in result.steps[-1]["obs"]:
         facts["final_goal_atoms"] = [bool(a) for a in result.steps[-1]["obs"]["goal_atoms"]]
     return facts

@@ -49,6 +49,7 @@ def test_where_the_object_ended_relative_to_the_goal_target():
     np.testing.assert_allclose(facts["final_target_xy_m"], 0.05, atol=1e-9)
     np.testing.assert_allclose(facts["min_target_xy_m"], 0.01, atol=1e-9)
     np.testing.assert_allclose(facts["final_above_target_m"], 0.02, atol=1e-9)
+    assert facts["first_over_target_step"] == 2 and facts["steps_over_target"] == 2  # 1 and 2 cm: steps 2 and 3
 
 
 def test_the_goal_arguments_of_a_bddl_file(tmp_path):
