@@ -144,12 +144,17 @@ def failure_lines(tasks: list[dict]) -> list[str]:
             heights = [e["final_above_target_m"] for e in over]
             arrive = [e.get("first_over_target_step") for e in over]
             stay = [e.get("steps_over_target") for e in over]
+            dz = [e.get("z_cmd_over_target_mean") for e in over]
+            down = [e.get("z_cmd_over_target_down") for e in over]
             lines[-1] += (f" Against the target `{f['target']}`: {len(over)} ended with the object's centre within "
                           f"{100 * ON_RADIUS:.0f} cm (xy) of the target's, the radius of LIBERO's On"
                           + (f", {cm(min(heights))}-{cm(max(heights))} cm above it (median "
                              f"{cm(np.median(heights))}) without the contact On needs" if over else "")
                           + (f"; they got there at env step {min(arrive)}-{max(arrive)} and stayed over it "
                              f"{min(stay)}-{max(stay)} steps" if over and all(a is not None for a in arrive) else "")
+                          + (f", commanding z {min(dz):+.2f} to {max(dz):+.2f} on average there (down in "
+                             f"{100 * min(down):.0f}-{100 * max(down):.0f} % of its steps)"
+                             if over and all(d is not None for d in dz) else "")
                           + f"; {sum(e['final_target_xy_m'] >= 0.10 for e in eps)} ended 10 cm or more from it.")
     return lines or ["- none below 95 % among the finished tasks."]
 

@@ -67,6 +67,10 @@ def summarize(result, obj: str, target: Optional[str] = None) -> dict:
                      final_above_target_m=round(float(to_target[-1, 2]), 4),
                      first_over_target_step=int(np.argmax(over)) if over.any() else None,
                      steps_over_target=int(over.sum()))  # fmt: skip
+        if over.any():  # what the policy commanded there: down (< 0) but blocked, or not down at all
+            dz = np.array([s["action"][2] for s in result.steps])[over]
+            facts.update(z_cmd_over_target_mean=round(float(dz.mean()), 4),
+                         z_cmd_over_target_down=round(float((dz < 0).mean()), 3))  # fmt: skip
     if "goal_atoms" in result.steps[-1]["obs"]:
         facts["final_goal_atoms"] = [bool(a) for a in result.steps[-1]["obs"]["goal_atoms"]]
     return facts

@@ -42,7 +42,7 @@ def test_where_the_object_ended_relative_to_the_goal_target():
     steps = [{"obs": {"poses": {"bowl": np.array([x[t], 0.02, 0.9, 1, 0, 0, 0]),
                                 "plate": np.array([0.10, 0.02, 0.88, 1, 0, 0, 0])},
                       "goal_atoms": np.array([False])},
-              "action": np.r_[np.zeros(6), 1.0]} for t in range(len(x))]  # fmt: skip
+              "action": np.r_[0.0, 0.0, -0.1 * t, np.zeros(3), 1.0]} for t in range(len(x))]  # fmt: skip
     facts = failure_modes.summarize(SimpleNamespace(episode=1, init_state=1, success=False, length=5, steps=steps),
                                     "bowl", "plate")  # fmt: skip
     assert facts["target"] == "plate" and facts["final_goal_atoms"] == [False]
@@ -50,6 +50,8 @@ def test_where_the_object_ended_relative_to_the_goal_target():
     np.testing.assert_allclose(facts["min_target_xy_m"], 0.01, atol=1e-9)
     np.testing.assert_allclose(facts["final_above_target_m"], 0.02, atol=1e-9)
     assert facts["first_over_target_step"] == 2 and facts["steps_over_target"] == 2  # 1 and 2 cm: steps 2 and 3
+    np.testing.assert_allclose(facts["z_cmd_over_target_mean"], -0.25, atol=1e-9)  # z commands -0.2 and -0.3
+    assert facts["z_cmd_over_target_down"] == 1.0
 
 
 def test_the_goal_arguments_of_a_bddl_file(tmp_path):
