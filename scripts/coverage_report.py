@@ -146,6 +146,7 @@ def failure_lines(tasks: list[dict]) -> list[str]:
             stay = [e.get("steps_over_target") for e in over]
             dz = [e.get("z_cmd_over_target_mean") for e in over]
             down = [e.get("z_cmd_over_target_down") for e in over]
+            opens = [e.get("open_cmds_over_target") for e in over]
             lines[-1] += (f" Against the target `{f['target']}`: {len(over)} ended with the object's centre within "
                           f"{100 * ON_RADIUS:.0f} cm (xy) of the target's, the radius of LIBERO's On"
                           + (f", {cm(min(heights))}-{cm(max(heights))} cm above it (median "
@@ -155,6 +156,8 @@ def failure_lines(tasks: list[dict]) -> list[str]:
                           + (f", commanding z {min(dz):+.2f} to {max(dz):+.2f} on average there (down in "
                              f"{100 * min(down):.0f}-{100 * max(down):.0f} % of its steps)"
                              if over and all(d is not None for d in dz) else "")
+                          + (f", and commanding the gripper open there in {min(opens)}-{max(opens)} of those steps"
+                             if over and all(o is not None for o in opens) else "")
                           + f"; {sum(e['final_target_xy_m'] >= 0.10 for e in eps)} ended 10 cm or more from it.")
     return lines or ["- none below 95 % among the finished tasks."]
 

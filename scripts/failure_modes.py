@@ -70,7 +70,8 @@ def summarize(result, obj: str, target: Optional[str] = None) -> dict:
         if over.any():  # what the policy commanded there: down (< 0) but blocked, or not down at all
             dz = np.array([s["action"][2] for s in result.steps])[over]
             facts.update(z_cmd_over_target_mean=round(float(dz.mean()), 4),
-                         z_cmd_over_target_down=round(float((dz < 0).mean()), 3))  # fmt: skip
+                         z_cmd_over_target_down=round(float((dz < 0).mean()), 3),
+                         open_cmds_over_target=int((grip[over] < 0).sum()))  # fmt: skip
     if "goal_atoms" in result.steps[-1]["obs"]:
         facts["final_goal_atoms"] = [bool(a) for a in result.steps[-1]["obs"]["goal_atoms"]]
     return facts

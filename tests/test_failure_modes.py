@@ -51,7 +51,7 @@ def test_where_the_object_ended_relative_to_the_goal_target():
     np.testing.assert_allclose(facts["final_above_target_m"], 0.02, atol=1e-9)
     assert facts["first_over_target_step"] == 2 and facts["steps_over_target"] == 2  # 1 and 2 cm: steps 2 and 3
     np.testing.assert_allclose(facts["z_cmd_over_target_mean"], -0.25, atol=1e-9)  # z commands -0.2 and -0.3
-    assert facts["z_cmd_over_target_down"] == 1.0
+    assert facts["z_cmd_over_target_down"] == 1.0 and facts["open_cmds_over_target"] == 0  # closed throughout
 
 
 def test_the_goal_arguments_of_a_bddl_file(tmp_path):
