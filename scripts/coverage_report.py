@@ -148,9 +148,9 @@ def failure_lines(tasks: list[dict]) -> list[str]:
             down = [e.get("z_cmd_over_target_down") for e in over]
             opens = [e.get("open_cmds_over_target") for e in over]
             lines[-1] += (f" Against the target `{f['target']}`: {len(over)} ended with the object's centre within "
-                          f"{100 * ON_RADIUS:.0f} cm (xy) of the target's, the radius of LIBERO's On"
+                          f"{100 * ON_RADIUS:.0f} cm (xy) of the target's (LIBERO's On radius between objects)"
                           + (f", {cm(min(heights))}-{cm(max(heights))} cm above it (median "
-                             f"{cm(np.median(heights))}) without the contact On needs" if over else "")
+                             f"{cm(np.median(heights))})" if over else "")
                           + (f"; they got there at env step {min(arrive)}-{max(arrive)} and stayed over it "
                              f"{min(stay)}-{max(stay)} steps" if over and all(a is not None for a in arrive) else "")
                           + (f", commanding z {min(dz):+.2f} to {max(dz):+.2f} on average there (down in "

@@ -92,7 +92,7 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
     assert "3 closed it but never lifted" in reason
     assert "10 lifted it and ended less than 2 cm above its start" in reason
     assert "5 2 cm or more above it" in reason and "10 closed the gripper 3 or more times" in reason
-    assert "Against the target `plate`: 5 ended with the object's centre within 3 cm (xy)" in reason
+    assert "Against the target `plate`: 5 ended with the object's centre within 3 cm (xy) of the target's" in reason
     assert "3.0-5.0 cm above it (median 3.0)" in reason and "; 5 ended 10 cm or more from it." in reason
     assert "they got there at env step 80-84 and stayed over it 136-140 steps, commanding z -0.05 to -0.01 on " \
            "average there (down in 50-54 % of its steps), and commanding the gripper open there in 0-4 of those " \
