@@ -85,8 +85,10 @@ def main(args: Args) -> None:
     print(f"raw mj_step floor on the visited states:             {raw:7.1f} env steps/s "
           f"({raw / reset_floor:.2f}x the reset-state floor; contacts per step: mean {np.mean(contacts):.1f}, "
           f"max {np.max(contacts)})")  # fmt: skip
-    print(f"the fast step on the same states:                    {fast:7.1f} env steps/s "
-          f"({raw / fast:.2f}x from the visited-state floor, {reset_floor / fast:.2f}x from the reset-state one)")
+    print(
+        f"the fast step on the same states:                    {fast:7.1f} env steps/s "
+        f"({raw / fast:.2f}x from the visited-state floor, {reset_floor / fast:.2f}x from the reset-state one)"
+    )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ class Args:
     """chunk steps per env and iteration (the CPU recipe's 140: 17,920 env steps)"""
     minibatch_size: int = 2800
     pairs: int = 2
-    """rounds of the modes, alternating (lockstep, pipelined, pipelined with one policy thread)"""
+    """rounds of the modes, alternating"""
     modes: tuple[str, ...] = ("lockstep", "pipelined")
     """lockstep | pipelined | pipelined-1thread (the main process's torch threads at 1 during the rollout, so that
     the policy does not compete with the workers for the cores; the update keeps them all), each optionally with
@@ -78,7 +78,7 @@ def policy_for(obs: dict, seed: int = 0):
 
 
 def parse_mode(mode: str) -> tuple[str, int]:
-    """"lockstep/4w" -> ("lockstep", 4); no suffix: 0 (one worker per core)."""
+    """A mode -> (schedule, workers): "lockstep/4w" -> ("lockstep", 4); no suffix: 0 (one worker per core)."""
     schedule, _, workers = mode.partition("/")
     bad_workers = workers and not (workers.endswith("w") and workers[:-1].isdigit())
     if schedule not in ("lockstep", "pipelined", "pipelined-1thread") or bad_workers:

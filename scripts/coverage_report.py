@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import convergence_report as cr  # noqa: E402
+import failure_modes as fm  # noqa: E402
 
 import libero_env as le  # noqa: E402
 
@@ -27,8 +28,7 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 GATE = 0.95  # the goal: >= 95 % (>= 190 of 200 protocol episodes) in the evaluated mode
 BUDGET = 1_500_000  # env steps
 STRETCH = 750_000
-LIFTED = 0.02  # scripts/failure_modes.py's
-ON_RADIUS = 0.03  # LIBERO's On between two objects: the object's centre within 3 cm (xy) of the target's, touching it
+LIFTED, ON_RADIUS = fm.LIFTED, fm.ON_RADIUS  # the thresholds the failure analysis measured with
 
 
 def load(root: str, name: str, spec: str) -> dict:
@@ -147,18 +147,19 @@ def failure_lines(tasks: list[dict]) -> list[str]:
             dz = [e.get("z_cmd_over_target_mean") for e in over]
             down = [e.get("z_cmd_over_target_down") for e in over]
             opens = [e.get("open_cmds_over_target") for e in over]
-            lines[-1] += (f" Against the target `{f['target']}`: {len(over)} ended with the object's centre within "
-                          f"{100 * ON_RADIUS:.0f} cm (xy) of the target's (LIBERO's On radius between objects)"
-                          + (f", {cm(min(heights))}-{cm(max(heights))} cm above it (median "
-                             f"{cm(np.median(heights))})" if over else "")
-                          + (f"; they got there at env step {min(arrive)}-{max(arrive)} and stayed over it "
-                             f"{min(stay)}-{max(stay)} steps" if over and all(a is not None for a in arrive) else "")
-                          + (f", commanding z {min(dz):+.2f} to {max(dz):+.2f} on average there (down in "
-                             f"{100 * min(down):.0f}-{100 * max(down):.0f} % of its steps)"
-                             if over and all(d is not None for d in dz) else "")
-                          + (f", and commanding the gripper open there in {min(opens)}-{max(opens)} of those steps"
-                             if over and all(o is not None for o in opens) else "")
-                          + f"; {sum(e['final_target_xy_m'] >= 0.10 for e in eps)} ended 10 cm or more from it.")
+            part = (f" Against the target `{f['target']}`: {len(over)} ended with the object's centre within "
+                    f"{100 * ON_RADIUS:.0f} cm (xy) of the target's (LIBERO's On radius between objects)")  # fmt: skip
+            if over:
+                part += f", {cm(min(heights))}-{cm(max(heights))} cm above it (median {cm(np.median(heights))})"
+                if None not in arrive:
+                    part += (f"; they got there at env step {min(arrive)}-{max(arrive)} and stayed over it "
+                             f"{min(stay)}-{max(stay)} steps")  # fmt: skip
+                if None not in dz:
+                    part += (f", commanding z {min(dz):+.2f} to {max(dz):+.2f} on average there (down in "
+                             f"{100 * min(down):.0f}-{100 * max(down):.0f} % of its steps)")  # fmt: skip
+                if None not in opens:
+                    part += f", and commanding the gripper open there in {min(opens)}-{max(opens)} of those steps"
+            lines[-1] += part + f"; {sum(e['final_target_xy_m'] >= 0.10 for e in eps)} ended 10 cm or more from it."
     return lines or ["- none below 95 % among the finished tasks."]
 
 

@@ -63,8 +63,13 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
                  [(0, 0, 0, 0.2, 0.0)] * 2 + [(1, 0.01, 0, 0.12, 0.0)] * 3 + [(4, 0.1, 0.0, 0.05, 0.01)] * 10
                  + [(1, 0.12, 0.1, 0.01, 0.03)] * 4 + [(1, 0.12, 0.1, 0.02, 0.05)])]  # fmt: skip
     for e, fail in enumerate(fails[-5:]):  # the five over the plate: there from step 80 + e for 140 - e steps
-        fail.update(first_over_target_step=80 + e, steps_over_target=140 - e, z_cmd_over_target_mean=-0.01 * (e + 1),
-                    z_cmd_over_target_down=0.5 + 0.01 * e, open_cmds_over_target=e)
+        fail.update(
+            first_over_target_step=80 + e,
+            steps_over_target=140 - e,
+            z_cmd_over_target_mean=-0.01 * (e + 1),
+            z_cmd_over_target_down=0.5 + 0.01 * e,
+            open_cmds_over_target=e,
+        )
     write(str(root / "tasks" / name(below)), "failures.json", {"object": "bowl", "target": "plate", "episodes": fails})
     write(str(root / "tasks" / name(below)), "demos.json", {"num_demos": 50, "num_attempts": 54,
                                                             "success_rate": 0.94, "mean_length": 128.0})  # fmt: skip
@@ -94,9 +99,11 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
     assert "5 2 cm or more above it" in reason and "10 closed the gripper 3 or more times" in reason
     assert "Against the target `plate`: 5 ended with the object's centre within 3 cm (xy) of the target's" in reason
     assert "3.0-5.0 cm above it (median 3.0)" in reason and "; 5 ended 10 cm or more from it." in reason
-    assert "they got there at env step 80-84 and stayed over it 136-140 steps, commanding z -0.05 to -0.01 on " \
-           "average there (down in 50-54 % of its steps), and commanding the gripper open there in 0-4 of those " \
-           "steps" in reason
+    assert (
+        "they got there at env step 80-84 and stayed over it 136-140 steps, commanding z -0.05 to -0.01 on "
+        "average there (down in 50-54 % of its steps), and commanding the gripper open there in 0-4 of those "
+        "steps" in reason
+    )
     assert (root / f"{name(below)}.png").exists() and (root / f"{name(running)}.png").exists()
 
 
