@@ -94,6 +94,10 @@ class Args:
     scripted_label: Literal["expert", "executed"] = "expert"
     """action stored with --scripted-noise: the expert's noise-free action (DART, Laskey et al. 2017: the demos
     show how to correct perturbed states, which BC needs against compounding errors) or the noisy executed one"""
+    scripted_placement: Literal["release", "set-down"] = "release"
+    """how the scripted expert ends a pick and place on a surface: release (open 1 cm above the target, the object
+    drops onto it) or set-down (lower it until it rests on the target, held, then open: LIBERO's On holds at the
+    touch, so most demos end held)"""
     data_root: str = "data"
     """root of the data convention data/<source>/<suite>/<task_name>_demo.hdf5"""
     run_root: str = "runs"
@@ -285,6 +289,11 @@ if __name__ == "__main__":
                 writer.close()
                 sys.exit(f"error: {writer.partial} was started with --layouts {earlier}; rerun with --layouts "
                          f"{earlier}, or --resume never to start again.")  # fmt: skip
+            placed = writer.file_attrs.get("scripted_placement", "release")
+            if args.policy == "scripted" and placed != args.scripted_placement:
+                writer.close()
+                sys.exit(f"error: {writer.partial} was started with --scripted-placement {placed}; rerun with "
+                         f"--scripted-placement {placed}, or --resume never to start again.")  # fmt: skip
             successes = writer.resumed_demos
             attempts = max(int(writer.file_attrs.get("num_attempts", successes)), successes)
             succeeded = max(int(writer.file_attrs.get("num_successful", successes)), successes)
@@ -295,7 +304,8 @@ if __name__ == "__main__":
             print(f"starting clean{reason}")
         writer.set_attrs(layouts=args.layouts)
         if args.policy == "scripted":
-            writer.set_attrs(scripted_noise=args.scripted_noise, scripted_label=args.scripted_label)
+            writer.set_attrs(scripted_noise=args.scripted_noise, scripted_label=args.scripted_label,
+                             scripted_placement=args.scripted_placement)  # fmt: skip
 
     venv = ve.VectorLiberoEnv(
         task,
@@ -307,7 +317,7 @@ if __name__ == "__main__":
     )
     if policy is None:
         scene = venv.call("scene", env_ids=[0])[0]
-        policy = scripted_expert.ScriptedPolicy(steps, scene, args.scripted_noise, args.seed)
+        policy = scripted_expert.ScriptedPolicy(steps, scene, args.scripted_noise, args.seed, args.scripted_placement)
     replan = args.replan_steps or policy.replan_steps
     bar = tqdm(total=args.num_success, initial=successes, desc="successes", unit="demo")
     # successes: demos kept; succeeded: every successful episode, also those still running when the last demo was kept

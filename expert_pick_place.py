@@ -29,18 +29,29 @@ class PickPlace(Primitive):
     -> lower -> release -> retreat. Objects narrower than the gripper's opening are grasped across their short
     horizontal axis at mid-height; wider ones (bowls) by the rim on the side facing the robot. Heights and
     clearances come from the objects' collision geometry; a dropped object is re-grasped.
+
+    ``placement`` on a surface (another object, a flat region): "release" lowers the object to 1 cm above the
+    target's top and opens there (it drops the last centimetre); "set-down" aims it SET_DOWN below the top and opens
+    only once it rests (its bottom stopped sinking), so it touches the target still held, where LIBERO's On already
+    holds. Into a container or a drawer both release low inside it.
     """
 
     MAX_OPENING = 0.075  # widest object the Panda's fingers close around (m)
     FLAT = 0.025  # m: lower than this and too wide to grasp, an object is pushed (a 1.9 cm plate; a 3.4 cm bowl is not)
     CLEARANCE, FINGER_REACH = 0.03, 0.05  # m
     MAX_REGRASPS = 2
+    PLACEMENTS = ("release", "set-down")
+    SET_DOWN = 0.02  # m below the target's top that "set-down" aims the held object's bottom at
+    RESTING = 0.001  # m: the bottom sank less than this in a step (twice running): the object rests
 
-    def __init__(self, atom: Atom, scene: dict):
+    def __init__(self, atom: Atom, scene: dict, placement: str = "release"):
         super().__init__(atom)
+        if placement not in self.PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(self.PLACEMENTS)}, got '{placement}'.")
         self.relation, (self.obj, self.target) = atom.predicate, atom.args
         self.geometry, self.regions, self.parts = scene["geometry"], scene["regions"], scene.get("parts", {})
         self.plan, self.regrasps, self.grasp_dz = None, 0, 0.0
+        self.placement, self.last_bottom, self.rest_steps = placement, None, 0
 
     @staticmethod
     def handle(pose: np.ndarray, parts: list, bottom: float, top: float):
@@ -116,6 +127,8 @@ class PickPlace(Primitive):
         center, short_dir, short_half, long_half = footprint(poses[obj], geom[obj])
         turn = 0.0
         handle = self.handle(poses[obj], self.parts.get(obj, []), lo[2], hi[2])
+        set_down = self.placement == "set-down" and target not in obs.get("articulation", {}) and self.relation != "in"
+        above = -self.SET_DOWN if set_down else 0.01  # where the object's bottom is aimed, over a surface's top
         if 2 * short_half <= self.MAX_OPENING:  # across the short axis, mid-height (palm clear of the top)
             grasp_xy, close_dir = center[:2], short_dir
             grasp_z = max(lo[2] + 0.5 * (hi[2] - lo[2]), hi[2] - self.FINGER_REACH, lo[2] + 0.01)
@@ -130,14 +143,14 @@ class PickPlace(Primitive):
         elif target in geom:  # on top of another object: body centres within LIBERO's 3 cm
             target_xy = poses[target][:2]
             place_bottom = target_top = world_box(poses[target], geom[target])[1][2]
-            place_bottom += 0.01
+            place_bottom += above
         elif self.relation == "in":  # into a container region: release low inside it
             target_xy, target_top = poses[target][:2], poses[target][2] + 0.08
             place_bottom = poses[target][2] - 0.05
             turn = self.alignment(poses[target], self.regions.get(target), short_dir, short_half, long_half)
         else:  # onto a flat surface region
             target_xy, target_top = self.free_spot(poses, target), poses[target][2]
-            place_bottom = target_top + 0.01
+            place_bottom = target_top + above
         # Carry altitude: above the target and above anything the object passes over on the way.
         tops = [target_top, hi[2]]
         for name, box in geom.items():
@@ -159,7 +172,17 @@ class PickPlace(Primitive):
             carry_bottom=max(tops) + self.CLEARANCE,
             turn=turn,
             by_footprint=bool(turn),
+            set_down=set_down,
         )
+
+    def rests(self, obs: dict) -> bool:
+        """Set-down: whether the object lowered onto its target has come to rest (its bottom sank less than RESTING
+        in each of the last two steps, after the first three of the phase)."""
+        bottom = obs["poses"][self.obj][2] - self.plan["bottom_offset"]
+        sank = self.last_bottom is not None and self.last_bottom - bottom < self.RESTING and self.t_phase > 3
+        self.rest_steps = self.rest_steps + 1 if sank else 0
+        self.last_bottom = bottom
+        return self.rest_steps >= 2
 
     def act(self, obs: dict) -> np.ndarray:
         poses, eef = obs["poses"], obs["ee_pos"]
@@ -168,6 +191,8 @@ class PickPlace(Primitive):
             self.plan = self.make_plan(obs)
             self.choose_yaw(R_cur, self.plan["close_dir"], wrist, turn=self.plan["turn"])
         p, obj_pos = self.plan, poses[self.obj][:3]
+        if self.phase == "lower" and p["set_down"] and self.rests(obs):
+            self.go("release")  # this step already opens
         carry_z = p["carry_bottom"] + p["bottom_offset"] - self.grasp_dz
         grip, target, speed = -1.0, eef.copy(), 1.0
         width, still = self.observe(obs)

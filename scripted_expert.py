@@ -188,10 +188,11 @@ def listed_tasks() -> list[le.Task]:
 class ScriptedExpert:
     """One episode: the steps of :func:`plan` in order, skipping atoms that hold, each primitive checked with
     LIBERO's predicate when its motion ends and attempted again (at most MAX_ATTEMPTS times) if the atom does not
-    hold. Records the noise-free action of every step (``labels``, the DART labels of noisy demos)."""
+    hold. Records the noise-free action of every step (``labels``, the DART labels of noisy demos). ``placement``:
+    how pick and place ends on a surface (:class:`PickPlace`: "release" from 1 cm above, or "set-down" held)."""
 
-    def __init__(self, steps: list[Step], scene: dict, noise: float = 0.0, rng=None):
-        self.steps, self.scene, self.noise = steps, scene, noise
+    def __init__(self, steps: list[Step], scene: dict, noise: float = 0.0, rng=None, placement: str = "release"):
+        self.steps, self.scene, self.noise, self.placement = steps, scene, noise, placement
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.current: Optional[Primitive] = None
         self.step: Optional[Step] = None
@@ -204,7 +205,7 @@ class ScriptedExpert:
         if step.primitive == "pick_place":
             if PickPlace.pushes(step.atom, self.scene, obs["poses"]):
                 return Push(step.atom, self.scene)
-            return PickPlace(step.atom, self.scene)
+            return PickPlace(step.atom, self.scene, self.placement)
         return {"drawer": Drawer, "knob": Knob, "door": Door}[step.primitive](step.atom)
 
     def next_step(self, obs: dict) -> Optional[Step]:
@@ -241,15 +242,18 @@ class ScriptedPolicy:
 
     replan_steps, image_size, needs_privileged = 1, None, True
 
-    def __init__(self, steps: list[Step], scene: dict, noise: float, seed: int):
-        self.steps, self.scene, self.noise, self.seed = steps, scene, noise, seed
+    def __init__(self, steps: list[Step], scene: dict, noise: float, seed: int, placement: str = "release"):
+        if placement not in PickPlace.PLACEMENTS:  # before any episode starts
+            raise ValueError(f"placement must be one of {', '.join(PickPlace.PLACEMENTS)}, got '{placement}'.")
+        self.steps, self.scene, self.noise, self.seed, self.placement = steps, scene, noise, seed, placement
         self.experts: dict[int, ScriptedExpert] = {}
         self.by_episode: dict[int, ScriptedExpert] = {}
 
     def reset(self, env_ids, episodes) -> None:
         for i, e in zip(env_ids, episodes):
             rng = np.random.default_rng([self.seed, e])
-            self.experts[i] = self.by_episode[e] = ScriptedExpert(self.steps, self.scene, self.noise, rng)
+            expert = ScriptedExpert(self.steps, self.scene, self.noise, rng, self.placement)
+            self.experts[i] = self.by_episode[e] = expert
 
     def expert_labels(self, episode: int) -> np.ndarray:
         """The noise-free actions of an episode's steps (forgotten once read)."""

@@ -121,6 +121,26 @@ def test_a_killed_collection_leaves_no_file_and_the_rerun_continues(tmp_path):
 
 
 @pytest.mark.sim
+def test_a_resumed_collection_refuses_other_layouts_or_placement(tmp_path):
+    """A .partial continued with another --layouts or --scripted-placement would mix two kinds of demos in one file:
+    refused with one sentence, the partial kept."""
+    task = le.resolve_task("libero_spatial", 2)
+    path = demo_hdf5.demo_path(str(tmp_path), "scripted", task.suite, task.name)
+    cmd = ["collect.py", *"--suite libero_spatial --task-id 2 --num-envs 1 --obs-mode state".split()]
+    cmd += ["--data-root", str(tmp_path)]
+    run_script([*cmd, "--num-success", "1"], cwd=ROOT)
+    os.rename(path, path + ".partial")  # as a killed run leaves it, one demo in
+    mismatches = [
+        (["--layouts", "protocol"], "was started with --layouts sampled; rerun with --layouts sampled"),
+        (["--scripted-placement", "set-down"], "was started with --scripted-placement release"),
+    ]
+    for extra, sentence in mismatches:
+        proc = run_script([*cmd, "--num-success", "2", *extra], cwd=ROOT, check=False)
+        assert proc.returncode != 0 and sentence in proc.stderr, proc.stderr
+        assert os.path.exists(path + ".partial") and not os.path.exists(path)
+
+
+@pytest.mark.sim
 def test_scripted_expert_solves_a_spatial_task_closed_loop():
     task = le.resolve_task("libero_spatial", 0)
     with ve.VectorLiberoEnv(task, 1, obs_mode="state", privileged=True) as venv:

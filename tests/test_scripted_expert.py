@@ -115,12 +115,12 @@ def test_joint_state_and_goal_atoms_come_from_the_simulator():
         env.close()
 
 
-def run_expert(suite, local_id, episode):
+def run_expert(suite, local_id, episode, placement="release"):
     task = le.resolve_task(suite, local_id)
     env = le.make_env(task, obs_mode="state", privileged=True, fast_step=True)
     try:
         obs = env.reset(episode, episode, render=False)
-        expert = se.ScriptedExpert(se.plan(task), env.scene())
+        expert = se.ScriptedExpert(se.plan(task), env.scene(), placement=placement)
         while True:
             result = env.step_chunk(expert.act(obs)[None], render=False)
             obs = result.obs
@@ -144,6 +144,27 @@ def run_expert(suite, local_id, episode):
 def test_articulation_primitives_solve_their_task(suite, local_id, max_len):
     result, expert, obs = run_expert(suite, local_id, episode=3)
     assert result.done and result.t <= max_len and obs["goal_atoms"].all()
+
+
+@pytest.mark.sim
+def test_set_down_placement_ends_on_the_target_still_held():
+    """On a plate, "release" opens the gripper ~1 cm above it (the bowl drops onto it); "set-down" lowers the held bowl
+    until it touches, where LIBERO's On holds and the episode ends before any opening."""
+    ends = {}
+    for placement in ("release", "set-down"):
+        result, expert, obs = run_expert("libero_spatial", 3, episode=3, placement=placement)
+        assert result.done and obs["goal_atoms"].all(), placement
+        actions = np.stack(expert.labels)
+        lifted = int(np.argmax(actions[:, 6] > 0))  # the first close: the grasp
+        ends[placement] = actions[-10:], int((actions[lifted:, 6] < 0).sum()), len(actions)
+    last, opens, length = ends["release"]
+    assert opens >= 3 and (last[:, 6] < 0).any()  # opened over the plate
+    last, opens, length_held = ends["set-down"]
+    assert opens == 0 and (last[:, 6] > 0).all()  # never opened: the touch ended it
+    assert last[-5:, 2].mean() < -0.2  # still pressing down when it touched
+    assert length_held <= length + 5  # and no slower
+    with pytest.raises(ValueError, match="placement must be one of release, set-down, got 'drop'"):
+        se.ScriptedPolicy([], {}, 0.0, seed=0, placement="drop")
 
 
 def test_an_elongated_object_is_turned_to_a_narrow_containers_long_side():
