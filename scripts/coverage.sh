@@ -20,6 +20,9 @@
 #  4. the final policy in the evaluated mode on 200 sampled layouts (seeds no training or demo episode used): the
 #     training distribution beside the held-out protocol;
 #  5. below 95 % on the protocol: scripts/failure_modes.py over the failed protocol episodes (where they fail).
+# Knobs for a lift study (item 5 of the issue; EXPORT/COV_ROOT elsewhere): PLACEMENT (set-down: the expert's demos
+# set a placed object down held, collect.py --scripted-placement), DEMOS, BC_ONLY=1 (stop at the BC start, evaluated
+# over EVAL_EPISODES protocol episodes in mean and eta0, as a PPO run's iteration-0 evaluation).
 # Every step skips work whose output exists; the phase scripts resume their own checkpoints and .partial files. The
 # small artefacts go to $EXPORT/tasks/<suite>_task<NN>/ (committed); scripts/coverage_report.py writes docs/coverage.md.
 set -euo pipefail
@@ -28,6 +31,9 @@ PY=${PY:-.venv/bin/python}
 ROOT=${COV_ROOT:-coverage_study}      # checkpoints and HDF5 (not committed; not "coverage": a folder of that name in
                                       # the working directory shadows the coverage package numba imports)
 EXPORT=${EXPORT:-docs/coverage}       # the committed artefacts
+DRAW=${DRAW:-docs/coverage/draw.json} # the pre-registered sample (a lift study exports elsewhere, same draw)
+PLACEMENT=${PLACEMENT:-release}       # how the expert's demos end a placement on a surface (collect.py --scripted-placement)
+BC_ONLY=${BC_ONLY:-0}                 # 1: stop after the BC start, evaluated on EVAL_EPISODES protocol episodes
 DEMOS=${DEMOS:-50}
 BC_STEPS=${BC_STEPS:-8000}
 EVAL_EVERY=${EVAL_EVERY:-10}
@@ -40,11 +46,11 @@ GATE=${GATE:-0.95}                    # below it on the protocol, the failures a
 RECIPE=${RECIPE:-"--num-envs 16 --actor-lr 1e-4 --constant-lr --minibatch-size 2800"}
 TASKS=("$@")
 if [ ${#TASKS[@]} -eq 0 ]; then
-  mapfile -t TASKS < <($PY -c "import json; print('\n'.join(json.load(open('$EXPORT/draw.json'))['order']))")
+  mapfile -t TASKS < <($PY -c "import json; print('\n'.join(json.load(open('$DRAW'))['order']))")
 fi
 for spec in "${TASKS[@]}"; do  # bad input stops the study before any work
-  $PY -c "import json, sys; sys.exit(0 if '$spec' in json.load(open('$EXPORT/draw.json'))['order'] else 1)" || {
-    echo "error: $spec is not one of the drawn tasks in $EXPORT/draw.json; the sample is pre-registered." >&2; exit 2; }
+  $PY -c "import json, sys; sys.exit(0 if '$spec' in json.load(open('$DRAW'))['order'] else 1)" || {
+    echo "error: $spec is not one of the drawn tasks in $DRAW; the sample is pre-registered." >&2; exit 2; }
 done
 budget() {  # budget SUITE: "<chunk steps per env> <iterations>" (see 3. above; NUM_STEPS / ITERS override: smoke runs)
   if [ "$1" = libero_10 ]; then echo "${NUM_STEPS:-260} ${ITERS:-45}"; else echo "${NUM_STEPS:-140} ${ITERS:-83}"; fi
@@ -69,7 +75,7 @@ for spec in "${TASKS[@]}"; do
     timed_start "$out/demos_wall_s.txt"
     $PY collect.py --policy scripted --suite "$suite" --task-id "$id" --obs-mode state --num-success "$DEMOS" \
       --scripted-noise 0.3 --source scripted_dart --data-root "$D" --num-envs 2 --layouts sampled \
-      --max-episodes "$MAX_DEMO_EPISODES"
+      --max-episodes "$MAX_DEMO_EPISODES" --scripted-placement "$PLACEMENT"
     timed_end
   fi
   [ -f "$out/demos.json" ] || $PY -c "
@@ -77,7 +83,7 @@ import json, h5py
 with h5py.File('$demos') as f:
     a = dict(f['data'].attrs)
     demos = [f['data'][k] for k in f['data'] if k.startswith('demo_')]
-    print(json.dumps({'layouts': str(a['layouts']), 'num_demos': len(demos), 'num_attempts': int(a['num_attempts']),
+    print(json.dumps({'layouts': str(a['layouts']), 'scripted_placement': str(a.get('scripted_placement', 'release')), 'num_demos': len(demos), 'num_attempts': int(a['num_attempts']),
                       'success_rate': float(a['success_rate']), 'mean_length': sum(len(d['actions']) for d in demos) / len(demos),
                       'init_states': sorted({int(d.attrs['init_state_index']) for d in demos})}))" >"$out/demos.json"
 
@@ -85,6 +91,17 @@ with h5py.File('$demos') as f:
   [ -f "$bc" ] || $PY bc_diffusion.py --suite "$suite" --task-id "$id" --demo-source scripted_dart --num-demos "$DEMOS" \
     --data-root "$D" --run-root "$R" --obs-mode state --denoiser mlp --batch-size 256 --lr 3e-4 \
     --total-steps "$BC_STEPS" --eval-episodes 0
+  if [ "$BC_ONLY" = 1 ]; then  # the BC start alone, as the PPO run's iteration-0 evaluation measures it
+    for mode in mean eta0; do
+      res=$ROOT/results/eval/bc_start_$mode/$suite/task$nn.json
+      [ -f "$res" ] || $PY evaluate.py --policy diffusion --ckpt "$bc" --suite "$suite" --task-id "$id" \
+        --num-episodes "$EVAL_EPISODES" --action-mode $mode --fast-step --tag bc_start_$mode \
+        --results-root "$ROOT/results" --num-envs 2 | tail -1
+      cp "$res" "$out/bc_start_$mode.json"
+    done
+    step "$suite $id: BC start done"
+    continue
+  fi
 
   run=$R/ppo_diffusion/$suite/task${nn}__seed0
   if [ ! -f "$run/final_eval.json" ]; then
