@@ -95,9 +95,9 @@ class Args:
     """action stored with --scripted-noise: the expert's noise-free action (DART, Laskey et al. 2017: the demos
     show how to correct perturbed states, which BC needs against compounding errors) or the noisy executed one"""
     scripted_placement: Literal["release", "set-down"] = "release"
-    """how the scripted expert ends a pick and place on a surface: release (open 1 cm above the target, the object
-    drops onto it) or set-down (lower it until it rests on the target, held, then open: LIBERO's On holds at the
-    touch, so most demos end held)"""
+    """how the scripted expert ends a pick and place on top of another object: release (open 1 cm above it, the
+    object drops onto it) or set-down (lower it until it rests on it, held, then open: LIBERO's On holds at the
+    touch, so most demos end held); onto a region, into a container or a drawer both release"""
     data_root: str = "data"
     """root of the data convention data/<source>/<suite>/<task_name>_demo.hdf5"""
     run_root: str = "runs"

@@ -30,10 +30,11 @@ class PickPlace(Primitive):
     horizontal axis at mid-height; wider ones (bowls) by the rim on the side facing the robot. Heights and
     clearances come from the objects' collision geometry; a dropped object is re-grasped.
 
-    ``placement`` on a surface (another object, a flat region): "release" lowers the object to 1 cm above the
+    ``placement`` on top of another object (a bowl on a plate): "release" lowers the object to 1 cm above the
     target's top and opens there (it drops the last centimetre); "set-down" aims it SET_DOWN below the top and opens
     only once it rests (its bottom stopped sinking), so it touches the target still held, where LIBERO's On already
-    holds. Into a container or a drawer both release low inside it.
+    holds. Onto a region (a stove, an area of the table), into a container or a drawer both release as before
+    (set down on a stove, the second of two moka pots failed 4 of 10 times, against 0 released).
     """
 
     MAX_OPENING = 0.075  # widest object the Panda's fingers close around (m)
@@ -127,8 +128,9 @@ class PickPlace(Primitive):
         center, short_dir, short_half, long_half = footprint(poses[obj], geom[obj])
         turn = 0.0
         handle = self.handle(poses[obj], self.parts.get(obj, []), lo[2], hi[2])
-        set_down = self.placement == "set-down" and target not in obs.get("articulation", {}) and self.relation != "in"
-        above = -self.SET_DOWN if set_down else 0.01  # where the object's bottom is aimed, over a surface's top
+        on_object = target in geom and target not in obs.get("articulation", {}) and self.relation != "in"
+        set_down = self.placement == "set-down" and on_object
+        above = -self.SET_DOWN if set_down else 0.01  # where the object's bottom is aimed, over the target's top
         if 2 * short_half <= self.MAX_OPENING:  # across the short axis, mid-height (palm clear of the top)
             grasp_xy, close_dir = center[:2], short_dir
             grasp_z = max(lo[2] + 0.5 * (hi[2] - lo[2]), hi[2] - self.FINGER_REACH, lo[2] + 0.01)
