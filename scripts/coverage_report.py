@@ -183,6 +183,45 @@ def layout_rows(tasks: list[dict]) -> list[str]:
     return lines
 
 
+def bc_start(task: dict) -> str:
+    """The BC start, mean / eta0 over the first 50 protocol episodes: a PPO run's iteration-0 evaluation, or for a
+    BC-only check (coverage.sh BC_ONLY=1) its bc_start_<mode>.json."""
+    if task["run"] is not None:
+        return cr.start_cells(task["run"])
+    cells = []
+    for mode in ("mean", "eta0"):
+        path = os.path.join(task["path"], f"bc_start_{mode}.json")
+        cells.append(f"{100 * json.load(open(path))['success_rate']:.0f}" if os.path.exists(path) else "–")
+    return " / ".join(cells)
+
+
+def lift_rows(root: str, draw: dict, base: dict) -> list[str]:
+    """Per recipe change tried (docs/coverage/lift/<change>/, coverage.sh with its knobs): each task it ran, its
+    demonstrations and BC start beside the study's, and its final success where the PPO run finished."""
+    lift = os.path.join(root, "lift")
+    changes = sorted(d for d in os.listdir(lift) if os.path.isdir(os.path.join(lift, d))) if os.path.isdir(lift) else []
+    if not changes:
+        return ["No recipe change run yet."]
+    lines = ["| change | task | demos: placement, kept of attempts, mean length | BC start (mean / eta0, 50 ep.) | "
+             "the study's BC start | final, protocol (200 ep., mean) | the study's final | status |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for change in changes:
+        for spec in draw["order"]:
+            name = f"{spec.split(':')[0]}_task{int(spec.split(':')[1]):02d}"
+            if not os.path.isdir(os.path.join(lift, change, "tasks", name)):
+                continue
+            t, b = load(os.path.join(lift, change), name, spec), base[spec]
+            d = t["demos"]
+            demo_cell = (f"{d.get('scripted_placement', 'release')}, {d['num_demos']} of {d['num_attempts']}, "
+                         f"{d['mean_length']:.0f} steps" if d else "–")  # fmt: skip
+            final = cr.rate(final_rate(t), t["run"]["final"]["episodes"]) if final_rate(t) is not None else "–"
+            base_final = cr.rate(final_rate(b), b["run"]["final"]["episodes"]) if final_rate(b) is not None else "–"
+            state = status(t) if t["run"] is not None else "BC start only"
+            lines.append(f"| {change} | {spec} | {demo_cell} | {bc_start(t)} | {bc_start(b)} | {final} | "
+                         f"{base_final} | {state} |")  # fmt: skip
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", default=DOCS, help="reads <docs>/coverage/, writes <docs>/coverage.md")
@@ -238,6 +277,14 @@ def main() -> None:
         "## Why a task misses (measured: scripts/failure_modes.py over its failed protocol episodes)",
         "",
         *failure_lines(tasks),
+        "",
+        "## Lifting the misses: recipe changes, measured on the missed tasks first",
+        "",
+        "Each change runs through the same script with one knob (`docs/coverage/lift/<change>/`: `set-down`, "
+        "`PLACEMENT=set-down`: the expert's demonstrations set an object placed on another object down held instead "
+        "of releasing it 1 cm above; `200-demos`, `DEMOS=200`); `BC_ONLY=1` stops at the BC start.",
+        "",
+        *lift_rows(root, draw, {t["spec"]: t for t in tasks}),
         "",
         "## The layout split: sampled layouts against the protocol's",
         "",
