@@ -160,6 +160,16 @@ def failure_lines(tasks: list[dict]) -> list[str]:
                 if None not in opens:
                     part += f", and commanding the gripper open there in {min(opens)}-{max(opens)} of those steps"
             lines[-1] += part + f"; {sum(e['final_target_xy_m'] >= 0.10 for e in eps)} ended 10 cm or more from it."
+        if eps and all("joint_max_progress" in e for e in eps):  # a goal on a fixture's joint (open a drawer...)
+            best = [e["joint_max_progress"] for e in eps]
+            end = [e["joint_final_progress"] for e in eps]
+            moved = [e["joint_first_moved_step"] for e in eps if e["joint_first_moved_step"] is not None]
+            lines[-1] += (f" Its joint, toward LIBERO's `{eps[0]['joint_predicate']}` threshold (fraction of the way "
+                          f"from where it started): {sum(b < 0.1 for b in best)} never moved it 10 % of the way, "
+                          f"{sum(0.1 <= b < 0.5 for b in best)} got 10-50 %, {sum(b >= 0.5 for b in best)} half way or "
+                          f"further (at most {max(best):.2f}); at the end {np.median(end):.2f} of the way (median)"
+                          + (f"; those that moved it first did at env step {min(moved)}-{max(moved)}." if moved
+                             else "."))  # fmt: skip
     return lines or ["- none below 95 % among the finished tasks."]
 
 

@@ -29,9 +29,30 @@ LIFTED = 0.02  # m above the object's start height that counts as lifted
 ON_RADIUS = 0.03  # LIBERO's On between two objects: centres within 3 cm (xy), and touching
 
 
-def summarize(result, obj: str, target: Optional[str] = None) -> dict:
+def joint_facts(result, fixture: str, predicate: str) -> dict:
+    """For a goal on an articulated fixture (open a drawer, turn on a stove): how far its joint got toward the range
+    where LIBERO's predicate holds, as a fraction of the way from where it started to the nearest edge of that range
+    (1 = the predicate's threshold), at most and at the end, and the first step it was 10 % of the way."""
+    info = result.steps[0]["obs"]["articulation"][fixture]
+    q = np.array([s["obs"]["articulation"][fixture]["qpos"] for s in result.steps])
+    lo, hi = sorted(info["ranges"][predicate])
+    edge = lo if q[0] < lo else hi if q[0] > hi else q[0]
+    progress = (q - q[0]) / (edge - q[0]) if edge != q[0] else np.ones_like(q)
+    moved = progress >= 0.1
+    return {
+        "joint_predicate": predicate,
+        "joint_start": round(float(q[0]), 4),
+        "joint_threshold": round(float(edge), 4),
+        "joint_max_progress": round(float(progress.max()), 3),
+        "joint_final_progress": round(float(progress[-1]), 3),
+        "joint_first_moved_step": int(np.argmax(moved)) if moved.any() else None,
+    }
+
+
+def summarize(result, obj: str, target: Optional[str] = None, predicate: Optional[str] = None) -> dict:
     """Per-episode facts from the recorded steps (each holds the pre-action observation and the action); with
-    ``target``, where the object ended relative to it."""
+    ``target``, where the object ended relative to it; when ``obj`` is an articulated fixture (the goal's
+    ``predicate`` acts on its joint), how far the joint got (:func:`joint_facts`)."""
     z = np.array([s["obs"]["poses"][obj][2] for s in result.steps])
     xy = np.array([s["obs"]["poses"][obj][:2] for s in result.steps])
     grip = np.array([s["action"][-1] for s in result.steps])  # +1 close, -1 open
@@ -72,19 +93,22 @@ def summarize(result, obj: str, target: Optional[str] = None) -> dict:
             facts.update(z_cmd_over_target_mean=round(float(dz.mean()), 4),
                          z_cmd_over_target_down=round(float((dz < 0).mean()), 3),
                          open_cmds_over_target=int((grip[over] < 0).sum()))  # fmt: skip
+    fixture = result.steps[0]["obs"].get("articulation", {}).get(obj)
+    if fixture is not None and predicate in fixture["ranges"]:
+        facts.update(joint_facts(result, obj, predicate))
     if "goal_atoms" in result.steps[-1]["obs"]:
         facts["final_goal_atoms"] = [bool(a) for a in result.steps[-1]["obs"]["goal_atoms"]]
     return facts
 
 
-def goal_arguments(bddl_file: str) -> tuple[str, Optional[str]]:
-    """The arguments of the task's first goal atom: the object it moves (or the fixture region it acts on) and its
-    target (None for a one-argument atom: open, turnon...)."""
+def goal_arguments(bddl_file: str) -> tuple[str, str, Optional[str]]:
+    """The task's first goal atom: its predicate (lower case), the object it moves (or the fixture region it acts on)
+    and its target (None for a one-argument atom: open, turnon...)."""
     with open(bddl_file) as f:
-        match = re.search(r"\(:goal\s*\(and\s*\(\w+\s+(\w+)(?:\s+(\w+))?", f.read(), flags=re.IGNORECASE)
+        match = re.search(r"\(:goal\s*\(and\s*\((\w+)\s+(\w+)(?:\s+(\w+))?", f.read(), flags=re.IGNORECASE)
     if match is None:
         sys.exit(f"error: no goal atom found in {bddl_file}; pass --object.")
-    return match.group(1), match.group(2)
+    return match.group(1).lower(), match.group(2), match.group(3)
 
 
 def main() -> None:
@@ -113,7 +137,7 @@ def main() -> None:
     venv = ve.VectorLiberoEnv(task, args.num_envs, obs_mode=policy.obs_mode, fast_step=True, privileged=True)
     try:
         objects = venv.call("poses", env_ids=[0])[0]
-        goal_object, target = goal_arguments(task.bddl_file)
+        predicate, goal_object, target = goal_arguments(task.bddl_file)
         if args.object is not None and args.object != goal_object:
             target = None  # another object than the goal's: no target to measure against
         args.object = args.object or goal_object
@@ -124,7 +148,8 @@ def main() -> None:
                                   reset_policy=policy.reset)  # fmt: skip
     finally:
         venv.close()
-    rows = [summarize(r, args.object, target) for r in sorted(results, key=lambda r: r.episode)]
+    predicate = predicate if args.object == goal_object else None
+    rows = [summarize(r, args.object, target, predicate) for r in sorted(results, key=lambda r: r.episode)]
     for r in rows:
         print(json.dumps(r))
     if args.out:

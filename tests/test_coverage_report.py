@@ -76,6 +76,13 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
     run_files(str(root / "tasks" / name(above)), {"mean": 0.985, "sample": 0.8, "eta0": 0.5},
               [(0, 0.5), (10, 0.96), (83, 1.0)], wall=7200)  # fmt: skip
     run_files(str(root / "tasks" / name(running)), None, [(0, 0.2), (10, 0.5)])
+    drawer = order[2]  # a goal on a fixture's joint: three failures short of the threshold
+    run_files(str(root / "tasks" / name(drawer)), {"mean": 0.8, "sample": 0.5, "eta0": 0.1}, [(0, 0.0), (83, 0.8)])
+    joint = [{"episode": e, "init_state": e, "length": 300, "gripper_closes": 2, "max_lift_m": 0.0,
+              "final_lift_m": 0.0, "joint_predicate": "open", "joint_max_progress": b, "joint_final_progress": f,
+              "joint_first_moved_step": m}
+             for e, (b, f, m) in enumerate([(0.02, 0.0, None), (0.3, 0.2, 120), (0.7, 0.6, 95)])]  # fmt: skip
+    write(str(root / "tasks" / name(drawer)), "failures.json", {"object": "drawer", "target": None, "episodes": joint})
     # a recipe change: the missed task run again with it; the other task it ran stopped at the BC start
     lifted = root / "lift" / "set-down" / "tasks"
     run_files(str(lifted / name(below)), {"mean": 0.97, "sample": 0.9, "eta0": 0.6}, [(0, 0.96), (83, 0.98)])
@@ -99,7 +106,13 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
     assert rows[running][12] == "running (iteration 10 of 83)"
     suite = [line for line in page.splitlines() if line.startswith(f"| {below.split(':')[0]} |")][0]
     assert "| 2 of 2 | 94.2 % | 1 |" in suite  # (90.0 + 98.5) / 2
-    assert "1 of 2 finished tasks (10 drawn) at ≥ 95 %" in page and "1 reached 95 %" in page
+    assert "1 of 3 finished tasks (10 drawn) at ≥ 95 %" in page and "1 reached 95 %" in page
+    reason = [line for line in page.splitlines() if line.startswith(f"- **{drawer}**")][0]
+    assert (
+        "Its joint, toward LIBERO's `open` threshold (fraction of the way from where it started): 1 never moved it "
+        "10 % of the way, 1 got 10-50 %, 1 half way or further (at most 0.70); at the end 0.20 of the way (median); "
+        "those that moved it first did at env step 95-120." in reason
+    )
     reason = [line for line in page.splitlines() if line.startswith(f"- **{below}**")][0]
     assert "20 failed episodes on 20 of 50 init states" in reason and "2 never closed the gripper" in reason
     assert "3 closed it but never lifted" in reason

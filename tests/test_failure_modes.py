@@ -57,6 +57,24 @@ def test_where_the_object_ended_relative_to_the_goal_target():
 def test_the_goal_arguments_of_a_bddl_file(tmp_path):
     bddl = tmp_path / "t.bddl"
     bddl.write_text("(define (problem p)\n  (:goal\n    (And (On akita_black_bowl_1 plate_1) (Open drawer_1))\n  )\n)")
-    assert failure_modes.goal_arguments(str(bddl)) == ("akita_black_bowl_1", "plate_1")
+    assert failure_modes.goal_arguments(str(bddl)) == ("on", "akita_black_bowl_1", "plate_1")
     bddl.write_text("(:goal (And (Open wooden_cabinet_1_top_region)))")
-    assert failure_modes.goal_arguments(str(bddl)) == ("wooden_cabinet_1_top_region", None)
+    assert failure_modes.goal_arguments(str(bddl)) == ("open", "wooden_cabinet_1_top_region", None)
+
+
+def test_how_far_a_drawer_got_toward_open():
+    """A drawer whose joint starts at 0 and opens below -0.14 (LIBERO's open range [-0.16, -0.14]): pulled to -0.07
+    (half way) by step 3, pushed back to -0.035; the facts say half way at most, a quarter at the end, first moved
+    (10 % of the way) at step 1. Another predicate than the fixture's (on) adds nothing."""
+    q = [0.0, -0.02, -0.05, -0.07, -0.035]
+    ranges = {"open": [-0.16, -0.14], "close": [-0.005, 0.0]}
+    steps = [{"obs": {"poses": {"drawer": np.array([0.5, 0.0, 0.8, 1, 0, 0, 0])},
+                      "articulation": {"drawer": {"qpos": v, "ranges": ranges}}},
+              "action": np.r_[np.zeros(6), 1.0]} for v in q]  # fmt: skip
+    result = SimpleNamespace(episode=2, init_state=2, success=False, length=len(q), steps=steps)
+    facts = failure_modes.summarize(result, "drawer", None, "open")
+    assert facts["joint_predicate"] == "open" and facts["joint_threshold"] == -0.14 and facts["joint_start"] == 0.0
+    np.testing.assert_allclose(facts["joint_max_progress"], 0.5, atol=1e-3)
+    np.testing.assert_allclose(facts["joint_final_progress"], 0.25, atol=1e-3)
+    assert facts["joint_first_moved_step"] == 1
+    assert "joint_predicate" not in failure_modes.summarize(result, "drawer", None, "on")
