@@ -130,12 +130,18 @@ def failure_lines(tasks: list[dict]) -> list[str]:
         held = sum(e["final_lift_m"] >= LIFTED for e in eps)
         regrasp = sum(e["gripper_closes"] >= 3 for e in eps)
         states = sorted({e["init_state"] for e in eps})
-        lines.append(f"- **{t['spec']}** ({100 * p:.1f} %, {len(eps)} failed episodes on {len(states)} of 50 init "
-                     f"states: {', '.join(map(str, states))}), object `{f['object']}`: {never_closed} never closed the "
-                     f"gripper; {not_lifted} closed it but never lifted the object {100 * LIFTED:.0f} cm; {lowered} "
-                     f"lifted it and ended less than {100 * LIFTED:.0f} cm above its start height, {held} "
-                     f"{100 * LIFTED:.0f} cm or more above it; {regrasp} closed the gripper 3 or more times (re-grasp "
-                     f"loops); median length {np.median([e['length'] for e in eps]):.0f} steps"
+        joint = bool(eps) and all("joint_max_progress" in e for e in eps)  # a goal on a fixture: nothing is lifted
+        head = (f"- **{t['spec']}** ({100 * p:.1f} %, {len(eps)} failed episodes on {len(states)} of 50 init "
+                f"states: {', '.join(map(str, states))}), {'fixture' if joint else 'object'} `{f['object']}`: "
+                f"{never_closed} never closed the gripper; ")  # fmt: skip
+        if joint:
+            head += (f"{regrasp} closed it 3 or more times (re-grasp loops; median "
+                     f"{np.median([e['gripper_closes'] for e in eps]):.0f} closes)")  # fmt: skip
+        else:
+            head += (f"{not_lifted} closed it but never lifted the object {100 * LIFTED:.0f} cm; {lowered} lifted it "
+                     f"and ended less than {100 * LIFTED:.0f} cm above its start height, {held} {100 * LIFTED:.0f} cm "
+                     f"or more above it; {regrasp} closed the gripper 3 or more times (re-grasp loops)")  # fmt: skip
+        lines.append(head + f"; median length {np.median([e['length'] for e in eps]):.0f} steps"
                      + (f"; {sum(e['final_gripper_closed'] for e in eps)} ended with the gripper commanded closed."
                         if all("final_gripper_closed" in e for e in eps) else "."))  # fmt: skip
         if eps and all("final_target_xy_m" in e for e in eps):  # failure_modes.py measured the goal's target too
@@ -160,7 +166,7 @@ def failure_lines(tasks: list[dict]) -> list[str]:
                 if None not in opens:
                     part += f", and commanding the gripper open there in {min(opens)}-{max(opens)} of those steps"
             lines[-1] += part + f"; {sum(e['final_target_xy_m'] >= 0.10 for e in eps)} ended 10 cm or more from it."
-        if eps and all("joint_max_progress" in e for e in eps):  # a goal on a fixture's joint (open a drawer...)
+        if joint:  # how far the fixture's joint got (open a drawer, turn on a stove)
             best = [e["joint_max_progress"] for e in eps]
             end = [e["joint_final_progress"] for e in eps]
             moved = [e["joint_first_moved_step"] for e in eps if e["joint_first_moved_step"] is not None]

@@ -108,6 +108,9 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
     assert "| 2 of 2 | 94.2 % | 1 |" in suite  # (90.0 + 98.5) / 2
     assert "1 of 3 finished tasks (10 drawn) at ≥ 95 %" in page and "1 reached 95 %" in page
     reason = [line for line in page.splitlines() if line.startswith(f"- **{drawer}**")][0]
+    head = "fixture `drawer`: 0 never closed the gripper; 0 closed it 3 or more times (re-grasp loops; median 2"
+    assert head in reason
+    assert "lifted" not in reason  # a fixture is not lifted: no lift counts for it
     assert (
         "Its joint, toward LIBERO's `open` threshold (fraction of the way from where it started): 1 never moved it "
         "10 % of the way, 1 got 10-50 %, 1 half way or further (at most 0.70); at the end 0.20 of the way (median); "
