@@ -47,12 +47,16 @@ class PickPlace(Primitive):
 
     def __init__(self, atom: Atom, scene: dict, placement: str = "release"):
         super().__init__(atom)
-        if placement not in self.PLACEMENTS:
-            raise ValueError(f"placement must be one of {', '.join(self.PLACEMENTS)}, got '{placement}'.")
+        self.check_placement(placement)
         self.relation, (self.obj, self.target) = atom.predicate, atom.args
         self.geometry, self.regions, self.parts = scene["geometry"], scene["regions"], scene.get("parts", {})
         self.plan, self.regrasps, self.grasp_dz = None, 0, 0.0
         self.placement, self.last_bottom, self.rest_steps = placement, None, 0
+
+    @classmethod
+    def check_placement(cls, placement: str) -> None:
+        if placement not in cls.PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(cls.PLACEMENTS)}, got '{placement}'.")
 
     @staticmethod
     def handle(pose: np.ndarray, parts: list, bottom: float, top: float):

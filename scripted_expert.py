@@ -189,7 +189,8 @@ class ScriptedExpert:
     """One episode: the steps of :func:`plan` in order, skipping atoms that hold, each primitive checked with
     LIBERO's predicate when its motion ends and attempted again (at most MAX_ATTEMPTS times) if the atom does not
     hold. Records the noise-free action of every step (``labels``, the DART labels of noisy demos). ``placement``:
-    how pick and place ends on a surface (:class:`PickPlace`: "release" from 1 cm above, or "set-down" held)."""
+    how pick and place ends on top of another object (:class:`PickPlace`: "release" from 1 cm above, or "set-down"
+    held)."""
 
     def __init__(self, steps: list[Step], scene: dict, noise: float = 0.0, rng=None, placement: str = "release"):
         self.steps, self.scene, self.noise, self.placement = steps, scene, noise, placement
@@ -243,8 +244,7 @@ class ScriptedPolicy:
     replan_steps, image_size, needs_privileged = 1, None, True
 
     def __init__(self, steps: list[Step], scene: dict, noise: float, seed: int, placement: str = "release"):
-        if placement not in PickPlace.PLACEMENTS:  # before any episode starts
-            raise ValueError(f"placement must be one of {', '.join(PickPlace.PLACEMENTS)}, got '{placement}'.")
+        PickPlace.check_placement(placement)  # before any episode starts
         self.steps, self.scene, self.noise, self.seed, self.placement = steps, scene, noise, seed, placement
         self.experts: dict[int, ScriptedExpert] = {}
         self.by_episode: dict[int, ScriptedExpert] = {}

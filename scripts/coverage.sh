@@ -32,7 +32,7 @@ ROOT=${COV_ROOT:-coverage_study}      # checkpoints and HDF5 (not committed; not
                                       # the working directory shadows the coverage package numba imports)
 EXPORT=${EXPORT:-docs/coverage}       # the committed artefacts
 DRAW=${DRAW:-docs/coverage/draw.json} # the pre-registered sample (a lift study exports elsewhere, same draw)
-PLACEMENT=${PLACEMENT:-release}       # how the expert's demos end a placement on a surface (collect.py --scripted-placement)
+PLACEMENT=${PLACEMENT:-release}       # how the expert's demos end a placement on another object (collect.py --scripted-placement)
 BC_ONLY=${BC_ONLY:-0}                 # 1: stop after the BC start, evaluated on EVAL_EPISODES protocol episodes
 DEMOS=${DEMOS:-50}
 BC_STEPS=${BC_STEPS:-8000}
