@@ -21,7 +21,7 @@
 #     training distribution beside the held-out protocol;
 #  5. below 95 % on the protocol: scripts/failure_modes.py over the failed protocol episodes (where they fail).
 # Knobs for a lift study (item 5 of the issue; EXPORT/COV_ROOT elsewhere): PLACEMENT (set-down: the expert's demos
-# set a placed object down held, collect.py --scripted-placement), DEMOS, BC_ONLY=1 (stop at the BC start, evaluated
+# set a placed object down held, collect.py --scripted-placement), DEMOS, NOISE (the DART noise), BC_ONLY=1 (stop at the BC start, evaluated
 # over EVAL_EPISODES protocol episodes in mean and eta0, as a PPO run's iteration-0 evaluation).
 # Every step skips work whose output exists; the phase scripts resume their own checkpoints and .partial files. The
 # small artefacts go to $EXPORT/tasks/<suite>_task<NN>/ (committed); scripts/coverage_report.py writes docs/coverage.md.
@@ -35,6 +35,7 @@ DRAW=${DRAW:-docs/coverage/draw.json} # the pre-registered sample (a lift study 
 PLACEMENT=${PLACEMENT:-release}       # how the expert's demos end a placement on another object (collect.py --scripted-placement)
 BC_ONLY=${BC_ONLY:-0}                 # 1: stop after the BC start, evaluated on EVAL_EPISODES protocol episodes
 DEMOS=${DEMOS:-50}
+NOISE=${NOISE:-0.3}                   # DART: std of the noise on the expert's executed arm actions
 BC_STEPS=${BC_STEPS:-8000}
 EVAL_EVERY=${EVAL_EVERY:-10}
 EVAL_EPISODES=${EVAL_EPISODES:-50}
@@ -74,7 +75,7 @@ for spec in "${TASKS[@]}"; do
   if [ ! -f "$demos" ]; then
     timed_start "$out/demos_wall_s.txt"
     $PY collect.py --policy scripted --suite "$suite" --task-id "$id" --obs-mode state --num-success "$DEMOS" \
-      --scripted-noise 0.3 --source scripted_dart --data-root "$D" --num-envs 2 --layouts sampled \
+      --scripted-noise "$NOISE" --source scripted_dart --data-root "$D" --num-envs 2 --layouts sampled \
       --max-episodes "$MAX_DEMO_EPISODES" --scripted-placement "$PLACEMENT"
     timed_end
   fi

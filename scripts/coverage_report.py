@@ -298,7 +298,8 @@ def main() -> None:
         "",
         "Each change runs through the same script with one knob (`docs/coverage/lift/<change>/`: `set-down`, "
         "`PLACEMENT=set-down`: the expert's demonstrations set an object placed on another object down held instead "
-        "of releasing it 1 cm above; `200-demos`, `DEMOS=200`); `BC_ONLY=1` stops at the BC start.",
+        "of releasing it 1 cm above; `200-demos`, `DEMOS=200`; `dart-noise-0.1`, `NOISE=0.1`: DART noise 0.1 "
+        "instead of 0.3); `BC_ONLY=1` stops at the BC start.",
         "",
         *lift_rows(root, draw, {t["spec"]: t for t in tasks}),
         "",
