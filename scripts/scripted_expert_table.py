@@ -113,7 +113,7 @@ def write_json(path: str, data: dict) -> None:
 
 
 def write_table(out: str, path: str) -> None:
-    rows, count, attempted = [], 0, 0
+    rows, count, attempted, dates = [], 0, 0, set()
     for task in le.task_registry():
         p = result_path(out, task)
         r = json.load(open(p)) if os.path.exists(p) else None
@@ -123,6 +123,7 @@ def write_table(out: str, path: str) -> None:
             cell, note = "not attempted", r["reason"]
         else:
             attempted += 1
+            dates.add(r["date"])
             k = r["successes"]
             n = len(r["episodes"])
             count += n == le.NUM_INIT_STATES and k >= se.LISTED_RATE * n
@@ -134,7 +135,7 @@ def write_table(out: str, path: str) -> None:
             if r["version"] != expert_version(task):
                 cell += " †"
         rows.append(f"| {task.suite} | {task.local_id} | {task.instruction} | {cell} | {note} |")
-    stamp = datetime.date.today().isoformat()
+    stamp = max(dates, default="no measurements")  # the latest measurement's date: the table regenerates identically
     lines = [
         "# Scripted expert: success over the 50 fixed init states",
         "",
@@ -178,7 +179,8 @@ def main() -> None:
             if old["attempted"] and (old["version"] == expert_version(task) or not args.rerun_stale):
                 continue
         start = time.time()
-        result = {"task": f"{task.suite}:{task.local_id}", "name": task.name, "version": expert_version(task)}
+        result = {"task": f"{task.suite}:{task.local_id}", "name": task.name, "version": expert_version(task),
+                  "date": datetime.date.today().isoformat()}  # fmt: skip
         result.update(measure(task, args.num_envs, args.episodes), seconds=round(time.time() - start, 1))
         write_json(path, result)
         got = f"{result['successes']}/{args.episodes}" if result["attempted"] else "not attempted"

@@ -242,3 +242,8 @@ def test_the_table_script_measures_resumes_and_writes_the_table(tmp_path):
     assert "**0 of 130 tasks at >= 80 %**" in rows  # 2 episodes are not the 50 init states: not counted
     again = run_script(cmd, cwd=ROOT).stdout  # resumable: a measured task is not run again
     assert "libero_goal 7:" not in again and "libero_goal 9: not attempted" in again
+    # the table is stamped with its latest measurement's date, not the day it was written: it regenerates identically
+    result["date"] = "2001-02-03"
+    (out / "libero_goal_task07.json").write_text(json.dumps(result))
+    run_script([*cmd, "--table-only"], cwd=ROOT)
+    assert "CPU, 2001-02-03)" in table.read_text()
