@@ -84,7 +84,8 @@ import json, h5py
 with h5py.File('$demos') as f:
     a = dict(f['data'].attrs)
     demos = [f['data'][k] for k in f['data'] if k.startswith('demo_')]
-    print(json.dumps({'layouts': str(a['layouts']), 'scripted_placement': str(a.get('scripted_placement', 'release')), 'num_demos': len(demos), 'num_attempts': int(a['num_attempts']),
+    print(json.dumps({'layouts': str(a['layouts']), 'scripted_placement': str(a.get('scripted_placement', 'release')),
+                      'scripted_noise': float(a['scripted_noise']), 'num_demos': len(demos), 'num_attempts': int(a['num_attempts']),
                       'success_rate': float(a['success_rate']), 'mean_length': sum(len(d['actions']) for d in demos) / len(demos),
                       'init_states': sorted({int(d.attrs['init_state_index']) for d in demos})}))" >"$out/demos.json"
 

@@ -211,6 +211,12 @@ def bc_start(task: dict) -> str:
     return " / ".join(cells)
 
 
+def study_demos(tasks: list[dict]) -> str:
+    """The placement and DART noise the study's demonstrations were collected with, as their files record it."""
+    kinds = sorted({(t["demos"]["scripted_placement"], t["demos"]["scripted_noise"]) for t in tasks if t["demos"]})
+    return "; ".join(f"placement {p}, DART noise {n:g}" for p, n in kinds) or "none collected yet"
+
+
 def lift_rows(root: str, draw: dict, base: dict) -> list[str]:
     """Per recipe change tried (docs/coverage/lift/<change>/, coverage.sh with its knobs): each task it ran, its
     demonstrations and BC start beside the study's, and its final success where the PPO run finished."""
@@ -218,8 +224,9 @@ def lift_rows(root: str, draw: dict, base: dict) -> list[str]:
     changes = sorted(d for d in os.listdir(lift) if os.path.isdir(os.path.join(lift, d))) if os.path.isdir(lift) else []
     if not changes:
         return ["No recipe change run yet."]
-    lines = ["| change | task | demos: placement, kept of attempts, mean length | BC start (mean / eta0, 50 ep.) | "
-             "the study's BC start | final, protocol (200 ep., mean) | the study's final | status |",
+    lines = ["| change | task | demos: placement, DART noise, kept of attempts, mean length | "
+             "BC start (mean / eta0, 50 ep.) | the study's BC start | final, protocol (200 ep., mean) | "
+             "the study's final | status |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for change in changes:
         for spec in draw["order"]:
@@ -228,8 +235,8 @@ def lift_rows(root: str, draw: dict, base: dict) -> list[str]:
                 continue
             t, b = load(os.path.join(lift, change), name, spec), base[spec]
             d = t["demos"]
-            demo_cell = (f"{d.get('scripted_placement', 'release')}, {d['num_demos']} of {d['num_attempts']}, "
-                         f"{d['mean_length']:.0f} steps" if d else "–")  # fmt: skip
+            demo_cell = (f"{d['scripted_placement']}, {d['scripted_noise']:g}, {d['num_demos']} of "
+                         f"{d['num_attempts']}, {d['mean_length']:.0f} steps" if d else "–")  # fmt: skip
             final = cr.rate(final_rate(t), t["run"]["final"]["episodes"]) if final_rate(t) is not None else "–"
             base_final = cr.rate(final_rate(b), b["run"]["final"]["episodes"]) if final_rate(b) is not None else "–"
             state = status(t) if t["run"] is not None else "BC start only"
@@ -299,7 +306,8 @@ def main() -> None:
         "Each change runs through the same script with one knob (`docs/coverage/lift/<change>/`: `set-down`, "
         "`PLACEMENT=set-down`: the expert's demonstrations set an object placed on another object down held instead "
         "of releasing it 1 cm above; `200-demos`, `DEMOS=200`; `dart-noise-0.1`, `NOISE=0.1`: DART noise 0.1 "
-        "instead of 0.3); `BC_ONLY=1` stops at the BC start.",
+        "instead of 0.3; `set-down+dart-noise-0.1`, both); `BC_ONLY=1` stops at the BC start. The study's own "
+        f"demonstrations: {study_demos(tasks)}.",
         "",
         *lift_rows(root, draw, {t["spec"]: t for t in tasks}),
         "",

@@ -71,7 +71,8 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
             open_cmds_over_target=e,
         )
     write(str(root / "tasks" / name(below)), "failures.json", {"object": "bowl", "target": "plate", "episodes": fails})
-    write(str(root / "tasks" / name(below)), "demos.json", {"num_demos": 50, "num_attempts": 54,
+    write(str(root / "tasks" / name(below)), "demos.json", {"scripted_placement": "release", "scripted_noise": 0.3,
+                                                            "num_demos": 50, "num_attempts": 54,
                                                             "success_rate": 0.94, "mean_length": 128.0})  # fmt: skip
     run_files(str(root / "tasks" / name(above)), {"mean": 0.985, "sample": 0.8, "eta0": 0.5},
               [(0, 0.5), (10, 0.96), (83, 1.0)], wall=7200)  # fmt: skip
@@ -86,8 +87,8 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
     # a recipe change: the missed task run again with it; the other task it ran stopped at the BC start
     lifted = root / "lift" / "set-down" / "tasks"
     run_files(str(lifted / name(below)), {"mean": 0.97, "sample": 0.9, "eta0": 0.6}, [(0, 0.96), (83, 0.98)])
-    demos = {"scripted_placement": "set-down", "num_demos": 50, "num_attempts": 56, "success_rate": 0.89,
-             "mean_length": 118.8}  # fmt: skip
+    demos = {"scripted_placement": "set-down", "scripted_noise": 0.1, "num_demos": 50, "num_attempts": 56,
+             "success_rate": 0.89, "mean_length": 118.8}  # fmt: skip
     write(str(lifted / name(below)), "demos.json", demos)
     for mode, p in (("mean", 0.98), ("eta0", 0.4)):
         write(str(lifted / name(above)), f"bc_start_{mode}.json", {"success_rate": p, "num_episodes": 50})
@@ -133,7 +134,8 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
     rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:-1]]
             for line in lift.splitlines() if line.startswith("| set-down")}  # fmt: skip
     # columns: demos, BC start, the study's BC start, final, the study's final, status
-    assert rows[below] == ["set-down, 50 of 56, 119 steps", "96 / 48", "30 / 15", "97.0 ± 1.2", "90.0 ± 2.1",
+    assert "The study's own demonstrations: placement release, DART noise 0.3." in lift
+    assert rows[below] == ["set-down, 0.1, 50 of 56, 119 steps", "96 / 48", "30 / 15", "97.0 ± 1.2", "90.0 ± 2.1",
                            "**≥ 95 %**"]  # fmt: skip
     assert rows[above] == ["–", "98 / 40", "50 / 25", "–", "98.5 ± 0.9", "BC start only"]
 
