@@ -79,7 +79,8 @@ for spec in "${TASKS[@]}"; do
       --max-episodes "$MAX_DEMO_EPISODES" --scripted-placement "$PLACEMENT"
     timed_end
   fi
-  [ -f "$out/demos.json" ] || $PY -c "
+  # demos.json is rewritten every time: it describes the file this run uses
+  $PY -c "
 import json, h5py
 with h5py.File('$demos') as f:
     a = dict(f['data'].attrs)

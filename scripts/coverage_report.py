@@ -63,7 +63,7 @@ def status(task: dict) -> str:
     if run is None:
         return "demos and BC only" if task["demos"] else "not started"
     if run["final"] is None:
-        return f"running (iteration {run['rows'][-1].get('step', 0)} of {run['args']['num_iterations']})"
+        return f"not finished (iteration {run['rows'][-1].get('step', 0)} of {run['args']['num_iterations']})"
     p = final_rate(task)
     return f"**{'≥' if p >= GATE else '<'} 95 %**"
 

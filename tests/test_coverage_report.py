@@ -104,7 +104,7 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
     assert row[6] == "90.0 ± 2.1" and row[7] == "70.0 ± 3.2" and row[9] == "95.0 ± 1.5" and row[12] == "**< 95 %**"
     assert row[10] == "1487k" and row[11] == "1.0 h"
     assert rows[above][12] == "**≥ 95 %**" and rows[above][3] == "179k, 0.2 h"
-    assert rows[running][12] == "running (iteration 10 of 83)"
+    assert rows[running][12] == "not finished (iteration 10 of 83)"
     suite = [line for line in page.splitlines() if line.startswith(f"| {below.split(':')[0]} |")][0]
     assert "| 2 of 2 | 94.2 % | 1 |" in suite  # (90.0 + 98.5) / 2
     assert "1 of 3 finished tasks (10 drawn) at ≥ 95 %" in page and "1 reached 95 %" in page
