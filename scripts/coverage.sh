@@ -21,8 +21,8 @@
 #     training distribution beside the held-out protocol;
 #  5. below 95 % on the protocol: scripts/failure_modes.py over the failed protocol episodes (where they fail).
 # Knobs for a lift study (item 5 of the issue; EXPORT/COV_ROOT elsewhere): PLACEMENT (set-down: the expert's demos
-# set a placed object down held, collect.py --scripted-placement), DEMOS, NOISE (the DART noise), BC_ONLY=1 (stop at the BC start, evaluated
-# over EVAL_EPISODES protocol episodes in mean and eta0, as a PPO run's iteration-0 evaluation).
+# set a placed object down held, collect.py --scripted-placement), DEMOS, NOISE (the DART noise), BC_ONLY=1 (stop at
+# the BC start, evaluated over EVAL_EPISODES protocol episodes in mean and eta0, as a PPO run's iteration-0 evaluation).
 # Every step skips work whose output exists; the phase scripts resume their own checkpoints and .partial files. The
 # small artefacts go to $EXPORT/tasks/<suite>_task<NN>/ (committed); scripts/coverage_report.py writes docs/coverage.md.
 set -euo pipefail
