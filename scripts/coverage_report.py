@@ -62,8 +62,10 @@ def first_reaching(run: dict, threshold: float):
 
 def status(task: dict) -> str:
     run = task["run"]
-    if run is None:
-        return "demos and BC only" if task["demos"] else "not started"
+    if run is None:  # a BC-only check (coverage.sh BC_ONLY=1), or a run whose metrics are exported when it ends
+        if os.path.exists(os.path.join(task["path"], "bc_start_mean.json")):
+            return "BC start only"
+        return "demos only" if task["demos"] else "not started"
     if run["final"] is None:
         return f"not finished (iteration {run['rows'][-1].get('step', 0)} of {run['args']['num_iterations']})"
     p = final_rate(task)
@@ -80,9 +82,9 @@ def task_rows(tasks: list[dict]) -> list[str]:
         run, demos = t["run"], t["demos"]
         demo_cell = (f"{demos['num_demos']} of {demos['num_attempts']} ({100 * demos['success_rate']:.0f} %), "
                      f"{demos['mean_length']:.0f} steps" if demos else "–")  # fmt: skip
-        if run is None:
-            lines.append(f"| {t['spec']} | {t['task'].instruction} | {demo_cell} | " + " | ".join(["–"] * 10)
-                         + f" | {status(t)} |")  # fmt: skip
+        if run is None:  # not run yet, or a BC-only check (its BC start measured as a run's iteration 0 is)
+            lines.append(f"| {t['spec']} | {t['task'].instruction} | {demo_cell} | {bc_start(t)} | "
+                         + " | ".join(["–"] * 9) + f" | {status(t)} |")  # fmt: skip
             continue
         reach = []
         for threshold in cr.THRESHOLDS:
@@ -210,7 +212,7 @@ def bc_start(task: dict) -> str:
     for mode in ("mean", "eta0"):
         path = os.path.join(task["path"], f"bc_start_{mode}.json")
         cells.append(f"{100 * json.load(open(path))['success_rate']:.0f}" if os.path.exists(path) else "–")
-    return " / ".join(cells)
+    return " / ".join(cells) if cells != ["–", "–"] else "–"
 
 
 def study_demos(tasks: list[dict]) -> str:
@@ -241,13 +243,8 @@ def lift_rows(root: str, draw: dict, base: dict) -> list[str]:
                          f"{d['num_attempts']}, {d['mean_length']:.0f} steps" if d else "–")  # fmt: skip
             final = cr.rate(final_rate(t), t["run"]["final"]["episodes"]) if final_rate(t) is not None else "–"
             base_final = cr.rate(final_rate(b), b["run"]["final"]["episodes"]) if final_rate(b) is not None else "–"
-            if t["run"] is not None:
-                state = status(t)
-            else:  # a BC-only check, or a run whose metrics are exported only when it ends
-                bc_only = os.path.exists(os.path.join(t["path"], "bc_start_mean.json"))
-                state = "BC start only" if bc_only else "demos only"
             lines.append(f"| {change} | {spec} | {demo_cell} | {bc_start(t)} | {bc_start(b)} | {final} | "
-                         f"{base_final} | {state} |")  # fmt: skip
+                         f"{base_final} | {status(t)} |")  # fmt: skip
     return lines
 
 

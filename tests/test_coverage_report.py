@@ -72,9 +72,9 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
             open_cmds_over_target=e,
         )
     write(str(root / "tasks" / name(below)), "failures.json", {"object": "bowl", "target": "plate", "episodes": fails})
-    write(str(root / "tasks" / name(below)), "demos.json", {"scripted_placement": "release", "scripted_noise": 0.3,
-                                                            "num_demos": 50, "num_attempts": 54,
-                                                            "success_rate": 0.94, "mean_length": 128.0})  # fmt: skip
+    demos_of_below = {"scripted_placement": "release", "scripted_noise": 0.3, "num_demos": 50, "num_attempts": 54,
+                      "success_rate": 0.94, "mean_length": 128.0}  # fmt: skip
+    write(str(root / "tasks" / name(below)), "demos.json", demos_of_below)
     run_files(str(root / "tasks" / name(above)), {"mean": 0.985, "sample": 0.8, "eta0": 0.5},
               [(0, 0.5), (10, 0.96), (83, 1.0)], wall=7200)  # fmt: skip
     run_files(str(root / "tasks" / name(running)), None, [(0, 0.2), (10, 0.5)])
@@ -89,6 +89,10 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
     shutil.copytree(root / "tasks", root / "recipe-v1" / "tasks")
     run_files(str(root / "recipe-v1" / "tasks" / name(below)), {"mean": 0.85, "sample": 0.6, "eta0": 0.3},
               [(0, 0.3), (83, 0.85)])  # fmt: skip
+    bc_only = order[3]  # the recipe's BC start measured alone (coverage.sh BC_ONLY=1), no PPO run yet
+    write(str(root / "tasks" / name(bc_only)), "demos.json", {**demos_of_below, "num_attempts": 67, "mean_length": 298})
+    for mode, p in (("mean", 0.0), ("eta0", 0.04)):
+        write(str(root / "tasks" / name(bc_only)), f"bc_start_{mode}.json", {"success_rate": p, "num_episodes": 50})
     # a recipe change: the missed task run again with it; the other task it ran stopped at the BC start
     lifted = root / "lift" / "set-down" / "tasks"
     run_files(str(lifted / name(below)), {"mean": 0.97, "sample": 0.9, "eta0": 0.6}, [(0, 0.96), (83, 0.98)])
@@ -110,6 +114,8 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
     assert row[10] == "1487k" and row[11] == "1.0 h"
     assert rows[above][12] == "**≥ 95 %**" and rows[above][3] == "179k, 0.2 h"
     assert rows[running][12] == "not finished (iteration 10 of 83)"
+    assert rows[bc_only][1:3] == ["50 of 67 (94 %), 298 steps", "0 / 4"] and rows[bc_only][12] == "BC start only"
+    assert rows[order[4]][1:3] == ["–", "–"] and rows[order[4]][12] == "not started"
     suite = [line for line in page.splitlines() if line.startswith(f"| {below.split(':')[0]} |")][0]
     assert "| 2 of 2 | 94.2 % | 1 |" in suite  # (90.0 + 98.5) / 2
     assert "1 of 3 finished tasks (10 drawn) at ≥ 95 %" in page and "1 reached 95 %" in page
