@@ -33,6 +33,12 @@ STRETCH = 750_000
 LIFTED, ON_RADIUS = fm.LIFTED, fm.ON_RADIUS  # the thresholds the failure analysis measured with
 
 
+def dir_name(spec: str) -> str:
+    """``libero_10:3`` -> ``libero_10_task03``, the folder coverage.sh exports a task to."""
+    suite, local = spec.split(":")
+    return f"{suite}_task{int(local):02d}"
+
+
 def load(root: str, name: str, spec: str) -> dict:
     path = os.path.join(root, "tasks", name)
     suite, local = spec.split(":")
@@ -234,7 +240,7 @@ def lift_rows(root: str, draw: dict, base: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for change in changes:
         for spec in draw["order"]:
-            name = f"{spec.split(':')[0]}_task{int(spec.split(':')[1]):02d}"
+            name = dir_name(spec)
             if not os.path.isdir(os.path.join(lift, change, "tasks", name)):
                 continue
             t, b = load(os.path.join(lift, change), name, spec), base[spec]
@@ -264,9 +270,8 @@ def main() -> None:
     docs = parser.parse_args().docs
     root = os.path.join(docs, "coverage")
     draw = json.load(open(os.path.join(root, "draw.json")))
-    names = [(f"{spec.split(':')[0]}_task{int(spec.split(':')[1]):02d}", spec) for spec in draw["order"]]
-    tasks = [load(root, name, spec) for name, spec in names]
-    first = [load(os.path.join(root, "recipe-v1"), name, spec) for name, spec in names]  # the first recipe's runs
+    tasks = [load(root, dir_name(spec), spec) for spec in draw["order"]]
+    first = [load(os.path.join(root, "recipe-v1"), dir_name(spec), spec) for spec in draw["order"]]  # the first recipe
     finished = [t for t in tasks if final_rate(t) is not None]
     passed = [t for t in finished if final_rate(t) >= GATE and t["run"]["final"]["env_steps"] <= BUDGET]
     stretch = [t for t in finished if (hit := first_reaching(t["run"], GATE)) and hit[0] <= STRETCH]
