@@ -186,7 +186,34 @@ def failure_lines(tasks: list[dict]) -> list[str]:
                           f"further (at most {max(best):.2f}); at the end {np.median(end):.2f} of the way (median)"
                           + (f"; those that moved it first did at env step {min(moved)}-{max(moved)}." if moved
                              else "."))  # fmt: skip
+        lines[-1] += goal_atoms_part(t, f)
     return lines or ["- none below 95 % among the finished tasks."]
+
+
+def goal_atoms_part(task: dict, failures: dict) -> str:
+    """Which of a goal's atoms the failed episodes left holding at their last step, for goals of two or more atoms
+    (LIBERO-10's "put the bowl in the drawer and close it": in but open, or neither), and how many of them the
+    replay scored a success (failure_modes.py replays on the fast step path: not bit-exact with the final run)."""
+    eps = failures["episodes"]
+    if not eps or not all("final_goal_atoms" in e for e in eps):
+        return ""
+    names = failures.get("goal_atoms")  # failure_modes.py writes them; earlier files: read the task's BDDL file
+    if names is None:
+        suite, task_id = task["spec"].split(":")
+        names = fm.goal_atoms(le.resolve_task(suite, int(task_id)).bddl_file)
+    part = ""
+    if len(names) > 1:
+        held = {}
+        for e in eps:
+            key = tuple(n for n, h in zip(names, e["final_goal_atoms"]) if h)
+            held[key] = held.get(key, 0) + 1
+        says = [f"{k} held " + (" and ".join(f"`{n}`" for n in key) + " only" if key else "none")
+                for key, k in sorted(held.items(), key=lambda kv: (-kv[1], kv[0]))]  # fmt: skip
+        part += f" At the last step, of the goal's {len(names)} atoms: {'; '.join(says)}."
+    replayed = sum(bool(e.get("success")) for e in eps)
+    if replayed:
+        part += f" Replayed, {replayed} of the {len(eps)} succeeded (the replay is not bit-exact with the final run)."
+    return part
 
 
 def layout_rows(tasks: list[dict]) -> list[str]:

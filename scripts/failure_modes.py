@@ -111,6 +111,16 @@ def goal_arguments(bddl_file: str) -> tuple[str, str, Optional[str]]:
     return match.group(1).lower(), match.group(2), match.group(3)
 
 
+def goal_atoms(bddl_file: str) -> list[str]:
+    """The goal's atoms in the order LIBERO evaluates them (the ``goal_atoms`` an episode records), each as written
+    in the BDDL file: ``["Close wooden_cabinet_1_bottom_region", "In black_bowl_1 wooden_cabinet_1_bottom_region"]``."""
+    with open(bddl_file) as f:
+        text = f.read()
+    goal = text[text.lower().index("(:goal") + len("(:goal") :]
+    atoms = re.findall(r"\((?!and\b)(\w+)((?:\s+\w+)+)\)", goal, flags=re.IGNORECASE)
+    return [f"{predicate} {' '.join(arguments.split())}" for predicate, arguments in atoms]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True)
@@ -157,7 +167,8 @@ def main() -> None:
 
         run_utils.write_json(args.out, {"ckpt": args.ckpt, "task": f"{task.suite} {task.local_id}",
                                         "object": args.object, "target": target, "action_mode": args.action_mode,
-                                        "seed": args.seed, "episodes": rows})  # fmt: skip
+                                        "seed": args.seed, "goal_atoms": goal_atoms(task.bddl_file),
+                                        "episodes": rows})  # fmt: skip
 
 
 if __name__ == "__main__":

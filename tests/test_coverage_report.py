@@ -84,7 +84,11 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
               "final_lift_m": 0.0, "joint_predicate": "open", "joint_max_progress": b, "joint_final_progress": f,
               "joint_first_moved_step": m}
              for e, (b, f, m) in enumerate([(0.02, 0.0, None), (0.3, 0.2, 120), (0.7, 0.6, 95)])]  # fmt: skip
-    write(str(root / "tasks" / name(drawer)), "failures.json", {"object": "drawer", "target": None, "episodes": joint})
+    for e, (held, success) in enumerate([([False, True], False), ([False, False], False), ([False, True], True)]):
+        joint[e].update(final_goal_atoms=held, success=success)  # the third succeeded when replayed
+    atoms = ["Open drawer_1", "In bowl_1 drawer_1"]
+    write(str(root / "tasks" / name(drawer)), "failures.json",
+          {"object": "drawer", "target": None, "goal_atoms": atoms, "episodes": joint})  # fmt: skip
     # the first recipe's runs (recipe-v1/): the same artefacts, but the task below the gate finished lower there
     shutil.copytree(root / "tasks", root / "recipe-v1" / "tasks")
     run_files(str(root / "recipe-v1" / "tasks" / name(below)), {"mean": 0.85, "sample": 0.6, "eta0": 0.3},
@@ -127,6 +131,10 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
         "Its joint, toward LIBERO's `open` threshold (fraction of the way from where it started): 1 never moved it "
         "10 % of the way, 1 got 10-50 %, 1 half way or further (at most 0.70); at the end 0.20 of the way (median); "
         "those that moved it first did at env step 95-120." in reason
+    )
+    assert reason.endswith(
+        "At the last step, of the goal's 2 atoms: 2 held `In bowl_1 drawer_1` only; 1 held none. Replayed, 1 of the "
+        "3 succeeded (the replay is not bit-exact with the final run)."
     )
     reason = [line for line in page.splitlines() if line.startswith(f"- **{below}**")][0]
     assert "20 failed episodes on 20 of 50 init states" in reason and "2 never closed the gripper" in reason

@@ -62,6 +62,24 @@ def test_the_goal_arguments_of_a_bddl_file(tmp_path):
     assert failure_modes.goal_arguments(str(bddl)) == ("open", "wooden_cabinet_1_top_region", None)
 
 
+def test_the_goal_atoms_of_a_bddl_file_in_libero_s_order(tmp_path):
+    """Every atom of the goal, in the order LIBERO's own BDDL parser evaluates them (the order of the goal_atoms an
+    episode records); a real LIBERO-10 goal of three atoms is checked against that parser."""
+    bddl = tmp_path / "t.bddl"
+    bddl.write_text(
+        "(:objects a b)\n(:goal\n  (And (Close cabinet_1_bottom_region)\n   (In  bowl_1 cabinet_1_bottom_region))\n)"
+    )
+    assert failure_modes.goal_atoms(str(bddl)) == ["Close cabinet_1_bottom_region", "In bowl_1 cabinet_1_bottom_region"]
+    from libero.libero.envs.bddl_utils import robosuite_parse_problem
+
+    import libero_env as le
+
+    path = le.resolve_task("libero_10", 8).bddl_file
+    parsed = [" ".join(atom) for atom in robosuite_parse_problem(path)["goal_state"]]
+    atoms = failure_modes.goal_atoms(path)
+    assert [a.lower() for a in atoms] == parsed and len(atoms) == 3  # both moka pots on the stove, the stove on
+
+
 def test_how_far_a_drawer_got_toward_open():
     """A drawer whose joint starts at 0 and opens below -0.14 (LIBERO's open range [-0.16, -0.14]): pulled to -0.07
     (half way) by step 3, pushed back to -0.035; the facts say half way at most, a quarter at the end, first moved
