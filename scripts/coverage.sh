@@ -24,7 +24,8 @@
 #     protocol episodes, mean and eta0), at the end every action mode over the same 200 protocol episodes;
 #  4. the final policy in the evaluated mode on 200 sampled layouts (seeds no training or demo episode used): the
 #     training distribution beside the held-out protocol;
-#  5. below 95 % on the protocol: scripts/failure_modes.py over the failed protocol episodes (where they fail).
+#  5. the BC start over the final evaluation's 200 protocol episodes in its mode (what PPO added, episode by episode);
+#  6. below 95 % on the protocol: scripts/failure_modes.py over the failed protocol episodes (where they fail).
 # Knobs for a lift study (item 5 of the issue; EXPORT/COV_ROOT elsewhere): PLACEMENT (release or set-down: how the
 # expert's demos end a placement on another object, collect.py --scripted-placement), DEMOS, NOISE (the DART noise),
 # BC_ONLY=1 (stop at the BC start, evaluated over EVAL_EPISODES protocol episodes in mean and eta0, as a PPO run's
@@ -127,6 +128,14 @@ with h5py.File('$demos') as f:
     --task-id "$id" --layouts sampled --num-episodes "$SAMPLED_EPISODES" --seed "$SAMPLED_SEED" --fast-step \
     --tag sampled --results-root "$ROOT/results" --num-envs 2 | tail -1
   cp "$sampled" "$out/sampled_eval.json"
+
+  # the BC start on the final evaluation's own episodes and mode: what PPO added (or took away) episode by episode
+  mode=$($PY -c "import json; print(json.load(open('$out/final_eval.json'))['eval_mode'])")
+  bc_final=$ROOT/results/eval/bc_start_final/$suite/task$nn.json
+  [ -f "$bc_final" ] || $PY evaluate.py --policy diffusion --ckpt "$bc" --suite "$suite" --task-id "$id" \
+    --num-episodes "$FINAL_EPISODES" --action-mode "$mode" --fast-step --tag bc_start_final \
+    --results-root "$ROOT/results" --num-envs 2 | tail -1
+  cp "$bc_final" "$out/bc_start_final.json"
 
   if [ ! -f "$out/failures.json" ] && $PY -c "
 import json, sys; r = json.load(open('$out/final_eval.json')); sys.exit(0 if r[r['eval_mode']]['success_rate'] < $GATE else 1)"; then

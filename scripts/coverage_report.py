@@ -46,6 +46,7 @@ def load(root: str, name: str, spec: str) -> dict:
     read = lambda f: json.load(open(os.path.join(path, f))) if os.path.exists(os.path.join(path, f)) else None  # noqa: E731
     task["demos"], task["sampled"], task["failures"] = read("demos.json"), read("sampled_eval.json"), read(
         "failures.json")  # fmt: skip
+    task["bc_final"] = read("bc_start_final.json")  # the BC start on the final evaluation's episodes
     wall = os.path.join(path, "demos_wall_s.txt")
     task["demos_wall_s"] = sum(float(x) for x in open(wall).read().split()) if os.path.exists(wall) else None
     task["run"] = cr.load_run(path) if os.path.exists(os.path.join(path, "metrics.jsonl")) else None
@@ -186,8 +187,24 @@ def failure_lines(tasks: list[dict]) -> list[str]:
                           f"further (at most {max(best):.2f}); at the end {np.median(end):.2f} of the way (median)"
                           + (f"; those that moved it first did at env step {min(moved)}-{max(moved)}." if moved
                              else "."))  # fmt: skip
-        lines[-1] += goal_atoms_part(t, f)
+        lines[-1] += goal_atoms_part(t, f) + bc_start_part(t)
     return lines or ["- none below 95 % among the finished tasks."]
+
+
+def bc_start_part(task: dict) -> str:
+    """The BC start on the final evaluation's own episodes (coverage.sh): whether PPO lifted or lowered it."""
+    bc, final = task["bc_final"], task["run"]["final"]
+    if bc is None:
+        return ""
+    mode = final["eval_mode"]
+    ok_bc, ok_final = [e["success"] for e in bc["episodes"]], final[mode]["successes"]
+    if len(ok_bc) != len(ok_final):
+        return ""
+    n = len(ok_final)
+    lost = sum(b and not f for b, f in zip(ok_bc, ok_final))
+    won = sum(f and not b for b, f in zip(ok_bc, ok_final))
+    return (f" The BC start on the same {n} episodes (`{mode}`): {100 * np.mean(ok_bc):.1f} % ({sum(ok_bc)} of {n}); "
+            f"PPO's final policy fails {lost} it succeeded in and succeeds in {won} it failed.")  # fmt: skip
 
 
 def goal_atoms_part(task: dict, failures: dict) -> str:

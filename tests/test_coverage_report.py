@@ -93,6 +93,8 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
     shutil.copytree(root / "tasks", root / "recipe-v1" / "tasks")
     run_files(str(root / "recipe-v1" / "tasks" / name(below)), {"mean": 0.85, "sample": 0.6, "eta0": 0.3},
               [(0, 0.3), (83, 0.85)])  # fmt: skip
+    bc_final = [{"episode": e, "success": e >= 10} for e in range(200)]  # the BC start: 190 of 200, the final 180
+    write(str(root / "tasks" / name(below)), "bc_start_final.json", {"success_rate": 0.95, "episodes": bc_final})
     bc_only = order[3]  # the recipe's BC start measured alone (coverage.sh BC_ONLY=1), no PPO run yet
     write(str(root / "tasks" / name(bc_only)), "demos.json", {**demos_of_below, "num_attempts": 67, "mean_length": 298})
     for mode, p in (("mean", 0.0), ("eta0", 0.04)):
@@ -131,6 +133,11 @@ def test_the_report_on_synthetic_artefacts(tmp_path):
         "Its joint, toward LIBERO's `open` threshold (fraction of the way from where it started): 1 never moved it "
         "10 % of the way, 1 got 10-50 %, 1 half way or further (at most 0.70); at the end 0.20 of the way (median); "
         "those that moved it first did at env step 95-120." in reason
+    )
+    below_reason = [line for line in page.splitlines() if line.startswith(f"- **{below}**")][0]
+    assert below_reason.endswith(  # final: episodes 0-179 succeed; BC start: 10-199
+        "The BC start on the same 200 episodes (`mean`): 95.0 % (190 of 200); PPO's final policy fails 20 it "
+        "succeeded in and succeeds in 10 it failed."
     )
     assert reason.endswith(
         "At the last step, of the goal's 2 atoms: 2 held `In bowl_1 drawer_1` only; 1 held none. Replayed, 1 of the "
