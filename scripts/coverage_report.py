@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 
 import numpy as np
 
@@ -220,10 +221,7 @@ def goal_atoms_part(task: dict, failures: dict) -> str:
         names = fm.goal_atoms(le.resolve_task(suite, int(task_id)).bddl_file)
     part = ""
     if len(names) > 1:
-        held = {}
-        for e in eps:
-            key = tuple(n for n, h in zip(names, e["final_goal_atoms"]) if h)
-            held[key] = held.get(key, 0) + 1
+        held = Counter(tuple(n for n, h in zip(names, e["final_goal_atoms"]) if h) for e in eps)
         says = [f"{k} held " + (" and ".join(f"`{n}`" for n in key) + " only" if key else "none")
                 for key, k in sorted(held.items(), key=lambda kv: (-kv[1], kv[0]))]  # fmt: skip
         part += f" At the last step, of the goal's {len(names)} atoms: {'; '.join(says)}."

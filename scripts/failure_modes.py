@@ -101,24 +101,25 @@ def summarize(result, obj: str, target: Optional[str] = None, predicate: Optiona
     return facts
 
 
-def goal_arguments(bddl_file: str) -> tuple[str, str, Optional[str]]:
-    """The task's first goal atom: its predicate (lower case), the object it moves (or the fixture region it acts on)
-    and its target (None for a one-argument atom: open, turnon...)."""
-    with open(bddl_file) as f:
-        match = re.search(r"\(:goal\s*\(and\s*\((\w+)\s+(\w+)(?:\s+(\w+))?", f.read(), flags=re.IGNORECASE)
-    if match is None:
-        sys.exit(f"error: no goal atom found in {bddl_file}; pass --object.")
-    return match.group(1).lower(), match.group(2), match.group(3)
-
-
 def goal_atoms(bddl_file: str) -> list[str]:
     """The goal's atoms in the order LIBERO evaluates them (the ``goal_atoms`` an episode records), each as written
     in the BDDL file: ``["Close wooden_cabinet_1_bottom_region", "In black_bowl_1 wooden_cabinet_1_bottom_region"]``."""
     with open(bddl_file) as f:
         text = f.read()
-    goal = text[text.lower().index("(:goal") + len("(:goal") :]
+    start = text.lower().find("(:goal")
+    goal = text[start + len("(:goal") :] if start >= 0 else ""
     atoms = re.findall(r"\((?!and\b)(\w+)((?:\s+\w+)+)\)", goal, flags=re.IGNORECASE)
     return [f"{predicate} {' '.join(arguments.split())}" for predicate, arguments in atoms]
+
+
+def goal_arguments(bddl_file: str) -> tuple[str, str, Optional[str]]:
+    """The task's first goal atom: its predicate (lower case), the object it moves (or the fixture region it acts on)
+    and its target (None for a one-argument atom: open, turnon...)."""
+    atoms = goal_atoms(bddl_file)
+    if not atoms:
+        sys.exit(f"error: no goal atom found in {bddl_file}; pass --object.")
+    predicate, obj, *target = atoms[0].split()
+    return predicate.lower(), obj, target[0] if target else None
 
 
 def main() -> None:
